@@ -1,0 +1,66 @@
+"""Backend selection: the ONE place that decides which implementation updates which tensors.
+
+``select_backend(request, device)`` returns a backend module with ``sgd`` and ``adam`` entry
+points (see ``backends.reference`` for the shared signature).
+
+* ``request=None`` (auto): Triton for CUDA/ROCm/XPU tensors and whenever ``TRITON_INTERPRET=1``,
+  the pure-torch reference otherwise. Auto never fails: it falls back to the reference silently,
+  and ``Optimizer.group_backends()`` tells what it chose.
+* ``request="triton"`` / ``"reference"``: exactly that backend, or a ``RuntimeError`` that says
+  why it cannot run on that device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKENDS = ("triton", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def validate_request(request: str | None) -> None:
+    if request is not None and request not in BACKENDS:
+        raise ValueError(f"Invalid backend: {request!r}; expected None or one of {BACKENDS}")
+
+
+def select_backend(
+    request: str | None, device: torch.device, sparse_grads: bool = False
+) -> ModuleType:
+    """The backend module that updates tensors on ``device`` for this request.
+
+    Sparse gradients (SGD only, as in torch.optim) need a backend with ``SUPPORTS_SPARSE``.
+    """
+    validate_request(request)
+    if request is None:
+        if sparse_grads:
+            return reference
+        triton_backend = _module("triton")
+        available, _ = triton_backend.is_available(device)
+        return triton_backend if available else reference
+    backend = _module(request)
+    available, reason = backend.is_available(device)
+    if available and sparse_grads and not backend.SUPPORTS_SPARSE:
+        available, reason = False, "it does not support sparse gradients"
+    if not available:
+        raise BackendUnavailableError(f"backend={request!r} is unavailable: {reason}")
+    return backend
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` on this machine."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if _module(name).is_available(device)[0]]

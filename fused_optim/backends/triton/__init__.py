@@ -1,0 +1,196 @@
+"""Triton backend: one kernel launch per (device, dtype) group and step.
+
+Same entry points and signatures as ``backends.reference``. Runs on CUDA, ROCm and XPU tensors,
+and on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before
+triton was imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+NAME = "triton"
+SUPPORTS_SPARSE = False
+
+try:
+    import triton.language as tl
+
+    from . import kernels
+    from .plan import BLOCK, plan_for
+
+    _IMPORT_ERROR: BaseException | None = None
+except ImportError as error:  # pragma: no cover - depends on the machine
+    _IMPORT_ERROR = error
+
+__all__ = ["BLOCK", "NAME", "adam", "interpreting", "is_available", "sgd"]
+
+GPU_DEVICE_TYPES = ("cuda", "xpu")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    """Whether this backend can update tensors on ``device``, and why not if it cannot."""
+    if _IMPORT_ERROR is not None:
+        return False, f"triton could not be imported: {_IMPORT_ERROR!r}"
+    if interpreting():
+        return True, ""
+    if device.type in GPU_DEVICE_TYPES:
+        return True, ""
+    return False, (
+        f"Triton kernels need a CUDA, ROCm or XPU device (got {device.type!r}); "
+        "set TRITON_INTERPRET=1 before triton is imported to run them on the CPU"
+    )
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }[dtype]
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lr_args(lr: float | Tensor, fallback: Tensor) -> tuple[Tensor, float, bool]:
+    """(pointer argument, scalar argument, LR_FROM_POINTER) for a float or device-tensor lr."""
+    if isinstance(lr, Tensor):
+        return lr, 0.0, True
+    return fallback, float(lr), False
+
+
+def _launch(kernel, plan, grads: list[Tensor], grad_dtype: torch.dtype, args: tuple, flags: dict):
+    plan.bind_grads(grads, grad_dtype)
+    if plan.num_blocks == 0:
+        return
+    plan.stage_in()
+    kernel[(plan.num_blocks,)](
+        plan.tensor_table, plan.grad_table, plan.block_table, *args, BLOCK=BLOCK, **flags
+    )
+    plan.stage_out()
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    cache: dict,
+) -> None:
+    if not params:
+        return
+    dtype = params[0].dtype
+    has_momentum = momentum != 0
+    states: list[list[Tensor]] = []
+    is_new = [0] * len(params)
+    if has_momentum:
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                # Same layout as the param, so the kernel walks both as one span.
+                momentum_buffers[i] = torch.empty_like(params[i])
+                is_new[i] = 1
+        states = [momentum_buffers]  # type: ignore[list-item]
+    plan = plan_for(cache, "sgd", params, states, is_new, dtype)
+    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, plan.tensor_table)
+    _launch(
+        kernels.sgd_kernel,
+        plan,
+        grads,
+        dtype,
+        (lr_tensor, lr_value, float(momentum), float(dampening), float(weight_decay)),
+        dict(
+            PARAM_DTYPE=_tl_dtype(dtype),
+            GRAD_DTYPE=_tl_dtype(dtype),
+            STATE_DTYPE=_tl_dtype(dtype),
+            COMPUTE_DTYPE=_compute_dtype(dtype),
+            HAS_MOMENTUM=has_momentum,
+            NESTEROV=bool(nesterov),
+            MAXIMIZE=bool(maximize),
+            LR_FROM_POINTER=lr_from_pointer,
+        ),
+    )
+
+
+def _step_offsets(steps: list[Tensor]) -> tuple[float, list[int]]:
+    """The largest step and each tensor's distance below it, read from host-side step tensors."""
+    values = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+    base = float(values.max())
+    return base, (base - values).to(torch.int64).tolist()
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    capturable: bool = False,
+    cache: dict,
+) -> None:
+    if not params:
+        return
+    dtype = params[0].dtype
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    if capturable:
+        # Steps live on the device; the kernel reads each one through its address.
+        base_step, aux = 1.0, [s.data_ptr() for s in steps]
+    else:
+        # Steps live on the host, as in torch.optim's default path: no device read needed.
+        base_step, aux = _step_offsets(steps)
+    plan = plan_for(cache, "adam", params, states, aux, dtype)
+    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, plan.tensor_table)
+    _launch(
+        kernels.adam_kernel,
+        plan,
+        grads,
+        dtype,
+        (
+            lr_tensor,
+            lr_value,
+            float(beta1),
+            float(beta2),
+            float(eps),
+            float(weight_decay),
+            base_step,
+            1 - beta1**base_step,
+            (1 - beta2**base_step) ** 0.5,
+        ),
+        dict(
+            PARAM_DTYPE=_tl_dtype(dtype),
+            GRAD_DTYPE=_tl_dtype(dtype),
+            STATE_DTYPE=_tl_dtype(dtype),
+            STEP_DTYPE=_tl_dtype(steps[0].dtype),
+            COMPUTE_DTYPE=_compute_dtype(dtype),
+            AMSGRAD=bool(amsgrad),
+            MAXIMIZE=bool(maximize),
+            DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
+            LR_FROM_POINTER=lr_from_pointer,
+            STEP_FROM_POINTER=bool(capturable),
+        ),
+    )

@@ -1,0 +1,217 @@
+"""Triton kernels: one per algorithm, flags as ``tl.constexpr``, hyperparameters as runtime fp64.
+
+Both kernels walk a launch plan (see ``plan.py``) so that ONE launch updates every tensor of a
+(device, dtype) group:
+
+* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): data pointers of the param and up to
+  three state tensors, the element count, and one auxiliary value (Adam: the step offset or the
+  address of the step tensor; SGD: 1 when the momentum buffer is new this step).
+* ``grad_table`` (int64, one per tensor): gradient data pointers. Gradients are re-allocated by
+  every backward pass, so they live apart from the rest and are re-uploaded only when they move.
+* ``block_table`` (int64 pairs): for every program, which tensor it works on and where its block
+  starts.
+
+Each element of param, grad and state is loaded once and stored once. The math runs in
+``COMPUTE_DTYPE`` (fp32, or fp64 for fp64 tensors) and rounds once, at the store.
+"""
+
+import triton
+import triton.language as tl
+
+# Column layout of tensor_table.
+COL_PARAM, COL_STATE0, COL_STATE1, COL_STATE2, COL_NUMEL, COL_AUX = range(6)
+TABLE_COLUMNS = 6
+
+
+@triton.jit
+def _as_f64(x):
+    # Runtime scalars arrive as fp64 when compiled and as Python floats when interpreted.
+    return x * tl.full([], 1.0, tl.float64)
+
+
+@triton.jit
+def _sqrt(x):
+    # Correctly rounded, like torch.sqrt (tl.sqrt is the fast approximation for fp32).
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _div(x, y):
+    # Correctly rounded, like torch's division (fp32 "/" is approximate on GPUs).
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _block_location(block_table, tensor_table, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_table + 2 * pid)
+    start = tl.load(block_table + 2 * pid + 1)
+    row = tensor_table + tensor * 6
+    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offsets < tl.load(row + 4)
+    return tensor, row, offsets, mask
+
+
+@triton.jit
+def _pointer(table_entry, DTYPE: tl.constexpr):
+    return tl.load(table_entry).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def sgd_kernel(
+    tensor_table,
+    grad_table,
+    block_table,
+    lr_ptr,
+    lr: tl.float64,
+    momentum: tl.float64,
+    dampening: tl.float64,
+    weight_decay: tl.float64,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_FROM_POINTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """p <- p - lr * d, where g = (+/-)grad + weight_decay * p and d = g (no momentum),
+    buf = momentum * buf + (1 - dampening) * g (buf = g when new), d = buf or g + momentum * buf."""
+    tensor, row, offsets, mask = _block_location(block_table, tensor_table, BLOCK)
+    param_ptr = _pointer(row + 0, PARAM_DTYPE) + offsets
+    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE) + offsets
+
+    p = tl.load(param_ptr, mask=mask).to(COMPUTE_DTYPE)
+    g = tl.load(grad_ptr, mask=mask).to(COMPUTE_DTYPE)
+    if MAXIMIZE:
+        g = -g
+    wd64 = _as_f64(weight_decay)
+    g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
+
+    if HAS_MOMENTUM:
+        buf_ptr = _pointer(row + 1, STATE_DTYPE) + offsets
+        # A new buffer holds uninitialised memory; tl.where discards it.
+        is_new = tl.load(row + 5) != 0
+        buf = tl.load(buf_ptr, mask=mask).to(COMPUTE_DTYPE)
+        mom = _as_f64(momentum).to(COMPUTE_DTYPE)
+        one_minus_dampening = (1.0 - _as_f64(dampening)).to(COMPUTE_DTYPE)
+        buf = tl.where(is_new, g, tl.fma(g, one_minus_dampening, buf * mom))
+        tl.store(buf_ptr, buf.to(STATE_DTYPE), mask=mask)
+        if NESTEROV:
+            g = tl.fma(buf, mom, g)
+        else:
+            g = buf
+
+    if LR_FROM_POINTER:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = _as_f64(lr)
+    p = tl.fma(g, (-lr64).to(COMPUTE_DTYPE), p)
+    tl.store(param_ptr, p.to(PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def adam_kernel(
+    tensor_table,
+    grad_table,
+    block_table,
+    lr_ptr,
+    lr: tl.float64,
+    beta1: tl.float64,
+    beta2: tl.float64,
+    eps: tl.float64,
+    weight_decay: tl.float64,
+    base_step: tl.float64,
+    base_bias_correction1: tl.float64,
+    base_bias_correction2_sqrt: tl.float64,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    STEP_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+    LR_FROM_POINTER: tl.constexpr,
+    STEP_FROM_POINTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Adam (Kingma & Ba, as torch.optim computes it), AdamW when DECOUPLED_WEIGHT_DECAY:
+
+    g = (+/-)grad [+ weight_decay * p unless decoupled]; p *= 1 - lr * weight_decay if decoupled
+    m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v) (amsgrad)
+    p += (-lr / (1 - beta1^t)) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
+    """
+    tensor, row, offsets, mask = _block_location(block_table, tensor_table, BLOCK)
+    param_ptr = _pointer(row + 0, PARAM_DTYPE) + offsets
+    exp_avg_ptr = _pointer(row + 1, STATE_DTYPE) + offsets
+    exp_avg_sq_ptr = _pointer(row + 2, STATE_DTYPE) + offsets
+    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE) + offsets
+
+    # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at the
+    # group's step use the host's bias corrections (bitwise torch's); the others, and steps
+    # read from device memory, compute beta^t here.
+    if LR_FROM_POINTER:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = _as_f64(lr)
+    b1 = _as_f64(beta1)
+    b2 = _as_f64(beta2)
+    wd64 = _as_f64(weight_decay)
+    if STEP_FROM_POINTER:
+        step = tl.load(_pointer(row + 5, STEP_DTYPE)).to(tl.float64)
+        bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
+    else:
+        step_offset = tl.load(row + 5).to(tl.float64)
+        bias_correction1 = _as_f64(base_bias_correction1)
+        bias_correction2_sqrt = _as_f64(base_bias_correction2_sqrt)
+        if step_offset != 0:
+            step = _as_f64(base_step) - step_offset
+            bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
+            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
+    neg_step_size = (-lr64 / bias_correction1).to(COMPUTE_DTYPE)
+
+    p = tl.load(param_ptr, mask=mask).to(COMPUTE_DTYPE)
+    g = tl.load(grad_ptr, mask=mask).to(COMPUTE_DTYPE)
+    m = tl.load(exp_avg_ptr, mask=mask).to(COMPUTE_DTYPE)
+    v = tl.load(exp_avg_sq_ptr, mask=mask).to(COMPUTE_DTYPE)
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED_WEIGHT_DECAY:
+        p = p * (1.0 - lr64 * wd64).to(COMPUTE_DTYPE)
+    else:
+        g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
+
+    # torch.lerp(m, g, w): m + w * (g - m) for |w| < 0.5, else g - (1 - w) * (g - m).
+    w = (1.0 - b1).to(COMPUTE_DTYPE)
+    diff = g - m
+    if w < 0.5:
+        m = tl.fma(w, diff, m)
+    else:
+        m = tl.fma(w - 1.0, diff, g)
+    # torch: v.mul_(beta2).addcmul_(g, g, value=1 - beta2), i.e. fma((1 - beta2) * g, g, v * beta2)
+    v = tl.fma((1.0 - b2).to(COMPUTE_DTYPE) * g, g, v * b2.to(COMPUTE_DTYPE))
+
+    if AMSGRAD:
+        max_ptr = _pointer(row + 3, STATE_DTYPE) + offsets
+        vmax = tl.load(max_ptr, mask=mask).to(COMPUTE_DTYPE)
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(max_ptr, vmax.to(STATE_DTYPE), mask=mask)
+        denom = _div(_sqrt(vmax), bias_correction2_sqrt.to(COMPUTE_DTYPE))
+    else:
+        denom = _div(_sqrt(v), bias_correction2_sqrt.to(COMPUTE_DTYPE))
+    denom = denom + _as_f64(eps).to(COMPUTE_DTYPE)
+    p = p + _div(neg_step_size * m, denom)
+
+    tl.store(exp_avg_ptr, m.to(STATE_DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr, v.to(STATE_DTYPE), mask=mask)
+    tl.store(param_ptr, p.to(PARAM_DTYPE), mask=mask)

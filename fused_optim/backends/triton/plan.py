@@ -1,0 +1,157 @@
+"""Launch plans: the device tables that let one kernel launch cover a whole tensor group.
+
+A plan is built from the tensors of one (device, dtype) group and cached in the optimizer's
+per-group cache. It is rebuilt only when a parameter or state tensor moves (its data pointer
+changes), when the set of tensors changes, or when a per-tensor value in the table changes.
+Gradients usually move with every backward pass, so their pointers are a separate, small table
+that is re-uploaded only when one of them changes.
+
+Tensors the kernel cannot walk as one dense span in the parameter's memory order (a strided
+view as param, a gradient whose strides differ from the param's, a state of another layout or
+dtype) are *staged*: the plan keeps a dense work tensor for each, copies into it before the launch
+and, for tensors the kernel writes, back after it. The kernel never writes to a copy that is then
+thrown away.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+BLOCK = 2048
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers exactly ``t.numel()`` consecutive elements (any dim order)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """True when ``a`` and ``b`` store their elements in the same order."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host table to ``device`` without making the host wait for the device."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class Stage:
+    """A dense work tensor standing in for a tensor the kernel cannot address directly."""
+
+    __slots__ = ("source", "work", "writes_back")
+
+    def __init__(self, source: Tensor, like: Tensor, dtype: torch.dtype, writes_back: bool):
+        self.source = source
+        self.work = torch.empty_like(like, dtype=dtype)
+        self.writes_back = writes_back
+
+
+def _resolve(t: Tensor, anchor: Tensor, dtype: torch.dtype, writes_back: bool, stages: list):
+    if t.dtype == dtype and is_dense(t) and same_layout(t, anchor):
+        return t
+    stage = Stage(t, anchor, dtype, writes_back)
+    stages.append(stage)
+    return stage.work
+
+
+class LaunchPlan:
+    """Device tables for one group of tensors, plus the stages its odd layouts need."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        states: list[list[Tensor]],
+        aux: list[int],
+        state_dtype: torch.dtype,
+        key: tuple,
+    ):
+        self.key = key
+        self.grad_key: list[int] | None = None
+        self.device = params[0].device
+        self.stages: list[Stage] = []
+        self.grad_stages: list[Stage] = []
+        self.anchors: list[Tensor] = []
+        rows = []
+        for i, p in enumerate(params):
+            anchor = _resolve(p, p, p.dtype, True, self.stages) if not is_dense(p) else p
+            self.anchors.append(anchor)
+            row = [anchor.data_ptr()]
+            for column in states:
+                row.append(_resolve(column[i], anchor, state_dtype, True, self.stages).data_ptr())
+            row += [0] * (kernels.COL_NUMEL - len(row))
+            row += [p.numel(), aux[i]]
+            rows.append(row)
+        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
+        self.tensor_table = upload(host, self.device)
+
+        numels = host[:, kernels.COL_NUMEL]
+        blocks_per_tensor = (numels + BLOCK - 1) // BLOCK
+        self.num_blocks = int(blocks_per_tensor.sum())
+        tensor_index = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
+        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+        block_in_tensor = torch.arange(self.num_blocks) - first_block[tensor_index]
+        block_host = torch.stack([tensor_index, block_in_tensor * BLOCK], dim=1).contiguous()
+        self.block_table = upload(block_host, self.device)
+        self.grad_table: Tensor | None = None
+
+    def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype) -> None:
+        """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
+        key = [g.data_ptr() for g in grads]
+        if key == self.grad_key:
+            return
+        self.grad_stages = []
+        pointers = [
+            _resolve(g, anchor, grad_dtype, False, self.grad_stages).data_ptr()
+            for g, anchor in zip(grads, self.anchors)
+        ]
+        self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
+        self.grad_key = key
+
+    def stage_in(self) -> None:
+        for stage in self.stages:
+            stage.work.copy_(stage.source)
+        for stage in self.grad_stages:
+            stage.work.copy_(stage.source)
+
+    def stage_out(self) -> None:
+        for stage in self.stages:
+            if stage.writes_back:
+                stage.source.copy_(stage.work)
+
+
+def plan_for(
+    cache: dict,
+    name: str,
+    params: list[Tensor],
+    states: list[list[Tensor]],
+    aux: list[int],
+    state_dtype: torch.dtype,
+) -> LaunchPlan:
+    """The cached plan for these tensors, rebuilt when any of them moved."""
+    key = (
+        tuple(p.data_ptr() for p in params),
+        tuple(t.data_ptr() for column in states for t in column),
+        tuple(aux),
+        state_dtype,
+    )
+    plan = cache.get(name)
+    if plan is None or plan.key != key:
+        plan = LaunchPlan(params, states, aux, state_dtype, key)
+        cache[name] = plan
+    return plan

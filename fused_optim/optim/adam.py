@@ -1,0 +1,206 @@
+"""Adam and AdamW: torch.optim's arguments, defaults, state and errors; one fused pass."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from ._base import FusedOptimizerMixin, real_view, scalar_dtype
+from .sgd import _as_float, _lr_for
+
+SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+
+class Adam(FusedOptimizerMixin, torch.optim.Adam):
+    r"""Adam (Kingma & Ba), fused; AdamW when ``decoupled_weight_decay=True``.
+
+    A drop-in replacement for :class:`torch.optim.Adam`: same arguments, defaults, errors, state
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict`` format. For
+    each parameter with a gradient, at step t:
+
+    .. code-block:: text
+
+        g = -grad if maximize else grad
+        p = p * (1 - lr * weight_decay)        (decoupled_weight_decay, AdamW)
+        g = g + weight_decay * p               (otherwise, L2; only if weight_decay != 0)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        v_max = max(v_max, v)                  (amsgrad; then v_max replaces v below)
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Args:
+        params: iterable of parameters, named parameters or param-group dicts.
+        lr (float or 1-element Tensor): learning rate. Default: 1e-3.
+        betas (tuple of two floats or 1-element Tensors): moment coefficients.
+            Default: (0.9, 0.999).
+        eps (float): added to the denominator. Default: 1e-8.
+        weight_decay (float): L2 penalty (decoupled decay coefficient for AdamW). Default: 0.
+        amsgrad (bool): use the AMSGrad variant. Default: False.
+        foreach (bool, optional): accepted for compatibility; no effect. Default: None.
+        maximize (bool): maximize the objective. Default: False.
+        capturable (bool): keep ``step`` on the params' device and read it (and a tensor lr)
+            there, so the step can be captured in a CUDA graph. Default: False.
+        differentiable (bool): must be False (True raises ``NotImplementedError``).
+            Default: False.
+        fused (bool, optional): accepted for compatibility; no effect. Default: None.
+        decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.
+        backend (str, optional): ``None`` (auto), ``"triton"`` or ``"reference"``. Default: None.
+
+    ``step`` is a 0-dim float32 tensor (float64 under a float64 default dtype) on the CPU, or on
+    the params' device when ``capturable=True``, as torch.optim keeps it. Math runs in fp32 for
+    fp16/bf16/fp32 params (fp64 for fp64), with bias corrections in fp64, rounded once at the
+    store.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        torch.optim.Adam.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._setup_fused(backend, differentiable)
+
+    def _prepare_group(self, index, group):
+        collected = self._collect(index, group, sparse_error=SPARSE_ERROR)
+        if (
+            collected is not None
+            and group["foreach"]
+            and isinstance(group["lr"], Tensor)
+            and not group["capturable"]
+        ):
+            raise RuntimeError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        return collected
+
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            if group["capturable"]:
+                state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update_group(self, group, params, grads, buckets):
+        amsgrad = group["amsgrad"]
+        states = [self._init_state(group, p) for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        exp_avgs = [real_view(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [real_view(s["exp_avg_sq"]) for s in states]
+        max_exp_avg_sqs = [real_view(s["max_exp_avg_sq"]) for s in states] if amsgrad else []
+        real_params = [real_view(p) for p in params]
+        real_grads = [real_view(g) for g in grads]
+        beta1, beta2 = group["betas"]
+        for bucket in buckets:
+            bucket.backend.adam(
+                bucket.take(real_params),
+                bucket.take(real_grads),
+                bucket.take(exp_avgs),
+                bucket.take(exp_avg_sqs),
+                bucket.take(max_exp_avg_sqs) if amsgrad else [],
+                bucket.take(steps),
+                lr=_lr_for(group["lr"], real_params[bucket.indices[0]]),
+                beta1=_as_float(beta1),
+                beta2=_as_float(beta2),
+                eps=_as_float(group["eps"]),
+                weight_decay=_as_float(group["weight_decay"]),
+                amsgrad=amsgrad,
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                capturable=group["capturable"],
+                cache=self._cache(bucket),
+            )
+
+    def _place_loaded_state(self) -> None:
+        """Steps go where step() reads them: the CPU, or the params' device when capturable."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or not isinstance(state.get("step"), Tensor):
+                    continue
+                step = state["step"]
+                if group["capturable"]:
+                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+                elif step.device.type != "cpu":
+                    state["step"] = step.to("cpu")
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    r"""AdamW (Loshchilov & Hutter), fused: :class:`Adam` with decoupled weight decay.
+
+    A drop-in replacement for :class:`torch.optim.AdamW`: same arguments, defaults (note
+    ``weight_decay=1e-2``), errors, state and ``state_dict`` format. The update is Adam's with
+
+    .. code-block:: text
+
+        p = p * (1 - lr * weight_decay)
+
+    applied before the moment update, and no weight decay in the gradient. Arguments are those
+    of :class:`Adam` without ``decoupled_weight_decay`` (always True), plus
+    ``backend`` (None, ``"triton"`` or ``"reference"``; default None).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ) -> None:
+        torch.optim.AdamW.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._setup_fused(backend, differentiable)
