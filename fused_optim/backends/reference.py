@@ -11,8 +11,9 @@ weight_decay, amsgrad, maximize, decoupled_weight_decay, capturable, cache)``
 All lists hold real tensors (complex parameters arrive as ``torch.view_as_real`` views) of one
 device and dtype. ``steps`` have already been incremented for this step. A ``None`` entry in
 ``momentum_buffers`` is a buffer that does not exist yet: the backend creates it, initialised to
-the (decayed) gradient exactly as torch.optim does, and puts it into the list. ``lr`` is a Python float or a one-element tensor on the
-parameters' device. ``cache`` is a dict the backend may keep launch plans in.
+the (decayed) gradient exactly as torch.optim does, and puts it into the list. ``lr`` is a Python
+float or a one-element tensor on the parameters' device. ``cache`` is a dict the backend may keep
+launch plans in.
 
 The math here runs in fp32 for fp16/bf16 tensors (fp64 for fp64 tensors) and rounds once at the
 store, which is what the fused kernels do, with torch.optim's for-loop order of operations.
