@@ -9,8 +9,8 @@ import os
 if os.environ.get("FUSED_OPTIM_TEST_COMPILED") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
