@@ -115,9 +115,11 @@ def sgd_kernel(
 
     if HAS_MOMENTUM:
         buf_ptr = _pointer(row + 1, STATE_DTYPE) + offsets
-        # A new buffer holds uninitialised memory; tl.where discards it.
-        is_new = tl.load(row + 5) != 0
-        buf = tl.load(buf_ptr, mask=mask).to(COMPUTE_DTYPE)
+        # A new buffer holds uninitialised memory: it is not read, and tl.where discards it.
+        new_buffer = tl.load(row + 5)
+        is_new = new_buffer != 0
+        old_buffer_mask = offsets < tl.load(row + 4) * (1 - new_buffer)
+        buf = tl.load(buf_ptr, mask=old_buffer_mask, other=0.0).to(COMPUTE_DTYPE)
         mom = _as_f64(momentum).to(COMPUTE_DTYPE)
         one_minus_dampening = (1.0 - _as_f64(dampening)).to(COMPUTE_DTYPE)
         buf = tl.where(is_new, g, tl.fma(g, one_minus_dampening, buf * mom))
