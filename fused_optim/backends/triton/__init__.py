@@ -18,8 +18,8 @@ SUPPORTS_SPARSE = False
 try:
     import triton.language as tl
 
-    from . import kernels
-    from .plan import BLOCK, plan_for
+    from . import kernels, plan
+    from .plan import plan_for
 
     _IMPORT_ERROR: BaseException | None = None
 except ImportError as error:  # pragma: no cover - depends on the machine
@@ -69,15 +69,21 @@ def _lr_args(lr: float | Tensor, fallback: Tensor) -> tuple[Tensor, float, bool]
     return fallback, float(lr), False
 
 
-def _launch(kernel, plan, grads: list[Tensor], grad_dtype: torch.dtype, args: tuple, flags: dict):
-    plan.bind_grads(grads, grad_dtype)
-    if plan.num_blocks == 0:
+def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, flags: dict):
+    launch_plan.bind_grads(grads, grad_dtype)
+    if launch_plan.num_blocks == 0:
         return
-    plan.stage_in()
-    kernel[(plan.num_blocks,)](
-        plan.tensor_table, plan.grad_table, plan.block_table, *args, BLOCK=BLOCK, **flags
+    launch_plan.stage_in()
+    kernel[(launch_plan.num_blocks,)](
+        launch_plan.tensor_table,
+        launch_plan.grad_table,
+        launch_plan.block_table,
+        *args,
+        BLOCK=launch_plan.block,
+        num_warps=plan.NUM_WARPS,
+        **flags,
     )
-    plan.stage_out()
+    launch_plan.stage_out()
 
 
 def sgd(
@@ -106,11 +112,11 @@ def sgd(
                 momentum_buffers[i] = torch.empty_like(params[i])
                 is_new[i] = 1
         states = [momentum_buffers]  # type: ignore[list-item]
-    plan = plan_for(cache, "sgd", params, states, is_new, dtype)
-    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, plan.tensor_table)
+    launch_plan = plan_for(cache, "sgd", params, states, is_new, dtype)
+    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, launch_plan.tensor_table)
     _launch(
         kernels.sgd_kernel,
-        plan,
+        launch_plan,
         grads,
         dtype,
         (lr_tensor, lr_value, float(momentum), float(dampening), float(weight_decay)),
@@ -163,11 +169,11 @@ def adam(
     else:
         # Steps live on the host, as in torch.optim's default path: no device read needed.
         base_step, aux = _step_offsets(steps)
-    plan = plan_for(cache, "adam", params, states, aux, dtype)
-    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, plan.tensor_table)
+    launch_plan = plan_for(cache, "adam", params, states, aux, dtype)
+    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, launch_plan.tensor_table)
     _launch(
         kernels.adam_kernel,
-        plan,
+        launch_plan,
         grads,
         dtype,
         (

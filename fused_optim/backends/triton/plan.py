@@ -20,7 +20,9 @@ from torch import Tensor
 
 from . import kernels
 
+# Elements per program, and warps per program. Read when a plan is built.
 BLOCK = 2048
+NUM_WARPS = 4
 
 
 def is_dense(t: Tensor) -> bool:
@@ -82,6 +84,7 @@ class LaunchPlan:
         key: tuple,
     ):
         self.key = key
+        self.block = BLOCK
         self.grad_key: list[int] | None = None
         self.device = params[0].device
         self.stages: list[Stage] = []
@@ -101,12 +104,12 @@ class LaunchPlan:
         self.tensor_table = upload(host, self.device)
 
         numels = host[:, kernels.COL_NUMEL]
-        blocks_per_tensor = (numels + BLOCK - 1) // BLOCK
+        blocks_per_tensor = (numels + self.block - 1) // self.block
         self.num_blocks = int(blocks_per_tensor.sum())
         tensor_index = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
         block_in_tensor = torch.arange(self.num_blocks) - first_block[tensor_index]
-        block_host = torch.stack([tensor_index, block_in_tensor * BLOCK], dim=1).contiguous()
+        block_host = torch.stack([tensor_index, block_in_tensor * self.block], dim=1).contiguous()
         self.block_table = upload(block_host, self.device)
         self.grad_table: Tensor | None = None
 
