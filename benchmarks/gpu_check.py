@@ -218,7 +218,7 @@ def timing(bandwidth: float) -> list[dict]:
             numel = sum(torch.Size(s).numel() for s in shapes)
             impls = {}
 
-            def make(factory):
+            def make(factory, shapes=shapes, dtype=dtype):
                 params = [
                     torch.randn(s, device=DEVICE, dtype=dtype, requires_grad=True) for s in shapes
                 ]
@@ -333,7 +333,8 @@ def main() -> None:
             f"{r['ms']:.3f} ms {r['pct_copy_bw']:.1f}%"
         )
     print(
-        f"{'workload':12s} {'dtype':5s} {'impl':14s} {'ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'vs fused':>8s}"
+        f"{'workload':12s} {'dtype':5s} {'impl':14s} {'ms':>8s} {'GB/s':>7s} "
+        f"{'%copy':>6s} {'vs fused':>8s}"
     )
     for r in result["timing"]:
         print(
