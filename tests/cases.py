@@ -52,7 +52,7 @@ def optimizer_cases():
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 # Shapes from the kernel's point of view: BLOCK elements per program.
-BLOCK = 2048
+BLOCK = 1024
 SHAPES = [(0,), (), (1,), (7,), (BLOCK - 1,), (BLOCK,), (BLOCK + 1,), (4097,), (65537,)]
 
 

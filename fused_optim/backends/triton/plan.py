@@ -20,8 +20,9 @@ from torch import Tensor
 
 from . import kernels
 
-# Elements per program, and warps per program. Read when a plan is built.
-BLOCK = 2048
+# Elements and warps per program, read when a plan is built. BLOCK=1024 with 4 warps reached
+# the copy roofline on one 64M-element tensor on an H200 (benchmarks/RESULTS.md).
+BLOCK = 1024
 NUM_WARPS = 4
 
 
