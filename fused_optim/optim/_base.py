@@ -158,7 +158,9 @@ class FusedOptimizerMixin:
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
-        backend = state.pop("_backend", None)
+        # Unpickling brings the backend in the state; torch's load_state_dict calls
+        # __setstate__ without it, and the backend chosen at construction stays.
+        backend = state.pop("_backend", getattr(self, "_backend", None))
         super().__setstate__(state)  # type: ignore[misc]
         self._backend = backend
         self._plan_caches = {}

@@ -76,7 +76,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         self._setup_fused(backend, differentiable)
 
     def _prepare_group(self, index, group):
-        return self._collect(index, group, sparse_error=None)
+        collected = self._collect(index, group, sparse_error=None)
+        if collected is not None and group["weight_decay"] != 0:
+            if any(g.is_sparse for g in collected[1]):
+                # torch.optim fails on this in the middle of its update; fail before it instead.
+                raise RuntimeError(
+                    "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+                )
+        return collected
 
     def _update_group(self, group, params, grads, buckets):
         momentum = group["momentum"]

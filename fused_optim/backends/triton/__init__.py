@@ -161,6 +161,33 @@ def adam(
 ) -> None:
     if not params:
         return
+    if capturable and len({s.dtype for s in steps}) > 1:
+        # The kernel reads steps of one dtype: split a group whose steps mix float32/float64.
+        for step_dtype in {s.dtype for s in steps}:
+            keep = [i for i, s in enumerate(steps) if s.dtype == step_dtype]
+
+            def take(values, keep=keep):
+                return [values[i] for i in keep] if values else []
+
+            adam(
+                take(params),
+                take(grads),
+                take(exp_avgs),
+                take(exp_avg_sqs),
+                take(max_exp_avg_sqs),
+                take(steps),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay,
+                capturable=True,
+                cache=cache.setdefault(step_dtype, {}),
+            )
+        return
     dtype = params[0].dtype
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     if capturable:

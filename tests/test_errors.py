@@ -1,0 +1,439 @@
+"""Bad input gets torch.optim's exception type and message, raised before anything is touched.
+
+Every expected error is computed by running the matching torch.optim class on the same
+arguments, never hard-coded; the fused optimizer must raise exactly the same type and message.
+Errors at ``step()`` and ``load_state_dict()`` must leave every parameter and all optimizer state
+bitwise as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_optim
+
+CLASSES = ("SGD", "Adam", "AdamW")
+ADAMS = ("Adam", "AdamW")
+
+
+def _raised(fn) -> BaseException:
+    """The exception ``fn()`` raises (fails the test if it raises nothing)."""
+    with pytest.raises(Exception) as info:  # any type; compared below
+        fn()
+    return info.value
+
+
+def _assert_same_error(fused_error: BaseException, torch_error: BaseException) -> None:
+    assert type(fused_error) is type(torch_error), (fused_error, torch_error)
+    assert str(fused_error) == str(torch_error)
+
+
+def _leaf(*shape) -> torch.Tensor:
+    return torch.randn(*shape, requires_grad=True)
+
+
+def _two_params():
+    return [_leaf(3, 2), _leaf(2)]
+
+
+# Each case builds FRESH arguments: (params, kwargs). Applies to the classes listed.
+def _case(kwargs):
+    return lambda: (_two_params(), kwargs)
+
+
+def _in_two_groups():
+    p = _leaf(3)
+    return [{"params": [p]}, {"params": [p]}], {}
+
+
+CONSTRUCTOR_CASES = [
+    ("negative_lr", CLASSES, _case({"lr": -0.1})),
+    ("nan_lr", ADAMS, _case({"lr": float("nan")})),
+    ("negative_eps", ADAMS, _case({"eps": -1e-8})),
+    ("negative_beta0", ADAMS, _case({"betas": (-0.1, 0.999)})),
+    ("beta0_is_one", ADAMS, _case({"betas": (1.0, 0.999)})),
+    ("negative_beta1", ADAMS, _case({"betas": (0.9, -0.5)})),
+    ("beta1_is_one", ADAMS, _case({"betas": (0.9, 1.0)})),
+    ("negative_weight_decay", CLASSES, _case({"weight_decay": -0.01})),
+    ("negative_momentum", ("SGD",), _case({"momentum": -0.9})),
+    ("nesterov_without_momentum", ("SGD",), _case({"nesterov": True})),
+    (
+        "nesterov_with_dampening",
+        ("SGD",),
+        _case({"momentum": 0.9, "dampening": 0.1, "nesterov": True}),
+    ),
+    ("multi_element_tensor_lr", CLASSES, _case({"lr": torch.tensor([0.1, 0.2])})),
+    ("betas_float_then_tensor", ADAMS, _case({"betas": (0.9, torch.tensor(0.999))})),
+    ("betas_tensor_then_float", ADAMS, _case({"betas": (torch.tensor(0.9), 0.999)})),
+    (
+        "multi_element_tensor_betas",
+        ADAMS,
+        _case({"betas": (torch.tensor([0.9, 0.8]), torch.tensor([0.99, 0.98]))}),
+    ),
+    (
+        "tensor_betas_with_foreach",
+        ADAMS,
+        _case({"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}),
+    ),
+    (
+        "tensor_lr_foreach_not_capturable",
+        ADAMS,
+        _case({"lr": torch.tensor(0.01), "foreach": True, "capturable": False}),
+    ),
+    ("fused_and_foreach", CLASSES, _case({"fused": True, "foreach": True})),
+    ("fused_and_differentiable", CLASSES, _case({"fused": True, "differentiable": True})),
+    ("empty_param_list", CLASSES, lambda: ([], {})),
+    ("params_as_single_tensor", CLASSES, lambda: (_leaf(3), {})),
+    ("param_in_two_groups", CLASSES, _in_two_groups),
+    ("non_leaf_param", CLASSES, lambda: ([_leaf(3) * 2], {})),
+    ("non_tensor_param", CLASSES, lambda: ([_leaf(3), 1.0], {})),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "build"),
+    [
+        pytest.param(cls_name, build, id=f"{cls_name}-{case_id}")
+        for case_id, classes, build in CONSTRUCTOR_CASES
+        for cls_name in classes
+    ],
+)
+def test_constructor_error_matches_torch(cls_name, build):
+    torch_params, torch_kwargs = build()
+    torch_error = _raised(lambda: getattr(torch.optim, cls_name)(torch_params, **torch_kwargs))
+
+    params, kwargs = build()
+    flat = [p for p in (params if isinstance(params, list) else []) if isinstance(p, torch.Tensor)]
+    before = [p.detach().clone() for p in flat]
+    fused_error = _raised(lambda: getattr(fused_optim, cls_name)(params, **kwargs))
+
+    _assert_same_error(fused_error, torch_error)
+    for p, b in zip(flat, before):
+        assert torch.equal(p, b)
+        assert not p.is_leaf or p.grad is None
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_differentiable_raises_not_implemented(cls_name):
+    # torch.optim accepts it; fused_optim cannot differentiate through its kernels.
+    getattr(torch.optim, cls_name)(_two_params(), differentiable=True)
+    with pytest.raises(NotImplementedError) as info:
+        getattr(fused_optim, cls_name)(_two_params(), differentiable=True)
+    message = str(info.value)
+    assert "differentiable=True" in message
+    assert f"torch.optim.{cls_name}" in message
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("backend", ["nope", "Triton", "", "cuda"])
+def test_invalid_backend_raises_value_error(cls_name, backend):
+    with pytest.raises(ValueError, match="Invalid backend") as info:
+        getattr(fused_optim, cls_name)(_two_params(), backend=backend)
+    assert repr(backend) in str(info.value)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_reference_backend_is_accepted_and_steps(cls_name):
+    torch.manual_seed(1)
+    params = _two_params()
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    opt = getattr(fused_optim, cls_name)(params, lr=0.1, backend="reference")
+    ref_opt = getattr(torch.optim, cls_name)(reference, lr=0.1, foreach=False)
+    assert opt.backend == "reference"
+    assert opt.group_backends() == ["reference"]
+    initial = [p.detach().clone() for p in params]
+    for _ in range(2):
+        for p, r in zip(params, reference):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, r, p0 in zip(params, reference, initial):
+        torch.testing.assert_close(p, r)
+        assert not torch.equal(p, p0)
+
+
+# --------------------------------------------------------------------------------------------
+# step(): sparse gradients
+
+
+def _snapshot(opt, params):
+    """Deep copies of the given params and of the whole optimizer state."""
+    return [p.detach().clone() for p in params], copy.deepcopy(dict(opt.state)), len(opt.state)
+
+
+def _assert_tree_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        assert a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+        assert a.layout == b.layout
+        if a.is_sparse:
+            a, b = a.to_dense(), b.to_dense()
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_tree_equal(a[key], b[key])
+    else:
+        assert a == b
+
+
+def _assert_unchanged(opt, params, snapshot):
+    before_params, before_state, before_len = snapshot
+    assert len(opt.state) == before_len
+    for p, b in zip(params, before_params):
+        assert torch.equal(p, b)
+    # Deep-copied state keys are copies of the params; compare in the original order.
+    now = copy.deepcopy(dict(opt.state))
+    assert len(now) == len(before_state)
+    for (_, a), (_, b) in zip(now.items(), before_state.items()):
+        _assert_tree_equal(a, b)
+
+
+def _sparse_embedding_grad(emb: nn.Embedding, indices=(1, 2, 2, 5)):
+    emb.zero_grad(set_to_none=True)
+    emb(torch.tensor(indices)).pow(2).sum().backward()
+    assert emb.weight.grad.is_sparse
+
+
+@pytest.mark.parametrize("cls_name", ADAMS)
+def test_adam_sparse_grad_matches_torch_error(cls_name):
+    torch.manual_seed(0)
+    emb_t = nn.Embedding(6, 3, sparse=True)
+    emb_f = copy.deepcopy(emb_t)
+    _sparse_embedding_grad(emb_t)
+    _sparse_embedding_grad(emb_f)
+    torch_error = _raised(getattr(torch.optim, cls_name)(emb_t.parameters(), foreach=False).step)
+    opt = getattr(fused_optim, cls_name)(emb_f.parameters())
+    before = emb_f.weight.detach().clone()
+    fused_error = _raised(opt.step)
+    _assert_same_error(fused_error, torch_error)
+    assert torch.equal(emb_f.weight, before)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls_name", ADAMS)
+@pytest.mark.parametrize("backend", [None, "triton", "reference"])
+def test_adam_sparse_grad_in_second_group_touches_nothing(cls_name, backend):
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    emb = nn.Embedding(6, 3, sparse=True)
+    opt = getattr(fused_optim, cls_name)(
+        [{"params": lin.parameters()}, {"params": emb.parameters(), "lr": 0.05}],
+        lr=0.1,
+        amsgrad=True,
+        backend=backend,
+    )
+    x = torch.randn(4, 3)
+    # Two good steps: group 0 has state (step == 2), group 1 has no grad yet.
+    for _ in range(2):
+        opt.zero_grad()
+        lin(x).pow(2).sum().backward()
+        opt.step()
+    opt.zero_grad()
+    lin(emb(torch.tensor([1, 2, 4, 5]))).pow(2).sum().backward()
+    assert emb.weight.grad.is_sparse
+    params = [*lin.parameters(), emb.weight]
+    snapshot = _snapshot(opt, params)
+
+    torch_error = _raised(getattr(torch.optim, cls_name)([emb.weight], foreach=False).step)
+    error = _raised(opt.step)
+
+    _assert_same_error(error, torch_error)
+    _assert_unchanged(opt, params, snapshot)
+    assert all(float(opt.state[p]["step"]) == 2 for p in lin.parameters())
+
+
+SPARSE_SGD_CASES = [
+    {"lr": 0.1},
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.1, "momentum": 0.9, "dampening": 0.2},
+    {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+    {"lr": 0.1, "momentum": 0.5, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", SPARSE_SGD_CASES, ids=lambda kw: "-".join(map(str, kw)))
+def test_sgd_sparse_grad_matches_torch(kwargs):
+    torch.manual_seed(0)
+    emb_t = nn.Embedding(8, 3, sparse=True)
+    emb_f = copy.deepcopy(emb_t)
+    initial = emb_f.weight.detach().clone()
+    opt_t = torch.optim.SGD(emb_t.parameters(), foreach=False, **kwargs)
+    opt_f = fused_optim.SGD(emb_f.parameters(), **kwargs)
+    for indices in [(1, 2, 2, 5), (0, 2, 7), (5, 5, 1)]:
+        _sparse_embedding_grad(emb_t, indices)
+        _sparse_embedding_grad(emb_f, indices)
+        assert opt_f.group_backends() == ["reference"]
+        opt_t.step()
+        opt_f.step()
+        torch.testing.assert_close(emb_f.weight, emb_t.weight)
+    assert not torch.equal(emb_f.weight, initial)
+    if kwargs.get("momentum", 0):
+        torch.testing.assert_close(
+            opt_f.state[emb_f.weight]["momentum_buffer"].to_dense(),
+            opt_t.state[emb_t.weight]["momentum_buffer"].to_dense(),
+        )
+
+
+def test_sgd_triton_backend_rejects_sparse_grad_before_touching_anything():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    emb = nn.Embedding(6, 3, sparse=True)
+    opt = fused_optim.SGD(
+        [{"params": lin.parameters()}, {"params": emb.parameters()}],
+        lr=0.1,
+        momentum=0.9,
+        backend="triton",
+    )
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        opt.zero_grad()
+        lin(x).pow(2).sum().backward()
+        opt.step()
+    opt.zero_grad()
+    lin(emb(torch.tensor([1, 2, 4]))).pow(2).sum().backward()
+    params = [*lin.parameters(), emb.weight]
+    snapshot = _snapshot(opt, params)
+
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_sgd_sparse_grad_with_weight_decay_matches_torch_error():
+    torch.manual_seed(0)
+    emb_t = nn.Embedding(6, 3, sparse=True)
+    emb_f = copy.deepcopy(emb_t)
+    _sparse_embedding_grad(emb_t)
+    _sparse_embedding_grad(emb_f)
+    torch_error = _raised(
+        torch.optim.SGD(emb_t.parameters(), lr=0.1, weight_decay=0.1, foreach=False).step
+    )
+    opt = fused_optim.SGD(emb_f.parameters(), lr=0.1, weight_decay=0.1)
+    before = emb_f.weight.detach().clone()
+    _assert_same_error(_raised(opt.step), torch_error)
+    assert torch.equal(emb_f.weight, before)
+
+
+def test_sgd_sparse_weight_decay_error_in_second_group_touches_nothing():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    emb = nn.Embedding(6, 3, sparse=True)
+    opt = fused_optim.SGD(
+        [{"params": lin.parameters()}, {"params": emb.parameters(), "weight_decay": 0.1}],
+        lr=0.1,
+        momentum=0.9,
+    )
+    x = torch.randn(4, 3)
+    opt.zero_grad()
+    lin(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    lin(emb(torch.tensor([1, 2, 4]))).pow(2).sum().backward()
+    params = [*lin.parameters(), emb.weight]
+    snapshot = _snapshot(opt, params)
+
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("cls_name", ADAMS)
+def test_tensor_lr_foreach_group_added_later_raises_before_touching_anything(cls_name):
+    def build(module):
+        torch.manual_seed(0)
+        a, b = _leaf(4), _leaf(3)
+        opt = getattr(module, cls_name)([a], lr=0.1)
+        opt.add_param_group({"params": [b], "lr": torch.tensor(0.1), "foreach": True})
+        return opt, [a, b]
+
+    torch_opt, torch_params = build(torch.optim)
+    for p in torch_params:
+        p.grad = torch.ones_like(p)
+    torch_error = _raised(torch_opt.step)
+
+    opt, params = build(fused_optim)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    error = _raised(opt.step)
+    _assert_same_error(error, torch_error)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    assert len(opt.state) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# load_state_dict()
+
+
+def _trained(module, cls_name, seed=0):
+    torch.manual_seed(seed)
+    lin1, lin2 = nn.Linear(3, 4), nn.Linear(4, 2)
+    kwargs = {"momentum": 0.9} if cls_name == "SGD" else {"amsgrad": True}
+    opt = getattr(module, cls_name)(
+        [{"params": lin1.parameters()}, {"params": lin2.parameters(), "lr": 0.05}],
+        lr=0.1,
+        **kwargs,
+    )
+    x = torch.randn(5, 3)
+    for _ in range(2):
+        opt.zero_grad()
+        lin2(lin1(x)).pow(2).sum().backward()
+        opt.step()
+    return opt, [*lin1.parameters(), *lin2.parameters()]
+
+
+def _drop_group(sd):
+    sd = copy.deepcopy(sd)
+    sd["param_groups"] = sd["param_groups"][:1]
+    return sd
+
+
+def _extra_group(sd):
+    sd = copy.deepcopy(sd)
+    sd["param_groups"].append(dict(sd["param_groups"][1], params=[99]))
+    return sd
+
+
+def _short_group(sd):
+    sd = copy.deepcopy(sd)
+    sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"][:1]
+    return sd
+
+
+def _long_group(sd):
+    sd = copy.deepcopy(sd)
+    sd["param_groups"][0]["params"] = [*sd["param_groups"][0]["params"], 99]
+    return sd
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("corrupt", [_drop_group, _extra_group, _short_group, _long_group])
+def test_load_state_dict_errors_match_torch_and_change_nothing(cls_name, corrupt):
+    torch_opt, _ = _trained(torch.optim, cls_name)
+    bad_torch = corrupt(torch_opt.state_dict())
+    torch_error = _raised(lambda: torch_opt.load_state_dict(bad_torch))
+
+    opt, params = _trained(fused_optim, cls_name)
+    bad = corrupt(opt.state_dict())
+    snapshot = _snapshot(opt, params)
+    groups_before = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    )
+    backend_before = opt.backend
+
+    error = _raised(lambda: opt.load_state_dict(bad))
+
+    _assert_same_error(error, torch_error)
+    _assert_unchanged(opt, params, snapshot)
+    assert [
+        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+    ] == groups_before
+    assert [p for g in opt.param_groups for p in g["params"]] == params
+    assert opt.backend == backend_before
