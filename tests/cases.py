@@ -15,6 +15,7 @@ import fused_optim
 SGD_CONFIGS = [
     {},
     {"lr": 0.01},
+    {"lr": torch.tensor(0.001)},
     {"lr": 0.01, "momentum": 0.9},
     {"lr": 0.01, "momentum": 0.9, "dampening": 0.5},
     {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.1},
@@ -32,6 +33,16 @@ ADAM_CONFIGS = [
     {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
     {"lr": 0.01, "amsgrad": True, "maximize": True},
     {"lr": 0.01, "betas": (0.6, 0.9), "eps": 1e-6},
+    {"lr": torch.tensor(0.01)},
+    {"capturable": True},
+    {"weight_decay": 0.1, "amsgrad": True, "capturable": True},
+    {"lr": torch.tensor(0.001), "amsgrad": True, "capturable": True},
+    {
+        "lr": torch.tensor(0.001),
+        "betas": (torch.tensor([[[0.9]]]), torch.tensor([[0.99]])),
+        "amsgrad": True,
+        "capturable": True,
+    },
 ]
 
 OPTIMIZERS = {
@@ -41,11 +52,34 @@ OPTIMIZERS = {
 }
 
 
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor({value.item():g})"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_short(v) for v in value) + ")"
+    return str(value)
+
+
+def torch_reference_config(config: dict) -> dict:
+    """The config for torch.optim's for-loop oracle on the CPU.
+
+    torch.optim refuses capturable=True on CPU tensors; capturable changes where ``step`` lives,
+    not the math, so the oracle runs without it. Tensor betas are given to the oracle as floats:
+    fused_optim reads them as values and does the scalar math in fp64 as for float betas, while
+    torch.optim's tensor-betas path does it in the tensors' fp32 (a 1e-8 relative difference,
+    visible only in fp64 params). A tensor lr stays a tensor: fused_optim follows torch there.
+    """
+    config = {k: v for k, v in config.items() if k != "capturable"}
+    if "betas" in config:
+        config["betas"] = tuple(float(b) for b in config["betas"])
+    return config | {"foreach": False}
+
+
 def optimizer_cases():
     """(name, config) pairs, with readable ids."""
     for name, (_, _, configs) in OPTIMIZERS.items():
         for config in configs:
-            label = "-".join(f"{k}={v}" for k, v in config.items()) or "defaults"
+            label = "-".join(f"{k}={_short(v)}" for k, v in config.items()) or "defaults"
             yield pytest.param(name, config, id=f"{name}[{label}]")
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from cases import OPTIMIZERS, adapt_config, optimizer_cases
+from cases import OPTIMIZERS, adapt_config, optimizer_cases, torch_reference_config
 
 FP32_MAX_ABS = {"SGD": 1.2e-7, "Adam": 3e-8, "AdamW": 3e-8}
 FP64_MAX_ABS = 4 * torch.finfo(torch.float64).eps
@@ -91,7 +91,7 @@ def test_recipe_matches_torch_for_loop(name, config, dtype):
     bound = FP32_MAX_ABS[name] if dtype == torch.float32 else FP64_MAX_ABS
     inputs = make_inputs()
     initial = [p.detach().clone() for p in build_params(dtype)]
-    reference = run_recipe(torch_cls, {**config, "foreach": False}, dtype, inputs)
+    reference = run_recipe(torch_cls, torch_reference_config(config), dtype, inputs)
     fused = run_recipe(fused_cls, config, dtype, inputs)
     for it, ((ref_params, ref_opt), (params, opt)) in enumerate(zip(reference, fused)):
         for i, (a, b) in enumerate(zip(params, ref_params)):
@@ -114,8 +114,8 @@ def test_recipe_low_precision_error_bounded_by_torch(name, config, dtype):
     config = adapt_config(name, config, dtype)
     inputs = make_inputs()
     initial = [p.detach().clone() for p in build_params(dtype)]
-    exact = run_recipe(torch_cls, {**config, "foreach": False}, torch.float64, inputs)
-    reference = run_recipe(torch_cls, {**config, "foreach": False}, dtype, inputs)
+    exact = run_recipe(torch_cls, torch_reference_config(config), torch.float64, inputs)
+    reference = run_recipe(torch_cls, torch_reference_config(config), dtype, inputs)
     fused = run_recipe(fused_cls, config, dtype, inputs)
     rounding = torch.finfo(dtype).eps
     for it, ((exact_params, _), (ref_params, _), (params, _)) in enumerate(

@@ -110,29 +110,26 @@ def adam(
         v = exp_avg_sqs[i].to(ctype)
         if maximize:
             g = -g
-        if isinstance(lr, Tensor):
-            lr_value: float | Tensor = lr.to(torch.float64)
-        else:
-            lr_value = lr
         if weight_decay != 0:
             if decoupled_weight_decay:
-                p = p.mul_(1 - lr_value * weight_decay)
+                # With a tensor lr, torch.optim computes this in the lr tensor's dtype.
+                p = p.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(p, alpha=weight_decay)
         m = _lerp_(m, g, 1 - beta1)
         v = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step = steps[i]
-        if capturable or isinstance(lr_value, Tensor):
+        if capturable:
             step_f64 = step.to(device=param.device, dtype=torch.float64)
-            bias_correction1 = 1 - beta1**step_f64
-            bias_correction2_sqrt = (1 - beta2**step_f64).sqrt()
-            step_size = (lr_value / bias_correction1).to(ctype)
-            bc2_sqrt = bias_correction2_sqrt.to(ctype)
+            bias_correction1: float | Tensor = 1 - beta1**step_f64
+            bc2_sqrt: float | Tensor = (1 - beta2**step_f64).sqrt().to(ctype)
         else:
             step_value = step.item()
             bias_correction1 = 1 - beta1**step_value
             bc2_sqrt = (1 - beta2**step_value) ** 0.5
-            step_size = lr_value / bias_correction1
+        if isinstance(lr, Tensor) and isinstance(bias_correction1, Tensor):
+            bias_correction1 = bias_correction1.to(lr.dtype)
+        step_size = lr / bias_correction1
         if amsgrad:
             vmax = torch.maximum(max_exp_avg_sqs[i].to(ctype), v)
             max_exp_avg_sqs[i].copy_(vmax)
@@ -140,7 +137,7 @@ def adam(
         else:
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
         if isinstance(step_size, Tensor):
-            p = p.addcdiv_(m * -step_size, denom)
+            p = p.add_((m * -step_size.to(ctype)) / denom)
         else:
             p = p.addcdiv_(m, denom, value=-step_size)
         exp_avgs[i].copy_(m)

@@ -47,6 +47,10 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.
         backend (str, optional): ``None`` (auto), ``"triton"`` or ``"reference"``. Default: None.
 
+    A tensor ``lr`` on the params' device is read by the kernel (no host sync), and the scalar
+    math that involves it runs in its dtype, as torch.optim does. Tensor ``betas`` are read as
+    values (a host sync if they live on a GPU) and used like float betas, in fp64.
+
     ``step`` is a 0-dim float32 tensor (float64 under a float64 default dtype) on the CPU, or on
     the params' device when ``capturable=True``, as torch.optim keeps it. Math runs in fp32 for
     fp16/bf16/fp32 params (fp64 for fp64), with bias corrections in fp64, rounded once at the

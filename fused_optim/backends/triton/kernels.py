@@ -178,10 +178,6 @@ def adam_kernel(
     # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at the
     # group's step use the host's bias corrections (bitwise torch's); the others, and steps
     # read from device memory, compute beta^t here.
-    if LR_FROM_POINTER:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = _as_f64(lr)
     b1 = _as_f64(beta1)
     b2 = _as_f64(beta2)
     wd64 = _as_f64(weight_decay)
@@ -197,7 +193,16 @@ def adam_kernel(
             step = _as_f64(base_step) - step_offset
             bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
             bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
-    neg_step_size = (-lr64 / bias_correction1).to(COMPUTE_DTYPE)
+    if LR_FROM_POINTER:
+        # torch.optim does this scalar math in the lr tensor's dtype; so does this kernel.
+        lr_t = tl.load(lr_ptr)
+        neg_step_size64 = (-_div(lr_t, bias_correction1.to(lr_t.dtype))).to(tl.float64)
+        decay64 = (1.0 - lr_t * wd64.to(lr_t.dtype)).to(tl.float64)
+    else:
+        lr64 = _as_f64(lr)
+        neg_step_size64 = -lr64 / bias_correction1
+        decay64 = 1.0 - lr64 * wd64
+    neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
     p = tl.load(param_ptr, mask=mask).to(COMPUTE_DTYPE)
     g = tl.load(grad_ptr, mask=mask).to(COMPUTE_DTYPE)
@@ -206,7 +211,7 @@ def adam_kernel(
     if MAXIMIZE:
         g = -g
     if DECOUPLED_WEIGHT_DECAY:
-        p = p * (1.0 - lr64 * wd64).to(COMPUTE_DTYPE)
+        p = p * decay64.to(COMPUTE_DTYPE)
     else:
         g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
 
