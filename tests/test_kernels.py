@@ -220,18 +220,26 @@ def test_plan_is_cached_and_rebuilt_only_when_tensors_move():
     for p in params:
         p.grad = torch.randn(100)
     opt.step()
-    (cache,) = opt._plan_caches.values()
-    first = cache["adam"]
-    # New gradient tensors and a new lr: same plan, grads re-bound.
+    work = opt._group_work[0]
+    first = work.buckets[0].cache["adam"]
+    # New gradient tensors and a new lr: same work, same plan, grads re-bound.
     for p in params:
         p.grad = torch.randn(100)
     opt.param_groups[0]["lr"] = 0.02
     opt.step()
-    assert cache["adam"] is first
-    # A param whose storage moved: the plan is rebuilt.
+    assert opt._group_work[0] is work and work.buckets[0].cache["adam"] is first
+    # A param whose storage moved (as module.to() does): rebuilt, and the new storage is updated.
     params[1].data = torch.randn(100)
+    moved = params[1].detach().clone()
     opt.step()
-    assert cache["adam"] is not first
+    assert work.buckets[0].cache["adam"] is not first or opt._group_work[0] is not work
+    assert not torch.equal(params[1].detach(), moved)
+    # A state tensor replaced by hand (as offloading code does): the new one is updated.
+    new_exp_avg = opt.state[params[2]]["exp_avg"].clone()
+    opt.state[params[2]]["exp_avg"] = new_exp_avg
+    before = new_exp_avg.clone()
+    opt.step()
+    assert not torch.equal(new_exp_avg, before)
 
 
 def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):

@@ -8,6 +8,7 @@ splits each param group by (device, dtype) and hands the tensor lists to the bac
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter, methodcaller
 from types import ModuleType
 from typing import Any
 
@@ -30,17 +31,81 @@ def real_view(t: Tensor | None) -> Tensor | None:
 
 
 class Bucket:
-    """The tensors of one param group that share a device and a dtype, and their backend."""
+    """The tensors of one param group that share a device and a dtype, and their backend.
 
-    __slots__ = ("backend", "cache_key", "indices")
+    ``columns`` maps a state key to that state's (real-view) tensors for the bucket, in order.
+    """
 
-    def __init__(self, backend: ModuleType, cache_key: tuple, indices: list[int]):
+    __slots__ = ("backend", "cache", "columns", "indices", "params", "whole")
+
+    def __init__(self, backend: ModuleType, indices: list[int], whole: bool):
         self.backend = backend
-        self.cache_key = cache_key
         self.indices = indices
+        self.whole = whole  # the bucket is the whole group, in order
+        self.cache: dict = {}
+        self.params: list[Tensor] = []
+        self.columns: dict[str, list] = {}
 
     def take(self, values: list) -> list:
-        return [values[i] for i in self.indices]
+        return values if self.whole else [values[i] for i in self.indices]
+
+
+def fingerprint(params: list[Tensor], states: list, keys: tuple[str, ...]) -> list | None:
+    """What must not change for a cached GroupWork to stay valid: the params (objects and
+    storage), their state dicts, and the state tensors in them. Built with C-level ``map`` so
+    that checking it costs far less than rebuilding the lists it guards."""
+    result = [list(map(id, params)), list(map(Tensor.data_ptr, params))]
+    if not keys:
+        return result
+    if None in states:
+        return None
+    result.append(list(map(id, states)))
+    for key in keys:
+        result.append(list(map(id, map(methodcaller("get", key), states))))
+    return result
+
+
+class GroupWork:
+    """Everything step() needs for one param group, cached while its tensors stay where they are.
+
+    Holds the params that had gradients, their state dicts, the per-(device, dtype) buckets with
+    their backends and tensor lists, and, for Adam, one buffer whose elements are the params'
+    ``step`` tensors, so that advancing every step count is one tensor operation.
+    """
+
+    def __init__(self, params, states, keys, buckets, sparse, structure):
+        self.params = params
+        self.states = states
+        self.keys = keys
+        self.buckets = buckets
+        self.sparse = sparse
+        self.structure = structure
+        self.has_complex = any(p.is_complex() for p in params)
+        self.step_buffer: Tensor | None = None
+        self.steps: list[Tensor] = []
+        real_params = [real_view(p) for p in params]
+        for bucket in buckets:
+            bucket.params = bucket.take(real_params)
+            bucket.columns = {
+                key: bucket.take(
+                    [
+                        state.get(key) if key == "step" else real_view(state.get(key))
+                        for state in states
+                    ]
+                )
+                for key in keys
+            }
+        self.fingerprint = fingerprint(params, states, keys)
+
+    def matches(self, params, states, sparse, structure) -> bool:
+        return (
+            sparse == self.sparse
+            and structure == self.structure
+            and fingerprint(params, states, self.keys) == self.fingerprint
+        )
+
+    def real_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        return [real_view(g) for g in grads] if self.has_complex else grads
 
 
 class FusedOptimizerMixin:
@@ -59,7 +124,7 @@ class FusedOptimizerMixin:
                 "the optimizer step."
             )
         self._backend = backend
-        self._plan_caches: dict[tuple, dict] = {}
+        self._group_work: dict[int, GroupWork] = {}
         # GradScaler must unscale gradients itself and skip step() on inf/NaN.
         self._step_supports_amp_scaling = False
 
@@ -83,19 +148,17 @@ class FusedOptimizerMixin:
     def _sparse(p: Tensor) -> bool:
         return p.grad is not None and p.grad.is_sparse
 
-    def _buckets(self, group_index: int, params: list[Tensor], sparse: bool) -> list[Bucket]:
+    def _buckets(self, params: list[Tensor], sparse: bool) -> list[Bucket]:
         """Split a group's tensors by (device, real dtype) and pick each part's backend."""
         by_key: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             dtype = p.dtype.to_real() if p.is_complex() else p.dtype
             by_key.setdefault((p.device, dtype), []).append(i)
+        whole = len(by_key) == 1
         return [
-            Bucket(select_backend(self._backend, device, sparse), (group_index, device, dtype), idx)
-            for (device, dtype), idx in by_key.items()
+            Bucket(select_backend(self._backend, device, sparse), indices, whole)
+            for (device, _), indices in by_key.items()
         ]
-
-    def _cache(self, bucket: Bucket) -> dict:
-        return self._plan_caches.setdefault(bucket.cache_key, {})
 
     def _graph_capture_check(self) -> None:
         check = (
@@ -121,31 +184,56 @@ class FusedOptimizerMixin:
         prepared = [
             self._prepare_group(index, group) for index, group in enumerate(self.param_groups)
         ]
-        for group, work in zip(self.param_groups, prepared):
+        for index, (group, work) in enumerate(zip(self.param_groups, prepared)):
             if work is not None:
-                self._update_group(group, *work)
+                self._update_group(index, group, *work)
         return loss
 
-    def _prepare_group(self, index: int, group: dict) -> tuple | None:
+    # What each algorithm provides.
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor], buckets):
+    def _check_group(self, group: dict, grads: list[Tensor], sparse: bool) -> None:
+        """Raise torch.optim's error for bad input in this group; change nothing."""
+
+    def _init_states(self, group: dict, params: list[Tensor]) -> list[dict]:
         raise NotImplementedError
 
-    def _collect(self, index: int, group: dict, sparse_error: str | None) -> tuple | None:
-        """(params, grads, buckets) of the params that have a gradient, or None if none do."""
+    def _run(self, group: dict, work: GroupWork, grads: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _structure(self, group: dict) -> tuple:
+        """Group settings that change which state exists or where it lives."""
+        return (self._state_keys(group), group.get("capturable", False))
+
+    def _prepare_group(self, index: int, group: dict):
+        """(params, grads, cached work or fresh buckets), or None when no param has a grad."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
         grads = [p.grad for p in params]
-        sparse = any(g.is_sparse for g in grads)
-        if sparse and sparse_error is not None:
-            raise RuntimeError(sparse_error)
-        return params, grads, self._buckets(index, params, sparse)
+        sparse = any(map(attrgetter("is_sparse"), grads))
+        self._check_group(group, grads, sparse)
+        work = self._group_work.get(index)
+        states = list(map(self.state.get, params)) if self._state_keys(group) else []
+        if work is not None and work.matches(params, states, sparse, self._structure(group)):
+            return params, grads, work
+        # Backends are chosen (and may refuse) here, before anything is changed.
+        return params, grads, self._buckets(params, sparse)
+
+    def _update_group(self, index: int, group: dict, params, grads, work) -> None:
+        if not isinstance(work, GroupWork):
+            sparse = any(map(attrgetter("is_sparse"), grads))
+            states = self._init_states(group, params)
+            work = GroupWork(
+                params, states, self._state_keys(group), work, sparse, self._structure(group)
+            )
+            self._group_work[index] = work
+        self._run(group, work, grads)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        self._plan_caches = {}
+        self._group_work = {}
         self._place_loaded_state()
 
     def _place_loaded_state(self) -> None:
@@ -163,5 +251,5 @@ class FusedOptimizerMixin:
         backend = state.pop("_backend", getattr(self, "_backend", None))
         super().__setstate__(state)  # type: ignore[misc]
         self._backend = backend
-        self._plan_caches = {}
+        self._group_work = {}
         self._step_supports_amp_scaling = False

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, real_view, scalar_dtype
+from ._base import FusedOptimizerMixin, scalar_dtype
 from .sgd import _as_float, _lr_for
 
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -91,18 +91,28 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         )
         self._setup_fused(backend, differentiable)
 
-    def _prepare_group(self, index, group):
-        collected = self._collect(index, group, sparse_error=SPARSE_ERROR)
-        if (
-            collected is not None
-            and group["foreach"]
-            and isinstance(group["lr"], Tensor)
-            and not group["capturable"]
-        ):
+    def _state_keys(self, group):
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        return (*keys, "max_exp_avg_sq") if group["amsgrad"] else keys
+
+    def _check_group(self, group, grads, sparse):
+        if sparse:
+            raise RuntimeError(SPARSE_ERROR)
+        if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
-        return collected
+
+    def _init_states(self, group, params):
+        states = [self._init_state(group, p) for p in params]
+        steps = [s["step"] for s in states]
+        if len({(t.device, t.dtype) for t in steps}) == 1:
+            # One buffer holds every step count of the group, and each state["step"] is a
+            # 0-dim view of it: advancing them all is one tensor operation per step.
+            buffer = torch.stack([t.reshape(()) for t in steps])
+            for i, state in enumerate(states):
+                state["step"] = buffer[i]
+        return states
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
@@ -113,30 +123,33 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                 state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update_group(self, group, params, grads, buckets):
+    def _run(self, group, work, grads):
+        steps = [s["step"] for s in work.states] if work.step_buffer is None else None
+        if work.step_buffer is None:
+            steps_base = work.states[0]["step"]._base
+            if steps_base is not None and steps_base.numel() == len(work.states):
+                work.step_buffer = steps_base
+        if work.step_buffer is not None:
+            work.step_buffer.add_(1)
+        else:
+            torch._foreach_add_(steps, 1)
+        grads = work.real_grads(grads)
         amsgrad = group["amsgrad"]
-        states = [self._init_state(group, p) for p in params]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        exp_avgs = [real_view(s["exp_avg"]) for s in states]
-        exp_avg_sqs = [real_view(s["exp_avg_sq"]) for s in states]
-        max_exp_avg_sqs = [real_view(s["max_exp_avg_sq"]) for s in states] if amsgrad else []
-        real_params = [real_view(p) for p in params]
-        real_grads = [real_view(g) for g in grads]
         beta1, beta2 = group["betas"]
-        for bucket in buckets:
+        for bucket in work.buckets:
+            columns = bucket.columns
             bucket.backend.adam(
-                bucket.take(real_params),
-                bucket.take(real_grads),
-                bucket.take(exp_avgs),
-                bucket.take(exp_avg_sqs),
-                bucket.take(max_exp_avg_sqs) if amsgrad else [],
-                bucket.take(steps),
-                lr=_lr_for(group["lr"], real_params[bucket.indices[0]]),
+                bucket.params,
+                bucket.take(grads),
+                columns["exp_avg"],
+                columns["exp_avg_sq"],
+                columns["max_exp_avg_sq"] if amsgrad else [],
+                columns["step"],
+                lr=_lr_for(group["lr"], bucket.params[0]),
                 beta1=_as_float(beta1),
                 beta2=_as_float(beta2),
                 eps=_as_float(group["eps"]),
@@ -145,7 +158,7 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 capturable=group["capturable"],
-                cache=self._cache(bucket),
+                cache=bucket.cache,
             )
 
     def _place_loaded_state(self) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, real_view
+from ._base import FusedOptimizerMixin
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -75,44 +75,48 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         )
         self._setup_fused(backend, differentiable)
 
-    def _prepare_group(self, index, group):
-        collected = self._collect(index, group, sparse_error=None)
-        if collected is not None and group["weight_decay"] != 0:
-            if any(g.is_sparse for g in collected[1]):
-                # torch.optim fails on this in the middle of its update; fail before it instead.
-                raise RuntimeError(
-                    "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
-                )
-        return collected
+    def _state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _update_group(self, group, params, grads, buckets):
+    def _check_group(self, group, grads, sparse):
+        if sparse and group["weight_decay"] != 0:
+            # torch.optim fails on this in the middle of its update; fail before it instead.
+            raise RuntimeError(
+                "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+            )
+
+    def _init_states(self, group, params):
+        # As torch.optim: state entries exist only with momentum, and buffers on first use.
+        if group["momentum"] == 0:
+            return [{} for _ in params]
+        return [self.state[p] for p in params]
+
+    def _run(self, group, work, grads):
         momentum = group["momentum"]
         lr = group["lr"]
-        buffers: list[Tensor | None] = []
-        if momentum != 0:
-            buffers = [real_view(self.state[p].get("momentum_buffer")) for p in params]
-        real_params = [real_view(p) for p in params]
-        real_grads = [real_view(g) for g in grads]
-        for bucket in buckets:
-            bucket_buffers = bucket.take(buffers) if momentum != 0 else []
+        grads = work.real_grads(grads)
+        for bucket in work.buckets:
+            buffers = bucket.columns.get("momentum_buffer", [])
+            new = [i for i, buf in enumerate(buffers) if buf is None]
             bucket.backend.sgd(
-                bucket.take(real_params),
-                bucket.take(real_grads),
-                bucket_buffers,
-                lr=_lr_for(lr, real_params[bucket.indices[0]]),
+                bucket.params,
+                bucket.take(grads),
+                buffers,
+                lr=_lr_for(lr, bucket.params[0]),
                 momentum=momentum,
                 dampening=group["dampening"],
                 weight_decay=_as_float(group["weight_decay"]),
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
-                cache=self._cache(bucket),
+                cache=bucket.cache,
             )
-            for i, buf in zip(bucket.indices, bucket_buffers):
-                if buffers[i] is None:
-                    p = params[i]
-                    self.state[p]["momentum_buffer"] = (
-                        torch.view_as_complex(buf) if p.is_complex() else buf
-                    )
+            for i in new:
+                p = work.params[bucket.indices[i]]
+                buf = buffers[i]
+                work.states[bucket.indices[i]]["momentum_buffer"] = (
+                    torch.view_as_complex(buf) if p.is_complex() else buf
+                )
+                buffers[i] = None  # the work is rebuilt next step, from the state
 
 
 def _as_float(value: float | Tensor) -> float:

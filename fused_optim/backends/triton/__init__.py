@@ -104,13 +104,14 @@ def sgd(
     dtype = params[0].dtype
     has_momentum = momentum != 0
     states: list[list[Tensor]] = []
-    is_new = [0] * len(params)
+    is_new = torch.zeros(len(params), dtype=torch.int64)
     if has_momentum:
-        for i, buf in enumerate(momentum_buffers):
-            if buf is None:
-                # Same layout as the param, so the kernel walks both as one span.
-                momentum_buffers[i] = torch.empty_like(params[i])
-                is_new[i] = 1
+        if any(buf is None for buf in momentum_buffers):  # `in` would compare tensors
+            for i, buf in enumerate(momentum_buffers):
+                if buf is None:
+                    # Same layout as the param, so the kernel walks both as one span.
+                    momentum_buffers[i] = torch.empty_like(params[i])
+                    is_new[i] = 1
         states = [momentum_buffers]  # type: ignore[list-item]
     launch_plan = plan_for(cache, "sgd", params, states, is_new, dtype)
     lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, launch_plan.tensor_table)
@@ -133,11 +134,22 @@ def sgd(
     )
 
 
-def _step_offsets(steps: list[Tensor]) -> tuple[float, list[int]]:
+def _step_values(steps: list[Tensor]) -> Tensor:
+    """The step counts as one host tensor: the shared buffer the optimizer keeps them in (its
+    ``step`` states are consecutive 0-dim views of it), or a stack of separate tensors."""
+    buffer = steps[0]._base
+    if buffer is not None and buffer.dim() == 1 and buffer.numel() == len(steps):
+        start, size = buffer.data_ptr(), buffer.element_size()
+        if list(map(Tensor.data_ptr, steps)) == list(range(start, start + size * len(steps), size)):
+            return buffer
+    return torch.stack([s.reshape(()) for s in steps])
+
+
+def _step_offsets(steps: list[Tensor]) -> tuple[float, Tensor]:
     """The largest step and each tensor's distance below it, read from host-side step tensors."""
-    values = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+    values = _step_values(steps).to(torch.float64)
     base = float(values.max())
-    return base, (base - values).to(torch.int64).tolist()
+    return base, (base - values).to(torch.int64)
 
 
 def adam(
@@ -192,7 +204,7 @@ def adam(
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     if capturable:
         # Steps live on the device; the kernel reads each one through its address.
-        base_step, aux = 1.0, [s.data_ptr() for s in steps]
+        base_step, aux = 1.0, torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
     else:
         # Steps live on the host, as in torch.optim's default path: no device read needed.
         base_step, aux = _step_offsets(steps)

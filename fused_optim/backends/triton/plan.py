@@ -80,11 +80,12 @@ class LaunchPlan:
         self,
         params: list[Tensor],
         states: list[list[Tensor]],
-        aux: list[int],
+        aux: Tensor,
         state_dtype: torch.dtype,
         key: tuple,
     ):
         self.key = key
+        self.aux = aux
         self.block = BLOCK
         self.grad_key: list[int] | None = None
         self.device = params[0].device
@@ -92,6 +93,7 @@ class LaunchPlan:
         self.grad_stages: list[Stage] = []
         self.anchors: list[Tensor] = []
         rows = []
+        aux_values = aux.tolist()
         for i, p in enumerate(params):
             anchor = _resolve(p, p, p.dtype, True, self.stages) if not is_dense(p) else p
             self.anchors.append(anchor)
@@ -99,7 +101,7 @@ class LaunchPlan:
             for column in states:
                 row.append(_resolve(column[i], anchor, state_dtype, True, self.stages).data_ptr())
             row += [0] * (kernels.COL_NUMEL - len(row))
-            row += [p.numel(), aux[i]]
+            row += [p.numel(), aux_values[i]]
             rows.append(row)
         host = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
         self.tensor_table = upload(host, self.device)
@@ -116,7 +118,7 @@ class LaunchPlan:
 
     def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype) -> None:
         """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
-        key = [g.data_ptr() for g in grads]
+        key = list(map(Tensor.data_ptr, grads))
         if key == self.grad_key:
             return
         self.grad_stages = []
@@ -144,18 +146,22 @@ def plan_for(
     name: str,
     params: list[Tensor],
     states: list[list[Tensor]],
-    aux: list[int],
+    aux: Tensor,
     state_dtype: torch.dtype,
+    extra_key: tuple = (),
 ) -> LaunchPlan:
-    """The cached plan for these tensors, rebuilt when any of them moved."""
+    """The cached plan for these tensors, rebuilt when any of them moved or ``aux`` changed.
+
+    ``aux`` (int64, one per tensor, on the CPU) is the table's auxiliary column.
+    """
     key = (
-        tuple(p.data_ptr() for p in params),
-        tuple(t.data_ptr() for column in states for t in column),
-        tuple(aux),
+        list(map(Tensor.data_ptr, params)),
+        [list(map(Tensor.data_ptr, column)) for column in states],
+        extra_key,
         state_dtype,
     )
     plan = cache.get(name)
-    if plan is None or plan.key != key:
+    if plan is None or plan.key != key or not torch.equal(plan.aux, aux):
         plan = LaunchPlan(params, states, aux, state_dtype, key)
         cache[name] = plan
     return plan
