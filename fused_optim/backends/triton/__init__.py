@@ -80,6 +80,7 @@ def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, fl
         launch_plan.block_table,
         *args,
         BLOCK=launch_plan.block,
+        ALIGNED=launch_plan.aligned,
         num_warps=plan.NUM_WARPS,
         **flags,
     )

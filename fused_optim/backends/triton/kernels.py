@@ -68,16 +68,42 @@ def _round_to(x, DTYPE: tl.constexpr):
 def _block_location(block_table, tensor_table, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table + 2 * pid)
-    start = tl.load(block_table + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(block_table + 2 * pid + 1), BLOCK)
     row = tensor_table + tensor * 6
+    numel = tl.load(row + 4)
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offsets < tl.load(row + 4)
-    return tensor, row, offsets, mask
+    mask = offsets < numel
+    full = start + BLOCK <= numel
+    return tensor, row, offsets, mask, full
 
 
 @triton.jit
-def _pointer(table_entry, DTYPE: tl.constexpr):
-    return tl.load(table_entry).to(tl.pointer_type(DTYPE))
+def _pointer(table_entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    address = tl.load(table_entry)
+    if ALIGNED:
+        # Every address in the tables is 16-byte aligned (checked on the host): lets the
+        # compiler use 16-byte vector loads and stores.
+        address = tl.multiple_of(address, 16)
+    return address.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load(pointers, mask, full):
+    # Whole blocks load without a mask, so that they can be vectorised; the last block of a
+    # tensor is masked.
+    if full:
+        value = tl.load(pointers)
+    else:
+        value = tl.load(pointers, mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
+def _store(pointers, value, mask, full):
+    if full:
+        tl.store(pointers, value)
+    else:
+        tl.store(pointers, value, mask=mask)
 
 
 @triton.jit
@@ -98,32 +124,33 @@ def sgd_kernel(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """p <- p - lr * d, where g = (+/-)grad + weight_decay * p and d = g (no momentum),
     buf = momentum * buf + (1 - dampening) * g (buf = g when new), d = buf or g + momentum * buf."""
-    tensor, row, offsets, mask = _block_location(block_table, tensor_table, BLOCK)
-    param_ptr = _pointer(row + 0, PARAM_DTYPE) + offsets
-    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE) + offsets
+    tensor, row, offsets, mask, full = _block_location(block_table, tensor_table, BLOCK)
+    param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
+    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
-    p = tl.load(param_ptr, mask=mask).to(COMPUTE_DTYPE)
-    g = tl.load(grad_ptr, mask=mask).to(COMPUTE_DTYPE)
+    p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
+    g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
     if MAXIMIZE:
         g = -g
     wd64 = _as_f64(weight_decay)
     g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
 
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row + 1, STATE_DTYPE) + offsets
+        buf_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
         # A new buffer holds uninitialised memory: it is not read, and tl.where discards it.
         new_buffer = tl.load(row + 5)
         is_new = new_buffer != 0
         old_buffer_mask = offsets < tl.load(row + 4) * (1 - new_buffer)
-        buf = tl.load(buf_ptr, mask=old_buffer_mask, other=0.0).to(COMPUTE_DTYPE)
+        buf = _load(buf_ptr, old_buffer_mask, full & (new_buffer == 0)).to(COMPUTE_DTYPE)
         mom = _as_f64(momentum).to(COMPUTE_DTYPE)
         one_minus_dampening = (1.0 - _as_f64(dampening)).to(COMPUTE_DTYPE)
         buf = tl.where(is_new, g, tl.fma(g, one_minus_dampening, buf * mom))
-        tl.store(buf_ptr, _round_to(buf, STATE_DTYPE), mask=mask)
+        _store(buf_ptr, _round_to(buf, STATE_DTYPE), mask, full)
         if NESTEROV:
             g = tl.fma(buf, mom, g)
         else:
@@ -134,7 +161,7 @@ def sgd_kernel(
     else:
         lr64 = _as_f64(lr)
     p = tl.fma(g, (-lr64).to(COMPUTE_DTYPE), p)
-    tl.store(param_ptr, _round_to(p, PARAM_DTYPE), mask=mask)
+    _store(param_ptr, _round_to(p, PARAM_DTYPE), mask, full)
 
 
 @triton.jit
@@ -161,6 +188,7 @@ def adam_kernel(
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
     STEP_FROM_POINTER: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Adam (Kingma & Ba, as torch.optim computes it), AdamW when DECOUPLED_WEIGHT_DECAY:
@@ -169,11 +197,11 @@ def adam_kernel(
     m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v) (amsgrad)
     p += (-lr / (1 - beta1^t)) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
     """
-    tensor, row, offsets, mask = _block_location(block_table, tensor_table, BLOCK)
-    param_ptr = _pointer(row + 0, PARAM_DTYPE) + offsets
-    exp_avg_ptr = _pointer(row + 1, STATE_DTYPE) + offsets
-    exp_avg_sq_ptr = _pointer(row + 2, STATE_DTYPE) + offsets
-    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE) + offsets
+    tensor, row, offsets, mask, full = _block_location(block_table, tensor_table, BLOCK)
+    param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
+    exp_avg_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
+    exp_avg_sq_ptr = _pointer(row + 2, STATE_DTYPE, ALIGNED) + offsets
+    grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
     # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at the
     # group's step use the host's bias corrections (bitwise torch's); the others, and steps
@@ -182,7 +210,7 @@ def adam_kernel(
     b2 = _as_f64(beta2)
     wd64 = _as_f64(weight_decay)
     if STEP_FROM_POINTER:
-        step = tl.load(_pointer(row + 5, STEP_DTYPE)).to(tl.float64)
+        step = tl.load(_pointer(row + 5, STEP_DTYPE, False)).to(tl.float64)
         bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
     else:
@@ -204,10 +232,10 @@ def adam_kernel(
         decay64 = 1.0 - lr64 * wd64
     neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
-    p = tl.load(param_ptr, mask=mask).to(COMPUTE_DTYPE)
-    g = tl.load(grad_ptr, mask=mask).to(COMPUTE_DTYPE)
-    m = tl.load(exp_avg_ptr, mask=mask).to(COMPUTE_DTYPE)
-    v = tl.load(exp_avg_sq_ptr, mask=mask).to(COMPUTE_DTYPE)
+    p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
+    g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
+    m = _load(exp_avg_ptr, mask, full).to(COMPUTE_DTYPE)
+    v = _load(exp_avg_sq_ptr, mask, full).to(COMPUTE_DTYPE)
     if MAXIMIZE:
         g = -g
     if DECOUPLED_WEIGHT_DECAY:
@@ -226,16 +254,16 @@ def adam_kernel(
     v = tl.fma((1.0 - b2).to(COMPUTE_DTYPE) * g, g, v * b2.to(COMPUTE_DTYPE))
 
     if AMSGRAD:
-        max_ptr = _pointer(row + 3, STATE_DTYPE) + offsets
-        vmax = tl.load(max_ptr, mask=mask).to(COMPUTE_DTYPE)
+        max_ptr = _pointer(row + 3, STATE_DTYPE, ALIGNED) + offsets
+        vmax = _load(max_ptr, mask, full).to(COMPUTE_DTYPE)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(max_ptr, _round_to(vmax, STATE_DTYPE), mask=mask)
+        _store(max_ptr, _round_to(vmax, STATE_DTYPE), mask, full)
         denom = _div(_sqrt(vmax), bias_correction2_sqrt.to(COMPUTE_DTYPE))
     else:
         denom = _div(_sqrt(v), bias_correction2_sqrt.to(COMPUTE_DTYPE))
     denom = denom + _as_f64(eps).to(COMPUTE_DTYPE)
     p = p + _div(neg_step_size * m, denom)
 
-    tl.store(exp_avg_ptr, _round_to(m, STATE_DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr, _round_to(v, STATE_DTYPE), mask=mask)
-    tl.store(param_ptr, _round_to(p, PARAM_DTYPE), mask=mask)
+    _store(exp_avg_ptr, _round_to(m, STATE_DTYPE), mask, full)
+    _store(exp_avg_sq_ptr, _round_to(v, STATE_DTYPE), mask, full)
+    _store(param_ptr, _round_to(p, PARAM_DTYPE), mask, full)

@@ -105,6 +105,9 @@ class LaunchPlan:
             rows.append(row)
         host = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
         self.tensor_table = upload(host, self.device)
+        # 16-byte aligned addresses let the kernel use vector loads (ALIGNED flag).
+        self.tensors_aligned = not bool((host[:, : kernels.COL_NUMEL] % 16).any())
+        self.grads_aligned = False
 
         numels = host[:, kernels.COL_NUMEL]
         blocks_per_tensor = (numels + self.block - 1) // self.block
@@ -127,7 +130,12 @@ class LaunchPlan:
             for g, anchor in zip(grads, self.anchors)
         ]
         self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
+        self.grads_aligned = not any(pointer % 16 for pointer in pointers)
         self.grad_key = key
+
+    @property
+    def aligned(self) -> bool:
+        return self.tensors_aligned and self.grads_aligned
 
     def stage_in(self) -> None:
         for stage in self.stages:
