@@ -1,11 +1,14 @@
-"""One-shot GPU check: parity, launch count, recompiles, host syncs, big tensors, and timing.
+"""One-shot GPU check: `fused-optim verify` and `fused-optim bench`, plus the checks only a GPU
+can make (one launch per step, no recompiles, no host sync, 2^31+ elements, checkpoints across
+devices).
 
-Usage (CUDA machine, nothing installed beyond torch and triton, no internet):
+Usage (CUDA machine with torch, triton, tqdm and matplotlib; no internet, nothing to install):
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --json results.json
+    PYTHONPATH=. python benchmarks/gpu_check.py --out results/
 
-Runs in a few minutes on one GPU. ``--smoke`` runs the same checks on the CPU through the Triton
-interpreter with tiny sizes (to check the script itself). Prints a short table last.
+Writes verify.json, bench.json, bench_compile.json, bench.png and gpu_check.json under --out and
+prints a short table last. Takes a few minutes on an H200. ``--smoke`` runs everything on the CPU
+through the Triton interpreter at tiny sizes, to check the script itself.
 """
 
 from __future__ import annotations
@@ -51,56 +54,6 @@ CONFIGS = {
 def synchronize():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-
-
-def parity() -> list[dict]:
-    """fused_optim (Triton, compiled) vs torch.optim for-loop, same device, same data."""
-    rows = []
-    shapes = [(0,), (), (7,), (2049,), (300, 70), (0, 4), (4097,)]
-    for name, configs in CONFIGS.items():
-        for config in configs:
-            for dname, dtype in DTYPES.items():
-                cfg = dict(config)
-                if dtype == torch.float16 and name != "SGD":
-                    cfg["eps"] = 0.1
-                gen = torch.Generator().manual_seed(0)
-                init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-                ours = [p.to(DEVICE).clone().requires_grad_() for p in init]
-                theirs = [p.to(DEVICE).clone().requires_grad_() for p in init]
-                exact = [p.to(DEVICE, torch.float64).clone().requires_grad_() for p in init]
-                o = getattr(fused_optim, name)(ours, **cfg)
-                t = getattr(torch.optim, name)(theirs, **cfg, foreach=False)
-                e = getattr(torch.optim, name)(exact, **cfg, foreach=False)
-                for _ in range(5):
-                    for a, b, c in zip(ours, theirs, exact):
-                        g = torch.randn(a.shape, generator=gen).to(dtype).to(DEVICE)
-                        a.grad, b.grad, c.grad = g, g.clone(), g.double()
-                    o.step()
-                    t.step()
-                    e.step()
-                diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs) if a.numel())
-                err_ours = max(
-                    (a.double() - c).abs().max().item() for a, c in zip(ours, exact) if a.numel()
-                )
-                err_torch = max(
-                    (b.double() - c).abs().max().item() for b, c in zip(theirs, exact) if b.numel()
-                )
-                moved = all(
-                    not torch.equal(a.detach().cpu(), p0) for a, p0 in zip(ours, init) if a.numel()
-                )
-                rows.append(
-                    dict(
-                        optimizer=name,
-                        config=str(cfg),
-                        dtype=dname,
-                        max_abs_vs_torch=diff,
-                        err_vs_fp64_ours=err_ours,
-                        err_vs_fp64_torch=err_torch,
-                        moved=moved,
-                        backend=o.group_backends()[0],
-                    )
-                )
-    return rows
 
 
 def launches_recompiles_syncs() -> dict:
@@ -225,180 +178,53 @@ def checkpoint_across_devices() -> dict:
     return results
 
 
-def bench_ms(fn, reps=50) -> float:
-    if DEVICE.type == "cuda":
-        return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    return (time.perf_counter() - t0) / 3 * 1e3
-
-
-def copy_bandwidth() -> float:
-    n = 256 << 20 if not SMOKE else 1 << 16
-    a = torch.empty(n, device=DEVICE)
-    b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a))
-    return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
-
-
-def workloads() -> dict[str, list[tuple[int, ...]]]:
-    if SMOKE:
-        return {"flat": [(1 << 12,)], "many-small": [(64,)] * 20}
-    gpt2 = [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        gpt2 += [
-            (768,),
-            (768,),
-            (768, 2304),
-            (2304,),
-            (768, 768),
-            (768,),
-            (768,),
-            (768,),
-            (768, 3072),
-            (3072,),
-            (3072, 768),
-            (768,),
-        ]
-    gpt2 += [(768,), (768,)]
-    return {"flat-64M": [(64 << 20,)], "gpt2-small": gpt2, "2000x4096": [(4096,)] * 2000}
-
-
-def timing(bandwidth: float) -> list[dict]:
-    rows = []
-    for wname, shapes in workloads().items():
-        for dname in ("fp32", "bf16"):
-            dtype = DTYPES[dname]
-            numel = sum(torch.Size(s).numel() for s in shapes)
-            impls = {}
-
-            def make(factory, shapes=shapes, dtype=dtype):
-                params = [
-                    torch.randn(s, device=DEVICE, dtype=dtype, requires_grad=True) for s in shapes
-                ]
-                for p in params:
-                    p.grad = torch.randn_like(p)
-                opt = factory(params)
-                opt.step()
-                return opt.step
-
-            impls["fused_optim"] = make(lambda ps: fused_optim.AdamW(ps, lr=1e-3))
-            impls["torch-fused"] = make(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True))
-            impls["torch-foreach"] = make(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True))
-            times = {k: bench_ms(v) for k, v in impls.items()}
-            bytes_per_param = 7 * torch.finfo(dtype).bits // 8
-            for impl, ms in times.items():
-                gbs = numel * bytes_per_param / (ms * 1e-3) / 1e9
-                rows.append(
-                    dict(
-                        workload=wname,
-                        dtype=dname,
-                        impl=impl,
-                        n_tensors=len(shapes),
-                        numel=numel,
-                        ms=ms,
-                        GBps=gbs,
-                        pct_copy_bw=100 * gbs / bandwidth,
-                        speedup_vs_torch_fused=times["torch-fused"] / ms,
-                    )
-                )
-            del impls
-            if DEVICE.type == "cuda":
-                torch.cuda.empty_cache()
-    return rows
-
-
-def sweep(bandwidth: float) -> list[dict]:
-    """AdamW fp32 step time for a few (BLOCK, num_warps) choices, to pick the defaults."""
-    from fused_optim.backends.triton import plan
-
-    rows = []
-    saved = plan.BLOCK, plan.NUM_WARPS
-    choices = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
-    try:
-        for wname, shapes in workloads().items():
-            params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes]
-            for p in params:
-                p.grad = torch.randn_like(p)
-            numel = sum(p.numel() for p in params)
-            for block, warps in choices:
-                plan.BLOCK, plan.NUM_WARPS = block, warps
-                opt = fused_optim.AdamW(params, lr=1e-3)
-                ms = bench_ms(opt.step)
-                gbs = numel * 28 / (ms * 1e-3) / 1e9
-                rows.append(
-                    dict(
-                        workload=wname,
-                        block=block,
-                        num_warps=warps,
-                        ms=ms,
-                        pct_copy_bw=100 * gbs / bandwidth,
-                    )
-                )
-            del params
-    finally:
-        plan.BLOCK, plan.NUM_WARPS = saved
-    return rows
-
-
 def main() -> None:
+    from fused_optim.cli import main as cli
+
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json")
-    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    info = dict(
-        torch=torch.__version__,
-        triton=triton.__version__,
-        device=str(DEVICE),
-        gpu=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (interpreter)",
+    result = dict(
+        info=dict(
+            torch=torch.__version__,
+            triton=triton.__version__,
+            gpu=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (interpreter)",
+        )
     )
-    result = dict(info=info, parity=parity())
-    print("parity done", time.time() - t0, flush=True)
+    device = ["--device", DEVICE.type]
+    verify_args = ["verify", *device, "--json", f"{out}/verify.json", "--seed", "0"]
+    result["verify_exit"] = cli([*verify_args, "--quick"] if SMOKE else verify_args)
+    print(f"verify exit {result['verify_exit']} ({time.time() - t0:.0f} s)", flush=True)
     result["checkpoint"] = checkpoint_across_devices()
-    print("checkpoint", result["checkpoint"], flush=True)
     result["launches"] = launches_recompiles_syncs()
-    print("launches", result["launches"], flush=True)
-    if not args.skip_big:
-        result["big_tensor"] = big_tensor()
-        print("big tensor", result["big_tensor"], flush=True)
-    bandwidth = copy_bandwidth()
-    result["copy_bandwidth_GBps"] = bandwidth
-    result["timing"] = timing(bandwidth)
-    result["sweep"] = sweep(bandwidth)
-    result["seconds"] = time.time() - t0
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(info))
-    worst = {}
-    for r in result["parity"]:
-        key = (r["optimizer"], r["dtype"])
-        worst[key] = max(worst.get(key, 0.0), r["max_abs_vs_torch"])
-    print("parity (max abs vs torch.optim for-loop, worst over configs):")
-    for (opt, d), v in sorted(worst.items()):
-        print(f"  {opt:6s} {d:5s} {v:.3g}")
-    print("all moved:", all(r["moved"] for r in result["parity"]))
-    print(f"copy bandwidth: {bandwidth:.0f} GB/s")
-    print("launches/recompiles/syncs:", result["launches"], result.get("big_tensor"))
-    for r in result["sweep"]:
-        print(
-            f"sweep {r['workload']:12s} BLOCK={r['block']:5d} warps={r['num_warps']} "
-            f"{r['ms']:.3f} ms {r['pct_copy_bw']:.1f}%"
-        )
+    result["big_tensor"] = big_tensor()
     print(
-        f"{'workload':12s} {'dtype':5s} {'impl':14s} {'ms':>8s} {'GB/s':>7s} "
-        f"{'%copy':>6s} {'vs fused':>8s}"
+        "extra checks", result["checkpoint"], result["launches"], result["big_tensor"], flush=True
     )
-    for r in result["timing"]:
-        print(
-            f"{r['workload']:12s} {r['dtype']:5s} {r['impl']:14s} {r['ms']:8.3f} {r['GBps']:7.0f} "
-            f"{r['pct_copy_bw']:6.1f} {r['speedup_vs_torch_fused']:8.2f}"
-        )
+    scale = ["--scale", "0.001", "--repeats", "3"] if SMOKE else []
+    result["bench_exit"] = cli(
+        ["bench", *device, *scale, "--no-compile", "--no-progress",
+         "--json", f"{out}/bench.json", "--plot", f"{out}/bench.png"]
+    )  # fmt: skip
+    print(f"bench exit {result['bench_exit']} ({time.time() - t0:.0f} s)", flush=True)
+    # torch.compile'd steps take a while to compile: one optimizer, fp32, the two big workloads.
+    result["bench_compile_exit"] = cli(
+        ["bench", *device, *scale, "--compile", "--no-progress", "--optimizers", "AdamW",
+         "--dtypes", "fp32", "--workloads", "flat", "gpt2-small",
+         "--json", f"{out}/bench_compile.json"]
+    )  # fmt: skip
+    result["seconds"] = time.time() - t0
+    with open(f"{out}/gpu_check.json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["info"]))
+    print(f"verify: exit {result['verify_exit']}; bench: exit {result['bench_exit']}, "
+          f"{result['bench_compile_exit']}; {result['seconds']:.0f} s in all")  # fmt: skip
+    print("launches:", result["launches"])
+    print("big tensor:", result["big_tensor"], "checkpoints:", result["checkpoint"])
 
 
 if __name__ == "__main__":

@@ -124,9 +124,7 @@ def _as_float(value: float | Tensor) -> float:
 
 
 def _lr_for(lr: float | Tensor, param: Tensor) -> float | Tensor:
-    """A tensor lr on the params' device is read by the kernel; anything else becomes a float."""
+    """A tensor lr stays a tensor (the backends follow torch.optim's tensor arithmetic)."""
     if isinstance(lr, Tensor):
-        if lr.device == param.device:
-            return lr.reshape(())
-        return float(lr.item())
+        return lr.reshape(())
     return float(lr)

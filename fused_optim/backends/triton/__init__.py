@@ -62,11 +62,17 @@ def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _lr_args(lr: float | Tensor, fallback: Tensor) -> tuple[Tensor, float, bool]:
-    """(pointer argument, scalar argument, LR_FROM_POINTER) for a float or device-tensor lr."""
-    if isinstance(lr, Tensor):
-        return lr, 0.0, True
-    return fallback, float(lr), False
+def _lr_args(lr: float | Tensor, device: torch.device, fallback: Tensor):
+    """(pointer argument, scalar argument, LR_FROM_POINTER, LR_DTYPE) for a float or tensor lr.
+
+    A tensor lr on the params' device is read by the kernel; one elsewhere (a CPU scalar) is
+    read here. Either way the scalar math around it runs in its dtype, as in torch.optim.
+    """
+    if not isinstance(lr, Tensor):
+        return fallback, float(lr), False, tl.float64
+    if lr.device == device:
+        return lr, 0.0, True, _tl_dtype(lr.dtype)
+    return fallback, float(lr.item()), False, _tl_dtype(lr.dtype)
 
 
 def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, flags: dict):
@@ -82,6 +88,9 @@ def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, fl
         BLOCK=launch_plan.block,
         ALIGNED=launch_plan.aligned,
         num_warps=plan.NUM_WARPS,
+        # The kernel spells out torch.optim's roundings (and its fmas): the compiler must not
+        # fuse other multiplies and adds into fmas behind its back.
+        enable_fp_fusion=False,
         **flags,
     )
     launch_plan.stage_out()
@@ -115,7 +124,9 @@ def sgd(
                     is_new[i] = 1
         states = [momentum_buffers]  # type: ignore[list-item]
     launch_plan = plan_for(cache, "sgd", params, states, is_new, dtype)
-    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, launch_plan.tensor_table)
+    lr_tensor, lr_value, lr_from_pointer, _ = _lr_args(
+        lr, launch_plan.device, launch_plan.tensor_table
+    )
     _launch(
         kernels.sgd_kernel,
         launch_plan,
@@ -210,7 +221,9 @@ def adam(
         # Steps live on the host, as in torch.optim's default path: no device read needed.
         base_step, aux = _step_offsets(steps)
     launch_plan = plan_for(cache, "adam", params, states, aux, dtype)
-    lr_tensor, lr_value, lr_from_pointer = _lr_args(lr, launch_plan.tensor_table)
+    lr_tensor, lr_value, lr_from_pointer, lr_dtype = _lr_args(
+        lr, launch_plan.device, launch_plan.tensor_table
+    )
     _launch(
         kernels.adam_kernel,
         launch_plan,
@@ -237,6 +250,7 @@ def adam(
             MAXIMIZE=bool(maximize),
             DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
             LR_FROM_POINTER=lr_from_pointer,
+            LR_DTYPE=lr_dtype,
             STEP_FROM_POINTER=bool(capturable),
         ),
     )

@@ -187,6 +187,7 @@ def adam_kernel(
     MAXIMIZE: tl.constexpr,
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
+    LR_DTYPE: tl.constexpr,
     STEP_FROM_POINTER: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -221,15 +222,14 @@ def adam_kernel(
             step = _as_f64(base_step) - step_offset
             bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
             bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
+    # The scalar math around lr runs in LR_DTYPE: fp64 for a float lr (torch.optim's host
+    # arithmetic), the tensor's dtype for a tensor lr (torch.optim's tensor arithmetic).
     if LR_FROM_POINTER:
-        # torch.optim does this scalar math in the lr tensor's dtype; so does this kernel.
-        lr_t = tl.load(lr_ptr)
-        neg_step_size64 = (-_div(lr_t, bias_correction1.to(lr_t.dtype))).to(tl.float64)
-        decay64 = (1.0 - lr_t * wd64.to(lr_t.dtype)).to(tl.float64)
+        lr_t = tl.load(lr_ptr).to(LR_DTYPE)
     else:
-        lr64 = _as_f64(lr)
-        neg_step_size64 = -lr64 / bias_correction1
-        decay64 = 1.0 - lr64 * wd64
+        lr_t = _as_f64(lr).to(LR_DTYPE)
+    neg_step_size64 = (-_div(lr_t, bias_correction1.to(LR_DTYPE))).to(tl.float64)
+    decay64 = (1.0 - lr_t * wd64.to(LR_DTYPE)).to(tl.float64)
     neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
     p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
