@@ -192,7 +192,12 @@ def synchronize(device: torch.device) -> None:
 
 
 class Timer:
-    """Times one call: CUDA events after an L2 flush on CUDA, ``perf_counter`` elsewhere."""
+    """Times calls: CUDA events after an L2 flush on CUDA, ``perf_counter`` elsewhere.
+
+    On CUDA a sample is *enqueued* (``begin``) and read later (``collect``), as
+    ``triton.testing.do_bench`` does: the host keeps running ahead of the GPU, as it does in
+    training, so a step's host-side work is hidden unless the step is host-bound.
+    """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -201,8 +206,8 @@ class Timer:
         if self.cuda:
             self._flush = torch.empty(CACHE_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        """Seconds ``fn()`` took."""
+    def begin(self, fn: Callable[[], object]):
+        """Run ``fn()`` once, timed; returns what ``collect`` turns into seconds."""
         if self.cuda:
             assert self._flush is not None
             self._flush.zero_()
@@ -211,13 +216,23 @@ class Timer:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start, end
         synchronize(self.device)
         t0 = time.perf_counter()
         fn()
         synchronize(self.device)
         return time.perf_counter() - t0
+
+    def collect(self, sample) -> float:
+        if self.cuda:
+            start, end = sample
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return sample
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        """Seconds ``fn()`` took."""
+        return self.collect(self.begin(fn))
 
 
 def time_round_robin(
@@ -228,7 +243,8 @@ def time_round_robin(
     on_sample: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed rounds, then ``repeats`` timed
-    rounds that call each function once, the first one rotating from round to round."""
+    rounds that call each function once, the first one rotating from round to round. A round's
+    samples are read after the whole round is enqueued."""
     keys = list(fns)
     for _ in range(warmup):
         for key in keys:
@@ -239,8 +255,9 @@ def time_round_robin(
     samples: dict[str, list[float]] = {key: [] for key in keys}
     for r in range(repeats):
         shift = r % len(keys) if keys else 0
-        for key in keys[shift:] + keys[:shift]:
-            samples[key].append(timer(fns[key]))
+        pending = [(key, timer.begin(fns[key])) for key in keys[shift:] + keys[:shift]]
+        for key, sample in pending:
+            samples[key].append(timer.collect(sample))
             if on_sample is not None:
                 on_sample()
     return samples
