@@ -221,6 +221,15 @@ def main() -> None:
     with open(f"{out}/gpu_check.json", "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["info"]))
+    with open(f"{out}/bench.json") as f:
+        rows = [r for r in json.load(f)["rows"] if r["implementation"].startswith("fused_optim")]
+    print(f"{'workload':11s} {'optimizer':9s} {'impl':24s} {'dtype':5s} {'ms':>8s} "
+          f"{'%copy':>6s} {'vs fused':>8s}")  # fmt: skip
+    for r in rows:
+        if r.get("time_ms") is not None:
+            print(f"{r['workload']:11s} {r['optimizer']:9s} {r['implementation']:24s} "
+                  f"{r['dtype']:5s} {r['time_ms']:8.3f} {r['pct_copy_bandwidth']:6.1f} "
+                  f"{r['speedup_vs_torch_fused']:8.2f}")  # fmt: skip
     print(f"verify: exit {result['verify_exit']}; bench: exit {result['bench_exit']}, "
           f"{result['bench_compile_exit']}; {result['seconds']:.0f} s in all")  # fmt: skip
     print("launches:", result["launches"])
