@@ -1,0 +1,461 @@
+"""fused_optim under torch.distributed: DDP, ZeroRedundancyOptimizer, uneven inputs, resume.
+
+Every test spawns 2 CPU processes that talk over gloo on 127.0.0.1 only. Each worker sets
+TRITON_INTERPRET=1 first thing, before it imports fused_optim (and so triton), and writes what
+it ends with to files under ``tmp_path``; the comparisons run in the parent. Joins have a
+deadline, so a hang fails the test instead of blocking the run.
+
+This module imports fused_optim only inside functions: a spawned worker imports this module to
+find its target, and must get to set its environment before triton is imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+WORLD = 2
+STEPS = 10
+FULL_BATCH = 16  # each rank trains on half of it
+IN_FEATURES, HIDDEN, OUT_FEATURES = 6, 16, 3
+JOIN_TIMEOUT_S = 90
+
+OPT_CONFIGS = {
+    "SGD": {"lr": 0.05, "momentum": 0.9},
+    "Adam": {"lr": 0.01},
+    "AdamW": {"lr": 0.01, "weight_decay": 0.1},
+}
+
+# (gradient_as_bucket_view, zero_grad's set_to_none). With bucket views and set_to_none=False the
+# gradients stay the same views of DDP's buckets for the whole run.
+VARIANTS = [(True, True), (False, True), (True, False)]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by the workers and the parent.
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT_FEATURES))
+
+
+def full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full batch of one step; the same on every process."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(FULL_BATCH, IN_FEATURES, generator=g)
+    y = torch.randn(FULL_BATCH, OUT_FEATURES, generator=g)
+    return x, y
+
+
+def rank_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = full_batch(step)
+    n = FULL_BATCH // world
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # A mean over the batch: the DDP average of the two half-batch gradients is the
+    # full-batch gradient.
+    return nn.functional.mse_loss(out, y)
+
+
+def train(model, opt, steps, batch, start=0, sched=None, set_to_none=True) -> None:
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        if sched is not None:
+            sched.step()
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def state_of(opt) -> dict:
+    """Every optimizer state tensor, keyed by (param index, state key)."""
+    return {
+        (index, key): value.detach().clone()
+        for index, entry in opt.state_dict()["state"].items()
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers.
+
+
+def _entry(rank: int, world: int, port: int, outdir: str, job: str, kwargs: dict) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own sockets on the loopback too
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        globals()[job](rank, world, Path(outdir))
+    except BaseException:
+        Path(outdir, f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _job_ddp_parity(rank: int, world: int, out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fused_optim
+
+    results = {}
+    for name, config in OPT_CONFIGS.items():
+        for bucket_view, set_to_none in VARIANTS:
+            model = DDP(make_model(), gradient_as_bucket_view=bucket_view)
+            opt = getattr(fused_optim, name)(model.parameters(), **config)
+            batch = lambda s: rank_batch(s, rank, world)  # noqa: E731
+            train(model, opt, STEPS, batch, set_to_none=set_to_none)
+            results[(name, bucket_view, set_to_none)] = {
+                "params": params_of(model),
+                "state": state_of(opt),
+                "backends": opt.group_backends(),
+            }
+    torch.save(results, out / f"parity_rank{rank}.pt")
+
+
+def _job_zero(rank: int, world: int, out: Path) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fused_optim
+
+    model = DDP(make_model())
+    opt = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=fused_optim.AdamW, **OPT_CONFIGS["AdamW"]
+    )
+    train(model, opt, STEPS, lambda s: rank_batch(s, rank, world))
+    opt.consolidate_state_dict(to=0)
+    result = {
+        "params": params_of(model),
+        "local_class": type(opt.optim).__name__,
+        "local_module": type(opt.optim).__module__,
+        "backends": opt.optim.group_backends(),
+        "local_params": sum(len(g["params"]) for g in opt.optim.param_groups),
+    }
+    if rank == 0:
+        result["state_dict"] = opt.state_dict()
+    torch.save(result, out / f"zero_rank{rank}.pt")
+
+
+def _job_join(rank: int, world: int, out: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fused_optim
+
+    batches = 3 if rank == 0 else 5
+    result = {}
+    for cls in (fused_optim.Adam, torch.optim.Adam):
+        model = DDP(make_model())
+        opt = cls(model.parameters(), lr=0.01)
+        with model.join():
+            train(model, opt, batches, lambda s: rank_batch(s, rank, world))
+        result[cls.__module__] = params_of(model)
+    torch.save(result, out / f"join_rank{rank}.pt")
+
+
+CKPT_TOTAL, CKPT_AT = 8, 4
+
+
+def _checkpoint_setup():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fused_optim
+
+    module = make_model()
+    model = DDP(module)
+    opt = fused_optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=CKPT_TOTAL)
+    return module, model, opt, sched
+
+
+def _checkpoint_result(model, opt, sched) -> dict:
+    return {"params": params_of(model), "state": state_of(opt), "lr": sched.get_last_lr()}
+
+
+def _job_checkpoint_first(rank: int, world: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    def batch(s):
+        return rank_batch(s, rank, world)
+
+    # The uninterrupted run.
+    _, model, opt, sched = _checkpoint_setup()
+    train(model, opt, CKPT_TOTAL, batch, sched=sched)
+    torch.save(_checkpoint_result(model, opt, sched), out / f"uninterrupted_rank{rank}.pt")
+    # The run that stops after CKPT_AT steps and saves a checkpoint.
+    module, model, opt, sched = _checkpoint_setup()
+    train(model, opt, CKPT_AT, batch, sched=sched)
+    if rank == 0:
+        checkpoint = {
+            "model": module.state_dict(),
+            "optim": opt.state_dict(),
+            "sched": sched.state_dict(),
+        }
+        torch.save(checkpoint, out / "checkpoint.pt")
+    dist.barrier()
+
+
+def _job_checkpoint_resume(rank: int, world: int, out: Path) -> None:
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    module, model, opt, sched = _checkpoint_setup()
+    module.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optim"])
+    sched.load_state_dict(checkpoint["sched"])
+    train(
+        model,
+        opt,
+        CKPT_TOTAL - CKPT_AT,
+        lambda s: rank_batch(s, rank, world),
+        start=CKPT_AT,
+        sched=sched,
+    )
+    torch.save(_checkpoint_result(model, opt, sched), out / f"resumed_rank{rank}.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side.
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(job: str, outdir: Path, timeout: float = JOIN_TIMEOUT_S) -> None:
+    """Run ``job`` on WORLD processes; fail (never block) if one hangs or fails."""
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(rank, WORLD, port, str(outdir), job, {}))
+        for rank in range(WORLD)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    errors = "".join(
+        f"--- rank {rank} ---\n{path.read_text()}"
+        for rank in range(WORLD)
+        if (path := outdir / f"error_rank{rank}.txt").exists()
+    )
+    assert not hung, f"{job}: ranks {hung} still running after {timeout}s\n{errors}"
+    codes = [proc.exitcode for proc in procs]
+    assert codes == [0] * WORLD, f"{job}: exit codes {codes}\n{errors}"
+
+
+def load(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+def reference_run(name: str, steps: int = STEPS):
+    """Single process, the full batch, torch.optim's for-loop implementation."""
+    model = make_model()
+    opt = getattr(torch.optim, name)(model.parameters(), foreach=False, **OPT_CONFIGS[name])
+    train(model, opt, steps, full_batch)
+    return model, opt
+
+
+def assert_states_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if key[1] == "step":
+            assert torch.equal(actual[key], value), key
+        else:
+            torch.testing.assert_close(actual[key], value, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def assert_ranks_equal(per_rank: list, what: str) -> None:
+    first = per_rank[0]
+    for other in per_rank[1:]:
+        if isinstance(first, dict):
+            assert first.keys() == other.keys(), what
+            items = [(k, first[k], other[k]) for k in first]
+        else:
+            assert len(first) == len(other), what
+            items = list(zip(range(len(first)), first, other))
+        for key, a, b in items:
+            assert torch.equal(a, b), f"{what}[{key}] differs between ranks"
+
+
+def assert_moved(params: list[torch.Tensor]) -> None:
+    initial = list(make_model().parameters())
+    for p, p0 in zip(params, initial):
+        assert not torch.equal(p, p0.detach()), "a parameter did not move"
+
+
+@pytest.fixture(scope="module")
+def parity_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_parity")
+    spawn("_job_ddp_parity", out)
+    return [load(out / f"parity_rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=["bucket_view", "no_bucket_view", "bucket_view-keep_grads"]
+)
+@pytest.mark.parametrize("name", list(OPT_CONFIGS))
+def test_ddp_matches_full_batch_torch_optim(parity_results, name, variant):
+    ranks = [results[(name, *variant)] for results in parity_results]
+    assert ranks[0]["backends"] == ["triton"]
+    ref_model, ref_opt = reference_run(name)
+    assert_moved(ranks[0]["params"])
+    for p, ref in zip(ranks[0]["params"], ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, ref.detach())
+    assert_states_close(ranks[0]["state"], state_of(ref_opt))
+    assert_ranks_equal([r["params"] for r in ranks], "params")
+    assert_ranks_equal([r["state"] for r in ranks], "optimizer state")
+
+
+def test_zero_redundancy_optimizer_with_fused_adamw(tmp_path):
+    import fused_optim
+
+    spawn("_job_zero", tmp_path)
+    ranks = [load(tmp_path / f"zero_rank{rank}.pt") for rank in range(WORLD)]
+    for r in ranks:
+        assert (r["local_module"], r["local_class"]) == ("fused_optim.optim.adam", "AdamW")
+        assert r["backends"] == ["triton"]
+        assert r["local_params"] > 0  # each rank updates a shard
+    assert sum(r["local_params"] for r in ranks) == len(list(make_model().parameters()))
+    assert_ranks_equal([r["params"] for r in ranks], "params")
+    assert_moved(ranks[0]["params"])
+
+    ref_model, ref_opt = reference_run("AdamW")
+    for p, ref in zip(ranks[0]["params"], ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, ref.detach())
+    state_dict = ranks[0]["state_dict"]
+    zero_state = {
+        (index, key): value
+        for index, entry in state_dict["state"].items()
+        for key, value in entry.items()
+    }
+    assert_states_close(zero_state, state_of(ref_opt))
+
+    # The consolidated state dict loads into both optimizers; both continue alike.
+    continued = {}
+    for cls in (fused_optim.AdamW, torch.optim.AdamW):
+        model = make_model()
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), ranks[0]["params"], strict=True):
+                p.copy_(saved)
+        kwargs = {"foreach": False} if cls is torch.optim.AdamW else {}
+        opt = cls(model.parameters(), **OPT_CONFIGS["AdamW"], **kwargs)
+        # A copy each: load_state_dict keeps the given state tensors, as torch.optim does.
+        opt.load_state_dict(copy.deepcopy(state_dict))
+        train(model, opt, 2, full_batch, start=STEPS)
+        continued[cls] = (params_of(model), state_of(opt))
+    train(ref_model, ref_opt, 2, full_batch, start=STEPS)
+    for cls, (params, state) in continued.items():
+        for p, ref, before in zip(params, ref_model.parameters(), ranks[0]["params"]):
+            torch.testing.assert_close(p, ref.detach(), msg=lambda m, c=cls: f"{c}: {m}")
+            assert not torch.equal(p, before)
+        assert_states_close(state, state_of(ref_opt))
+
+
+def test_ddp_join_uneven_inputs(tmp_path):
+    spawn("_job_join", tmp_path)
+    ranks = [load(tmp_path / f"join_rank{rank}.pt") for rank in range(WORLD)]
+    fused = [r["fused_optim.optim.adam"] for r in ranks]
+    assert_ranks_equal(fused, "params after join")
+    assert_ranks_equal([r["torch.optim.adam"] for r in ranks], "torch.optim params after join")
+    assert_moved(fused[0])
+    for p, ref in zip(fused[0], ranks[0]["torch.optim.adam"], strict=True):
+        torch.testing.assert_close(p, ref)
+
+
+def test_checkpoint_resume_in_fresh_processes_is_bitwise(tmp_path):
+    spawn("_job_checkpoint_first", tmp_path)
+    assert (tmp_path / "checkpoint.pt").exists()
+    spawn("_job_checkpoint_resume", tmp_path)
+    for rank in range(WORLD):
+        full = load(tmp_path / f"uninterrupted_rank{rank}.pt")
+        resumed = load(tmp_path / f"resumed_rank{rank}.pt")
+        assert full["lr"] == resumed["lr"]
+        assert_ranks_equal([full["params"], resumed["params"]], f"rank {rank} params")
+        assert_ranks_equal([full["state"], resumed["state"]], f"rank {rank} optimizer state")
+    assert_moved(full["params"])
+    first = load(tmp_path / "uninterrupted_rank0.pt")
+    assert_ranks_equal([first["params"], full["params"]], "params")
+
+
+SUMMARY = re.compile(
+    r"^summary: .*final_loss=(?P<loss>\S+) steps_per_s=(?P<rate>\S+) "
+    r"optimizer_step_share=(?P<share>\S+)%$"
+)
+
+
+def run_example(tmp_path: Path, *args: str) -> re.Match:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, str(REPO / "examples" / "train_ddp.py"), *args]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    match = SUMMARY.match(last)
+    assert match, last
+    assert "optimizer=fused_optim.AdamW backend=triton world_size=1 " in last
+    return match
+
+
+def test_example_train_ddp_single_process(tmp_path):
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    match = run_example(tmp_path, "--steps", "6", "--checkpoint", str(full))
+    assert float(match["loss"]) > 0 and float(match["rate"]) > 0
+    assert 0 < float(match["share"]) < 100
+    assert "steps=6 " in match[0]
+    # Stop after 3 steps, then resume in a fresh process: it ends as the uninterrupted run.
+    run_example(tmp_path, "--steps", "6", "--stop-after", "3", "--checkpoint", str(part))
+    assert torch.load(part, weights_only=True)["step"] == 3
+    resumed = run_example(tmp_path, "--steps", "6", "--checkpoint", str(part), "--resume")
+    assert "steps=3 " in resumed[0]
+    assert resumed["loss"] == match["loss"]
+    full_ckpt = torch.load(full, weights_only=True)
+    resumed_ckpt = torch.load(part, weights_only=True)
+    assert full_ckpt["step"] == resumed_ckpt["step"] == 6
+    for key, value in full_ckpt["model"].items():
+        assert torch.equal(value, resumed_ckpt["model"][key]), key
+    for index, entry in full_ckpt["optim"]["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, resumed_ckpt["optim"]["state"][index][key]), (index, key)
