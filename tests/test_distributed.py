@@ -251,6 +251,69 @@ def _job_checkpoint_resume(rank: int, world: int, out: Path) -> None:
 # Parent side.
 
 
+FSDP_CONFIGS = {"AdamW": {"lr": 1e-2, "weight_decay": 0.1}, "SGD": {"lr": 0.05, "momentum": 0.9}}
+
+
+def _full(value):
+    """A DTensor's full value (every rank gets it); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
+
+
+def _job_fsdp2(rank: int, world: int, out: Path) -> None:
+    """FSDP2 (fully_shard, DTensor params) with fused_optim and with torch.optim's for-loop
+    under the same sharding; then DTensors sharded so that one rank's local shard is empty."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    import fused_optim
+
+    results: dict = {}
+    for name, config in FSDP_CONFIGS.items():
+        for impl in ("fused_optim", "torch"):
+            model = make_model()
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            if impl == "fused_optim":
+                opt = getattr(fused_optim, name)(model.parameters(), **config)
+            else:
+                opt = getattr(torch.optim, name)(model.parameters(), **config, foreach=False)
+            train(model, opt, 5, lambda step: rank_batch(step, rank, world))
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+            results[(name, impl)] = dict(
+                params=[_full(p) for p in model.parameters()],
+                state={
+                    (i, key): _full(value)
+                    for i, p in enumerate(model.parameters())
+                    for key, value in opt.state[p].items()
+                },
+                backends=getattr(opt, "group_backends", lambda: None)(),
+            )
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(7)
+    full_values = [torch.randn(1, 5, generator=gen), torch.randn(9, 3, generator=gen)]
+    full_grads = [[torch.randn(t.shape, generator=gen) for t in full_values] for _ in range(3)]
+    for impl in ("fused_optim", "torch"):
+        params = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full_values]
+        if impl == "fused_optim":
+            opt = fused_optim.AdamW(params, lr=0.1)
+        else:
+            opt = torch.optim.AdamW(params, lr=0.1, foreach=False)
+        for grads in full_grads:
+            for p, g in zip(params, grads):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        results[("empty_shard", impl)] = dict(
+            local_sizes=[p.to_local().numel() for p in params],
+            params=[_full(p) for p in params],
+        )
+    torch.save(results, out / f"fsdp_rank{rank}.pt")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -459,3 +522,48 @@ def test_example_train_ddp_single_process(tmp_path):
     for index, entry in full_ckpt["optim"]["state"].items():
         for key, value in entry.items():
             assert torch.equal(value, resumed_ckpt["optim"]["state"][index][key]), (index, key)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    spawn("_job_fsdp2", out)
+    return [load(out / f"fsdp_rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(FSDP_CONFIGS))
+def test_fsdp2_matches_torch_optim_under_the_same_sharding(fsdp_results, name):
+    for rank_results in fsdp_results:
+        ours, theirs = rank_results[(name, "fused_optim")], rank_results[(name, "torch")]
+        assert ours["backends"] == ["triton"]
+        for a, b in zip(ours["params"], theirs["params"]):
+            torch.testing.assert_close(a, b)
+        assert ours["state"].keys() == theirs["state"].keys()
+        for key, value in theirs["state"].items():
+            torch.testing.assert_close(ours["state"][key], value, msg=lambda m, k=key: f"{k}: {m}")
+        assert_moved_from_start(ours["params"])
+    for a, b in zip(fsdp_results[0][(name, "fused_optim")]["params"],
+                    fsdp_results[1][(name, "fused_optim")]["params"]):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+def test_dtensor_with_an_empty_local_shard(fsdp_results):
+    # A (1, 5) tensor sharded over 2 ranks: one rank holds an empty local shard.
+    sizes = [r[("empty_shard", "fused_optim")]["local_sizes"][0] for r in fsdp_results]
+    assert sorted(sizes) == [0, 5]
+    for rank_results in fsdp_results:
+        ours = rank_results[("empty_shard", "fused_optim")]["params"]
+        theirs = rank_results[("empty_shard", "torch")]["params"]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+            assert not torch.equal(a, torch.zeros_like(a))
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.randn(1, 5, generator=gen), torch.randn(9, 3, generator=gen)]
+    for p, p0 in zip(fsdp_results[0][("empty_shard", "fused_optim")]["params"], start):
+        assert not torch.equal(p, p0), "a sharded param never moved"
+
+
+def assert_moved_from_start(params: list[torch.Tensor]) -> None:
+    initial = [p.detach() for p in make_model().parameters()]
+    for p, p0 in zip(params, initial):
+        assert not torch.equal(p, p0), "a param never moved"

@@ -23,11 +23,37 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(t: Tensor | None) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def real_view(t: Tensor | None) -> Tensor | None:
-    """Complex tensors are updated as their real views, as torch.optim does."""
+    """What the backends update in place for ``t``: a DTensor's local shard (updated without
+    gathering; it may be empty), and a complex tensor's real view, as torch.optim does."""
+    if is_dtensor(t):
+        t = t.to_local()
     if t is not None and torch.is_complex(t):
         return torch.view_as_real(t)
     return t
+
+
+def as_state_of(param: Tensor, local: Tensor) -> Tensor:
+    """The inverse of ``real_view`` for a state tensor a backend created: complex again, and a
+    DTensor laid out like ``param`` when ``param`` is one."""
+    if param.is_complex():
+        local = torch.view_as_complex(local)
+    if is_dtensor(param):
+        local = DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False,
+            shape=param.shape, stride=param.stride(),
+        )  # fmt: skip
+    return local
 
 
 class Bucket:
@@ -54,7 +80,8 @@ def fingerprint(params: list[Tensor], states: list, keys: tuple[str, ...]) -> li
     """What must not change for a cached GroupWork to stay valid: the params (objects and
     storage), their state dicts, and the state tensors in them. Built with C-level ``map`` so
     that checking it costs far less than rebuilding the lists it guards."""
-    result = [list(map(id, params)), list(map(Tensor.data_ptr, params))]
+    storage = [real_view(p) for p in params] if any(map(is_dtensor, params)) else params
+    result = [list(map(id, params)), list(map(Tensor.data_ptr, storage))]
     if not keys:
         return result
     if None in states:
@@ -80,7 +107,8 @@ class GroupWork:
         self.buckets = buckets
         self.sparse = sparse
         self.structure = structure
-        self.has_complex = any(p.is_complex() for p in params)
+        # Gradients need unwrapping too when params are complex or DTensors.
+        self.has_complex = any(p.is_complex() or is_dtensor(p) for p in params)
         self.step_buffer: Tensor | None = None
         self.steps: list[Tensor] = []
         real_params = [real_view(p) for p in params]

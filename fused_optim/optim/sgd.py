@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin
+from ._base import FusedOptimizerMixin, as_state_of
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -112,10 +112,7 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             )
             for i in new:
                 p = work.params[bucket.indices[i]]
-                buf = buffers[i]
-                work.states[bucket.indices[i]]["momentum_buffer"] = (
-                    torch.view_as_complex(buf) if p.is_complex() else buf
-                )
+                work.states[bucket.indices[i]]["momentum_buffer"] = as_state_of(p, buffers[i])
                 buffers[i] = None  # the work is rebuilt next step, from the state
 
 
