@@ -200,11 +200,28 @@ def _checkpoint_setup():
     model = DDP(module)
     opt = fused_optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=CKPT_TOTAL)
-    return module, model, opt, sched
+    # growth_interval=2: the scale changes during the run, so its state matters on resume.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    return module, model, opt, sched, scaler
 
 
-def _checkpoint_result(model, opt, sched) -> dict:
-    return {"params": params_of(model), "state": state_of(opt), "lr": sched.get_last_lr()}
+def train_scaled(model, opt, sched, scaler, steps, batch, start=0) -> None:
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step()
+
+
+def _checkpoint_result(model, opt, sched, scaler) -> dict:
+    return {
+        "params": params_of(model),
+        "state": state_of(opt),
+        "lr": sched.get_last_lr(),
+        "scale": scaler.get_scale(),
+    }
 
 
 def _job_checkpoint_first(rank: int, world: int, out: Path) -> None:
@@ -214,17 +231,18 @@ def _job_checkpoint_first(rank: int, world: int, out: Path) -> None:
         return rank_batch(s, rank, world)
 
     # The uninterrupted run.
-    _, model, opt, sched = _checkpoint_setup()
-    train(model, opt, CKPT_TOTAL, batch, sched=sched)
-    torch.save(_checkpoint_result(model, opt, sched), out / f"uninterrupted_rank{rank}.pt")
+    _, model, opt, sched, scaler = _checkpoint_setup()
+    train_scaled(model, opt, sched, scaler, CKPT_TOTAL, batch)
+    torch.save(_checkpoint_result(model, opt, sched, scaler), out / f"uninterrupted_rank{rank}.pt")
     # The run that stops after CKPT_AT steps and saves a checkpoint.
-    module, model, opt, sched = _checkpoint_setup()
-    train(model, opt, CKPT_AT, batch, sched=sched)
+    module, model, opt, sched, scaler = _checkpoint_setup()
+    train_scaled(model, opt, sched, scaler, CKPT_AT, batch)
     if rank == 0:
         checkpoint = {
             "model": module.state_dict(),
             "optim": opt.state_dict(),
             "sched": sched.state_dict(),
+            "scaler": scaler.state_dict(),
         }
         torch.save(checkpoint, out / "checkpoint.pt")
     dist.barrier()
@@ -232,19 +250,14 @@ def _job_checkpoint_first(rank: int, world: int, out: Path) -> None:
 
 def _job_checkpoint_resume(rank: int, world: int, out: Path) -> None:
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    module, model, opt, sched = _checkpoint_setup()
+    module, model, opt, sched, scaler = _checkpoint_setup()
     module.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optim"])
     sched.load_state_dict(checkpoint["sched"])
-    train(
-        model,
-        opt,
-        CKPT_TOTAL - CKPT_AT,
-        lambda s: rank_batch(s, rank, world),
-        start=CKPT_AT,
-        sched=sched,
-    )
-    torch.save(_checkpoint_result(model, opt, sched), out / f"resumed_rank{rank}.pt")
+    scaler.load_state_dict(checkpoint["scaler"])
+    batch = lambda s: rank_batch(s, rank, world)  # noqa: E731
+    train_scaled(model, opt, sched, scaler, CKPT_TOTAL - CKPT_AT, batch, start=CKPT_AT)
+    torch.save(_checkpoint_result(model, opt, sched, scaler), out / f"resumed_rank{rank}.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +488,7 @@ def test_checkpoint_resume_in_fresh_processes_is_bitwise(tmp_path):
         full = load(tmp_path / f"uninterrupted_rank{rank}.pt")
         resumed = load(tmp_path / f"resumed_rank{rank}.pt")
         assert full["lr"] == resumed["lr"]
+        assert full["scale"] == resumed["scale"] != 2.0**10  # the scaler state came along
         assert_ranks_equal([full["params"], resumed["params"]], f"rank {rank} params")
         assert_ranks_equal([full["state"], resumed["state"]], f"rank {rank} optimizer state")
     assert_moved(full["params"])
