@@ -43,6 +43,18 @@ def real_view(t: Tensor | None) -> Tensor | None:
     return t
 
 
+def scalar_value(value: float | Tensor) -> float:
+    """A hyperparameter as a Python float (a 1-element tensor is read: a sync if on a GPU)."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def lr_argument(lr: float | Tensor) -> float | Tensor:
+    """A tensor lr stays a tensor: the backends follow torch.optim's tensor arithmetic."""
+    if isinstance(lr, Tensor):
+        return lr.reshape(())
+    return float(lr)
+
+
 def as_state_of(param: Tensor, local: Tensor) -> Tensor:
     """The inverse of ``real_view`` for a state tensor a backend created: complex again, and a
     DTensor laid out like ``param`` when ``param`` is one."""

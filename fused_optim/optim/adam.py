@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, scalar_dtype
-from .sgd import _as_float, _lr_for
+from ._base import FusedOptimizerMixin, lr_argument, scalar_dtype, scalar_value
 
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -149,11 +148,11 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                 columns["exp_avg_sq"],
                 columns["max_exp_avg_sq"] if amsgrad else [],
                 columns["step"],
-                lr=_lr_for(group["lr"], bucket.params[0]),
-                beta1=_as_float(beta1),
-                beta2=_as_float(beta2),
-                eps=_as_float(group["eps"]),
-                weight_decay=_as_float(group["weight_decay"]),
+                lr=lr_argument(group["lr"]),
+                beta1=scalar_value(beta1),
+                beta2=scalar_value(beta2),
+                eps=scalar_value(group["eps"]),
+                weight_decay=scalar_value(group["weight_decay"]),
                 amsgrad=amsgrad,
                 maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],

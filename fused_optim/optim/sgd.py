@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, as_state_of
+from ._base import FusedOptimizerMixin, as_state_of, lr_argument, scalar_value
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -102,10 +102,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 bucket.params,
                 bucket.take(grads),
                 buffers,
-                lr=_lr_for(lr, bucket.params[0]),
+                lr=lr_argument(lr),
                 momentum=momentum,
                 dampening=group["dampening"],
-                weight_decay=_as_float(group["weight_decay"]),
+                weight_decay=scalar_value(group["weight_decay"]),
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 cache=bucket.cache,
@@ -114,14 +114,3 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 p = work.params[bucket.indices[i]]
                 work.states[bucket.indices[i]]["momentum_buffer"] = as_state_of(p, buffers[i])
                 buffers[i] = None  # the work is rebuilt next step, from the state
-
-
-def _as_float(value: float | Tensor) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
-def _lr_for(lr: float | Tensor, param: Tensor) -> float | Tensor:
-    """A tensor lr stays a tensor (the backends follow torch.optim's tensor arithmetic)."""
-    if isinstance(lr, Tensor):
-        return lr.reshape(())
-    return float(lr)
