@@ -3,10 +3,20 @@
 Every backend in this package has the same two entry points with the same signatures:
 
 ``sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-maximize, cache)``
+maximize, cache, **precision_and_amp)``
 
 ``adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-weight_decay, amsgrad, maximize, decoupled_weight_decay, capturable, cache)``
+weight_decay, amsgrad, maximize, decoupled_weight_decay, capturable, cache,
+**precision_and_amp)``
+
+where the optional ``precision_and_amp`` keywords are ``grad_scale`` and ``found_inf``
+(GradScaler's tensors: unscale the gradients and write them back unscaled; update nothing at all
+when ``found_inf`` is nonzero), ``master_params`` (fp32 master weights: the update reads and
+writes them and stores their rounded value in the param), ``stochastic_rounding`` with ``seed``
+and ``param_indices`` (round the low-precision param write up or down at random, with
+counter-based bits from the seed, the step, the param's index and the element's index),
+``steps`` (SGD, for stochastic rounding only) and ``new_buffer_dtype`` (SGD: dtype of new
+momentum buffers, default the param's).
 
 All lists hold real tensors (complex parameters arrive as ``torch.view_as_real`` views) of one
 device and dtype. ``steps`` have already been incremented for this step. A ``None`` entry in
@@ -15,8 +25,11 @@ the (decayed) gradient exactly as torch.optim does, and puts it into the list. `
 float or a one-element tensor on the parameters' device. ``cache`` is a dict the backend may keep
 launch plans in.
 
-The math here runs in fp32 for fp16/bf16 tensors (fp64 for fp64 tensors) and rounds once at the
-store, which is what the fused kernels do, with torch.optim's for-loop order of operations.
+State tensors may have another dtype than their params (fp32 or bf16 states); each backend
+reads and writes them in their own dtype. The math here runs in fp32 for fp16/bf16 tensors
+(fp64 for fp64 tensors) and rounds once at the store, which is what the fused kernels do, with
+torch.optim's for-loop order of operations. The stochastic-rounding bits are the kernels' bits,
+so both backends round the same fp32 value the same way.
 """
 
 from __future__ import annotations
@@ -37,9 +50,101 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(h, constant: int):
+    """(h * constant) mod 2^32 for uint32 values held in int64 (no intermediate overflows)."""
+    return ((h & 0xFFFF) * constant + ((((h >> 16) * constant) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(h):
+    """murmur3's 32-bit finalizer, as the Triton kernels compute it (ints or int64 tensors)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _memory_order_index(t: Tensor) -> Tensor:
+    """Each element's position in the memory the kernels walk: ``t``'s own for a dense tensor,
+    that of a dense copy laid out by ``empty_like`` otherwise (the launch plans' staging)."""
+    index = torch.empty_like(t, dtype=torch.int64)
+    count = t.numel()
+    flat = index.as_strided((count,), (1,), index.storage_offset())
+    flat.copy_(torch.arange(count, device=t.device))
+    return index
+
+
+def random_bits(seed: int, step: int, index: int, t: Tensor) -> Tensor:
+    """The kernels' 32 random bits for every element of ``t`` (int64 holding uint32)."""
+    key = mix32((int(seed) & MASK32) ^ 0x9E3779B9)
+    key = mix32(key ^ (int(step) & MASK32))
+    key = mix32(key ^ (int(index) & MASK32))
+    offsets = _memory_order_index(t)
+    return mix32(mix32(key ^ (offsets >> 32)) ^ (offsets & MASK32))
+
+
+def _from_bits16(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(dtype)
+
+
+def round_stochastic(x: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 ``x`` rounded to bf16/fp16 up or down with probability proportional to proximity,
+    bitwise as the kernels do it."""
+    if dtype == torch.bfloat16:
+        x_bits = x.view(torch.int32).to(torch.int64) & MASK32
+        rounded = ((x_bits + (bits & 0xFFFF)) & MASK32) >> 16
+        rounded = torch.where(x != x, (x_bits >> 16) | 0x40, rounded)
+        return _from_bits16(rounded, dtype)
+    nearest = x.to(torch.float16)
+    nearest32 = nearest.to(torch.float32)
+    nearest_bits = nearest.view(torch.int16).to(torch.int64) & 0xFFFF
+    away_from_zero = nearest32.abs() < x.abs()
+    other_bits = torch.where(away_from_zero, nearest_bits + 1, nearest_bits - 1) & 0xFFFF
+    other32 = _from_bits16(other_bits, dtype).to(torch.float32)
+    probability = (x - nearest32) / (other32 - nearest32)
+    uniform = (bits >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    take_other = (x != nearest32) & (uniform < probability)
+    return _from_bits16(torch.where(take_other, other_bits, nearest_bits), dtype)
+
+
 def _lerp_(start: Tensor, end: Tensor, weight: float) -> Tensor:
     # torch.lerp's formula, evaluated in the caller's compute dtype.
     return start.lerp_(end, weight)
+
+
+class _Writer:
+    """Stores results, or nothing at all when GradScaler found an inf/NaN (decided on the
+    device: ``torch.where`` keeps the old values, no host sync)."""
+
+    def __init__(self, found_inf: Tensor | None, device: torch.device):
+        self.keep_old = None if found_inf is None else found_inf.to(device) != 0
+
+    def __call__(self, destination: Tensor, value: Tensor) -> None:
+        value = value.to(destination.dtype)
+        if self.keep_old is not None:
+            value = torch.where(self.keep_old, destination, value)
+        destination.copy_(value)
+
+
+def _scaled_grad(grad: Tensor, ctype, grad_scale, write: _Writer) -> Tensor:
+    g = grad.to(ctype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=grad.device, dtype=ctype)
+        write(grad, g)
+    return g
+
+
+def _write_param(write, param, master, p, stochastic_rounding, seed, step, index) -> None:
+    if master is not None:
+        write(master, p)
+    if stochastic_rounding and param.dtype in (torch.bfloat16, torch.float16):
+        step_value = float(step.item()) if isinstance(step, Tensor) else float(step)
+        bits = random_bits(seed, int(step_value), index, param)
+        p = round_stochastic(p.to(torch.float32), bits, param.dtype)
+    write(param, p)
 
 
 def sgd(
@@ -54,15 +159,27 @@ def sgd(
     nesterov: bool,
     maximize: bool,
     cache: dict | None = None,
+    steps: list[Tensor] | None = None,
+    master_params: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    param_indices: list[int] | None = None,
+    new_buffer_dtype: torch.dtype | None = None,
 ) -> None:
     for i, param in enumerate(params):
         grad = grads[i]
+        write = _Writer(found_inf, param.device)
         ctype = compute_dtype(param.dtype)
         if grad.is_sparse:
             # Sparse gradients keep torch.optim's own sparse arithmetic.
             ctype = param.dtype
-        p = param.to(ctype)
-        g = grad.to(ctype)
+            g = grad
+        else:
+            g = _scaled_grad(grad, ctype, grad_scale, write)
+        master = master_params[i] if master_params else None
+        p = (param if master is None else master).to(ctype, copy=True)
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -71,16 +188,18 @@ def sgd(
             buf_store = momentum_buffers[i]
             if buf_store is None:
                 buf = g.clone()
-                momentum_buffers[i] = buf.to(grad.dtype)
+                momentum_buffers[i] = buf.to(new_buffer_dtype or grad.dtype)
             else:
-                buf = buf_store.to(ctype).mul_(momentum).add_(g, alpha=1 - dampening)
-                buf_store.copy_(buf)
+                buf = buf_store.to(ctype, copy=True).mul_(momentum).add_(g, alpha=1 - dampening)
+                write(buf_store, buf)
             g = g.add(buf, alpha=momentum) if nesterov else buf
         if isinstance(lr, Tensor):
             p = p.addcmul_(g.to_dense() if g.is_sparse else g, lr.to(ctype), value=-1)
         else:
             p = p.add_(g, alpha=-lr)
-        param.copy_(p)
+        step = steps[i] if steps else 0
+        index = param_indices[i] if param_indices else 0
+        _write_param(write, param, master, p, stochastic_rounding, seed, step, index)
 
 
 def adam(
@@ -101,13 +220,21 @@ def adam(
     decoupled_weight_decay: bool,
     capturable: bool = False,
     cache: dict | None = None,
+    master_params: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    param_indices: list[int] | None = None,
 ) -> None:
     for i, param in enumerate(params):
+        write = _Writer(found_inf, param.device)
         ctype = compute_dtype(param.dtype)
-        p = param.to(ctype)
-        g = grads[i].to(ctype)
-        m = exp_avgs[i].to(ctype)
-        v = exp_avg_sqs[i].to(ctype)
+        master = master_params[i] if master_params else None
+        p = (param if master is None else master).to(ctype, copy=True)
+        g = _scaled_grad(grads[i], ctype, grad_scale, write)
+        m = exp_avgs[i].to(ctype, copy=True)
+        v = exp_avg_sqs[i].to(ctype, copy=True)
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -119,7 +246,7 @@ def adam(
         m = _lerp_(m, g, 1 - beta1)
         v = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step = steps[i]
-        if capturable:
+        if capturable or found_inf is not None or step.device.type != "cpu":
             step_f64 = step.to(device=param.device, dtype=torch.float64)
             bias_correction1: float | Tensor = 1 - beta1**step_f64
             bc2_sqrt: float | Tensor = (1 - beta2**step_f64).sqrt().to(ctype)
@@ -132,7 +259,7 @@ def adam(
         step_size = lr / bias_correction1
         if amsgrad:
             vmax = torch.maximum(max_exp_avg_sqs[i].to(ctype), v)
-            max_exp_avg_sqs[i].copy_(vmax)
+            write(max_exp_avg_sqs[i], vmax)
             denom = (vmax.sqrt() / bc2_sqrt).add_(eps)
         else:
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
@@ -140,6 +267,7 @@ def adam(
             p = p.add_((m * -step_size.to(ctype)) / denom)
         else:
             p = p.addcdiv_(m, denom, value=-step_size)
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
-        param.copy_(p)
+        write(exp_avgs[i], m)
+        write(exp_avg_sqs[i], v)
+        index = param_indices[i] if param_indices else 0
+        _write_param(write, param, master, p, stochastic_rounding, seed, step, index)

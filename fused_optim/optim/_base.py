@@ -8,6 +8,7 @@ splits each param group by (device, dtype) and hands the tensor lists to the bac
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from operator import attrgetter, methodcaller
 from types import ModuleType
 from typing import Any
@@ -68,8 +69,53 @@ def as_state_of(param: Tensor, local: Tensor) -> Tensor:
     return local
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MASTER_KEY = "master_param"
+# The first state tensor whose dtype tells the dtype of a param's states.
+STATE_DTYPE_KEYS = ("exp_avg", "momentum_buffer")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision modes chosen at construction (all off by default: torch.optim's numbers).
+
+    * ``state_dtype``: dtype of new optimizer states for fp32, bf16 and fp16 params (None: the
+      param's dtype, as torch.optim). fp64 and complex params keep states of their own dtype.
+    * ``master_weights``: bf16/fp16 params get an fp32 master copy in their state
+      (``"master_param"``); the update runs on it and the param receives its rounded value.
+    * ``stochastic_rounding``: bf16/fp16 param writes round up or down at random, with
+      probability proportional to proximity; the bits are a hash of (``seed``, step, the param's
+      index in the optimizer, the element's index), so reruns and resumes give the same result.
+    """
+
+    state_dtype: torch.dtype | None = None
+    master_weights: bool = False
+    stochastic_rounding: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        allowed = (None, torch.float32, torch.bfloat16, torch.float16)
+        if self.state_dtype not in allowed:
+            raise ValueError(
+                f"Invalid state_dtype: {self.state_dtype}; expected None, torch.float32, "
+                "torch.bfloat16 or torch.float16"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    def state_dtype_for(self, p: Tensor) -> torch.dtype:
+        """dtype of a new state tensor for ``p``."""
+        if self.state_dtype is None or p.is_complex() or p.dtype == torch.float64:
+            return p.dtype
+        return self.state_dtype
+
+    def wants_master(self, p: Tensor) -> bool:
+        return self.master_weights and p.dtype in LOW_PRECISION
+
+
 class Bucket:
-    """The tensors of one param group that share a device and a dtype, and their backend.
+    """The tensors of one param group that share a device, a param dtype, a state dtype and
+    whether they have master weights; and their backend.
 
     ``columns`` maps a state key to that state's (real-view) tensors for the bucket, in order.
     """
@@ -112,8 +158,9 @@ class GroupWork:
     ``step`` tensors, so that advancing every step count is one tensor operation.
     """
 
-    def __init__(self, params, states, keys, buckets, sparse, structure):
+    def __init__(self, params, states, keys, buckets, sparse, structure, indices):
         self.params = params
+        self.indices = indices  # each param's index in the optimizer (state_dict numbering)
         self.states = states
         self.keys = keys
         self.buckets = buckets
@@ -154,7 +201,7 @@ class FusedOptimizerMixin:
     param_groups: list[dict[str, Any]]
     state: dict
 
-    def _setup_fused(self, backend: str | None, differentiable: bool) -> None:
+    def _setup_fused(self, backend: str | None, differentiable: bool, precision: Precision) -> None:
         validate_request(backend)
         if differentiable:
             raise NotImplementedError(
@@ -164,14 +211,34 @@ class FusedOptimizerMixin:
                 "the optimizer step."
             )
         self._backend = backend
+        self._precision = precision
+        self._reset_runtime_state()
+
+    def _reset_runtime_state(self) -> None:
         self._group_work: dict[int, GroupWork] = {}
-        # GradScaler must unscale gradients itself and skip step() on inf/NaN.
-        self._step_supports_amp_scaling = False
+        # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
+        self._step_supports_amp_scaling = True
+        self._amp: tuple[Tensor | None, Tensor | None] = (None, None)
+        self.step_skipped: Tensor = torch.zeros((), dtype=torch.bool)
 
     @property
     def backend(self) -> str | None:
         """The backend asked for at construction (None: chosen per device)."""
         return self._backend
+
+    @property
+    def precision(self) -> Precision:
+        """The precision modes chosen at construction."""
+        return self._precision
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether GradScaler's ``found_inf`` made the last ``step()`` a no-op.
+
+        Reading it copies one flag from the device (a sync); ``step()`` itself never waits.
+        ``step_skipped`` is the same flag as a 0-dim bool tensor, on the device.
+        """
+        return bool(self.step_skipped)
 
     def group_backends(self) -> list[str]:
         """Name of the backend each param group's tensors are updated by ("a+b" if mixed)."""
@@ -188,16 +255,24 @@ class FusedOptimizerMixin:
     def _sparse(p: Tensor) -> bool:
         return p.grad is not None and p.grad.is_sparse
 
+    def _bucket_key(self, p: Tensor, state: dict | None) -> tuple:
+        """(device, param dtype, state dtype, has master): tensors that share one launch."""
+        dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+        existing = [state[key] for key in STATE_DTYPE_KEYS if state and state.get(key) is not None]
+        state_dtype = existing[0].dtype if existing else self._precision.state_dtype_for(p)
+        if state_dtype.is_complex:
+            state_dtype = state_dtype.to_real()
+        return (p.device, dtype, state_dtype, self._precision.wants_master(p))
+
     def _buckets(self, params: list[Tensor], sparse: bool) -> list[Bucket]:
-        """Split a group's tensors by (device, real dtype) and pick each part's backend."""
+        """Split a group's tensors by ``_bucket_key`` and pick each part's backend."""
         by_key: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-            by_key.setdefault((p.device, dtype), []).append(i)
+            by_key.setdefault(self._bucket_key(p, self.state.get(p)), []).append(i)
         whole = len(by_key) == 1
         return [
-            Bucket(select_backend(self._backend, device, sparse), indices, whole)
-            for (device, _), indices in by_key.items()
+            Bucket(select_backend(self._backend, key[0], sparse), indices, whole)
+            for key, indices in by_key.items()
         ]
 
     def _graph_capture_check(self) -> None:
@@ -211,6 +286,12 @@ class FusedOptimizerMixin:
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         """Perform a single optimization step.
 
+        Under ``torch.amp.GradScaler``, the scaler sets ``grad_scale`` and ``found_inf`` on the
+        optimizer before calling this: the kernels divide the gradients by ``grad_scale``
+        (writing them back unscaled) and, when ``found_inf`` is nonzero, change nothing at all
+        (params, states and ``step`` stay bitwise the same). ``step_skipped`` records the
+        outcome on the device.
+
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the
                 loss.
@@ -220,13 +301,25 @@ class FusedOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        self._amp = (grad_scale, found_inf)
         # Check every group before touching any: an error leaves params and state as they were.
+        offsets = [0]
+        for group in self.param_groups[:-1]:
+            offsets.append(offsets[-1] + len(group["params"]))
         prepared = [
-            self._prepare_group(index, group) for index, group in enumerate(self.param_groups)
+            self._prepare_group(index, group, offsets[index])
+            for index, group in enumerate(self.param_groups)
         ]
         for index, (group, work) in enumerate(zip(self.param_groups, prepared)):
             if work is not None:
                 self._update_group(index, group, *work)
+        self._amp = (None, None)
+        if found_inf is None:
+            self.step_skipped = torch.zeros((), dtype=torch.bool)
+        else:
+            self.step_skipped = found_inf != 0
         return loss
 
     # What each algorithm provides.
@@ -242,12 +335,19 @@ class FusedOptimizerMixin:
     def _run(self, group: dict, work: GroupWork, grads: list[Tensor]) -> None:
         raise NotImplementedError
 
+    def _precision_keys(self, with_step: bool) -> tuple[str, ...]:
+        """State keys the precision modes add: ``step`` (when asked for) and the master."""
+        keys = ("step",) if with_step else ()
+        return (*keys, MASTER_KEY) if self._precision.master_weights else keys
+
     def _structure(self, group: dict) -> tuple:
         """Group settings that change which state exists or where it lives."""
-        return (self._state_keys(group), group.get("capturable", False))
+        steps_on_device = group.get("capturable", False) or self._amp[1] is not None
+        return (self._state_keys(group), steps_on_device)
 
-    def _prepare_group(self, index: int, group: dict):
-        """(params, grads, cached work or fresh buckets), or None when no param has a grad."""
+    def _prepare_group(self, index: int, group: dict, offset: int):
+        """(params, grads, cached work or fresh buckets, indices), or None when no param has a
+        grad. ``indices`` are the params' positions in the optimizer."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
@@ -257,39 +357,144 @@ class FusedOptimizerMixin:
         work = self._group_work.get(index)
         states = list(map(self.state.get, params)) if self._state_keys(group) else []
         if work is not None and work.matches(params, states, sparse, self._structure(group)):
-            return params, grads, work
+            return params, grads, work, work.indices
+        indices = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
         # Backends are chosen (and may refuse) here, before anything is changed.
-        return params, grads, self._buckets(params, sparse)
+        return params, grads, self._buckets(params, sparse), indices
 
-    def _update_group(self, index: int, group: dict, params, grads, work) -> None:
+    def _update_group(self, index: int, group: dict, params, grads, work, indices) -> None:
         if not isinstance(work, GroupWork):
             sparse = any(map(attrgetter("is_sparse"), grads))
             states = self._init_states(group, params)
             work = GroupWork(
-                params, states, self._state_keys(group), work, sparse, self._structure(group)
+                params,
+                states,
+                self._state_keys(group),
+                work,
+                sparse,
+                self._structure(group),
+                indices,
             )
             self._group_work[index] = work
         self._run(group, work, grads)
 
+    # State shared by the algorithms: step counts and master weights.
+    def _init_common_state(self, group: dict, p: Tensor, state: dict, with_step: bool) -> None:
+        """Create ``step`` (if asked for) and the master weight (if wanted) for ``p``."""
+        if with_step and "step" not in state:
+            device = self._step_device(group, p)
+            state["step"] = torch.zeros((), dtype=scalar_dtype(), device=device)
+        if self._precision.wants_master(p) and state.get(MASTER_KEY) is None:
+            master = torch.empty_like(p, dtype=torch.float32)  # preserves p's layout
+            state[MASTER_KEY] = master.copy_(p)
+
+    def _step_device(self, group: dict, p: Tensor) -> torch.device:
+        """Where ``step`` lives: the CPU as in torch.optim's default path, or the param's
+        device with capturable=True and under GradScaler (whose skip is decided there)."""
+        if group.get("capturable", False) or self._amp[1] is not None:
+            return p.device
+        return torch.device("cpu")
+
+    def _gather_steps(self, group: dict, params: list[Tensor], states: list[dict]) -> None:
+        """Put every ``step`` where ``_step_device`` says, and, when they share a device and
+        dtype, make them 0-dim views of one buffer: advancing them all is one operation."""
+        for p, state in zip(params, states):
+            device = self._step_device(group, p)
+            if state["step"].device != device:
+                state["step"] = state["step"].to(device)
+        steps = [s["step"] for s in states]
+        if len({(t.device, t.dtype) for t in steps}) == 1:
+            buffer = torch.stack([t.reshape(()) for t in steps])
+            for i, state in enumerate(states):
+                state["step"] = buffer[i]
+
+    def _advance_steps(self, work: GroupWork) -> None:
+        """Add one to every step count of the group; under GradScaler, add ``found_inf == 0``
+        (on the device) instead, so that a skipped step leaves them unchanged."""
+        if work.step_buffer is None:
+            steps_base = work.states[0]["step"]._base
+            if steps_base is not None and steps_base.numel() == len(work.states):
+                work.step_buffer = steps_base
+        targets = [work.step_buffer] if work.step_buffer is not None else None
+        if targets is None:
+            targets = [s["step"] for s in work.states]
+        found_inf = self._amp[1]
+        if found_inf is None:
+            torch._foreach_add_(targets, 1)
+            return
+        for target in targets:
+            target.add_((found_inf.to(target.device, non_blocking=True) == 0).to(target.dtype))
+
+    def _precision_arguments(self, group: dict, work: GroupWork, bucket: Bucket) -> dict:
+        """The backend keywords for GradScaler and the precision modes, for one bucket."""
+        grad_scale, found_inf = self._amp
+        masters = bucket.columns.get(MASTER_KEY)
+        precision = self._precision
+        return dict(
+            master_params=masters if masters and masters[0] is not None else None,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            stochastic_rounding=precision.stochastic_rounding,
+            seed=precision.seed,
+            param_indices=bucket.take(work.indices) if precision.stochastic_rounding else None,
+        )
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's ``load_state_dict``, except that every state tensor keeps the dtype it
+        was saved with (torch casts them to the param's dtype, which would round fp32 states
+        and master weights of bf16 params). With a ``state_dtype`` mode, states are converted
+        to it; master weights stay fp32."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_state = state_dict["state"]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            entry = saved_state.get(saved_id)
+            if not entry or p not in self.state:
+                continue
+            state = self.state[p]
+            for key, value in entry.items():
+                current = state.get(key)
+                if key == "step" or not isinstance(value, Tensor) or current is None:
+                    continue
+                if not value.is_floating_point() or not isinstance(current, Tensor):
+                    continue
+                dtype = torch.float32 if key == MASTER_KEY else value.dtype
+                if key != MASTER_KEY and self._precision.state_dtype is not None:
+                    dtype = self._precision.state_dtype_for(p)
+                if current.dtype != dtype:
+                    state[key] = value.to(device=current.device, dtype=dtype)
         self._group_work = {}
         self._place_loaded_state()
 
     def _place_loaded_state(self) -> None:
-        """Hook for subclasses to move loaded state where their step expects it."""
+        """Steps go where step() reads them: the CPU, or the params' device when capturable."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or not isinstance(state.get("step"), Tensor):
+                    continue
+                step = state["step"]
+                if group.get("capturable", False):
+                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+                elif step.device.type != "cpu":
+                    state["step"] = step.to("cpu")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend"] = self._backend
+        state["_precision"] = self._precision
+        for key in ("_group_work", "_amp", "step_skipped", "_step_supports_amp_scaling"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
-        # Unpickling brings the backend in the state; torch's load_state_dict calls
-        # __setstate__ without it, and the backend chosen at construction stays.
+        # Unpickling brings the backend and precision in the state; torch's load_state_dict
+        # calls __setstate__ without them, and those chosen at construction stay.
         backend = state.pop("_backend", getattr(self, "_backend", None))
+        precision = state.pop("_precision", getattr(self, "_precision", Precision()))
         super().__setstate__(state)  # type: ignore[misc]
         self._backend = backend
-        self._group_work = {}
-        self._step_supports_amp_scaling = False
+        self._precision = precision
+        self._reset_runtime_state()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, lr_argument, scalar_dtype, scalar_value
+from ._base import FusedOptimizerMixin, Precision, lr_argument, scalar_value
 
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -72,6 +72,10 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         torch.optim.Adam.__init__(
             self,
@@ -88,11 +92,17 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._setup_fused(backend, differentiable)
+        self._setup_fused(
+            backend,
+            differentiable,
+            Precision(state_dtype, master_weights, stochastic_rounding, seed),
+        )
 
     def _state_keys(self, group):
         keys = ("step", "exp_avg", "exp_avg_sq")
-        return (*keys, "max_exp_avg_sq") if group["amsgrad"] else keys
+        if group["amsgrad"]:
+            keys = (*keys, "max_exp_avg_sq")
+        return (*keys, *self._precision_keys(with_step=False))
 
     def _check_group(self, group, grads, sparse):
         if sparse:
@@ -104,38 +114,22 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
 
     def _init_states(self, group, params):
         states = [self._init_state(group, p) for p in params]
-        steps = [s["step"] for s in states]
-        if len({(t.device, t.dtype) for t in steps}) == 1:
-            # One buffer holds every step count of the group, and each state["step"] is a
-            # 0-dim view of it: advancing them all is one tensor operation per step.
-            buffer = torch.stack([t.reshape(()) for t in steps])
-            for i, state in enumerate(states):
-                state["step"] = buffer[i]
+        self._gather_steps(group, params, states)
         return states
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
-        if len(state) == 0:
-            if group["capturable"]:
-                state["step"] = torch.zeros((), dtype=scalar_dtype(), device=p.device)
-            else:
-                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._init_common_state(group, p, state, with_step=True)
+        dtype = self._precision.state_dtype_for(p)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state["exp_avg"].dtype)
         return state
 
     def _run(self, group, work, grads):
-        steps = [s["step"] for s in work.states] if work.step_buffer is None else None
-        if work.step_buffer is None:
-            steps_base = work.states[0]["step"]._base
-            if steps_base is not None and steps_base.numel() == len(work.states):
-                work.step_buffer = steps_base
-        if work.step_buffer is not None:
-            work.step_buffer.add_(1)
-        else:
-            torch._foreach_add_(steps, 1)
+        self._advance_steps(work)
         grads = work.real_grads(grads)
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
@@ -158,20 +152,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 capturable=group["capturable"],
                 cache=bucket.cache,
+                **self._precision_arguments(group, work, bucket),
             )
-
-    def _place_loaded_state(self) -> None:
-        """Steps go where step() reads them: the CPU, or the params' device when capturable."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or not isinstance(state.get("step"), Tensor):
-                    continue
-                step = state["step"]
-                if group["capturable"]:
-                    state["step"] = step.to(device=p.device, dtype=torch.float32)
-                elif step.device.type != "cpu":
-                    state["step"] = step.to("cpu")
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -204,6 +186,10 @@ class AdamW(Adam, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         torch.optim.AdamW.__init__(
             self,
@@ -219,4 +205,8 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._setup_fused(backend, differentiable)
+        self._setup_fused(
+            backend,
+            differentiable,
+            Precision(state_dtype, master_weights, stochastic_rounding, seed),
+        )

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, as_state_of, lr_argument, scalar_value
+from ._base import FusedOptimizerMixin, Precision, as_state_of, lr_argument, scalar_value
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -60,6 +60,10 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -73,10 +77,16 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._setup_fused(backend, differentiable)
+        self._setup_fused(
+            backend,
+            differentiable,
+            Precision(state_dtype, master_weights, stochastic_rounding, seed),
+        )
 
     def _state_keys(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
+        # Stochastic rounding needs a step count: the random bits change every step.
+        return (*keys, *self._precision_keys(with_step=self._precision.stochastic_rounding))
 
     def _check_group(self, group, grads, sparse):
         if sparse and group["weight_decay"] != 0:
@@ -86,18 +96,30 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             )
 
     def _init_states(self, group, params):
-        # As torch.optim: state entries exist only with momentum, and buffers on first use.
-        if group["momentum"] == 0:
+        # As torch.optim: state entries exist only with momentum (or a precision mode that
+        # needs state), and momentum buffers on first use.
+        if not self._state_keys(group):
             return [{} for _ in params]
-        return [self.state[p] for p in params]
+        states = [self.state[p] for p in params]
+        with_step = self._precision.stochastic_rounding
+        for p, state in zip(params, states):
+            self._init_common_state(group, p, state, with_step)
+        if with_step:
+            self._gather_steps(group, params, states)
+        return states
 
     def _run(self, group, work, grads):
         momentum = group["momentum"]
         lr = group["lr"]
         grads = work.real_grads(grads)
+        if self._precision.stochastic_rounding:
+            self._advance_steps(work)
+        found_inf = self._amp[1]
+        created = []
         for bucket in work.buckets:
             buffers = bucket.columns.get("momentum_buffer", [])
             new = [i for i, buf in enumerate(buffers) if buf is None]
+            new_buffer_dtype = self._precision.state_dtype_for(work.params[bucket.indices[0]])
             bucket.backend.sgd(
                 bucket.params,
                 bucket.take(grads),
@@ -109,8 +131,20 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
                 cache=bucket.cache,
+                steps=bucket.columns.get("step"),
+                new_buffer_dtype=new_buffer_dtype.to_real(),
+                **self._precision_arguments(group, work, bucket),
             )
-            for i in new:
-                p = work.params[bucket.indices[i]]
+            created += [(bucket, i, buffers) for i in new]
+        # A momentum buffer is state only once a step has written it. Under GradScaler the
+        # kernel decides that on the device; reading its verdict here is a host sync, paid
+        # only on the step that creates buffers.
+        keep = created and (found_inf is None or not bool(found_inf != 0))
+        for bucket, i, buffers in created:
+            p = work.params[bucket.indices[i]]
+            if keep:
                 work.states[bucket.indices[i]]["momentum_buffer"] = as_state_of(p, buffers[i])
-                buffers[i] = None  # the work is rebuilt next step, from the state
+            elif not self.state.get(p):
+                self.state.pop(p, None)  # a skipped first step leaves no trace in the state
+        for _, i, buffers in created:
+            buffers[i] = None  # the work is rebuilt next step, from the state

@@ -75,16 +75,24 @@ def _lr_args(lr: float | Tensor, device: torch.device, fallback: Tensor):
     return fallback, float(lr.item()), False, _tl_dtype(lr.dtype)
 
 
-def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, flags: dict):
-    launch_plan.bind_grads(grads, grad_dtype)
+def _launch(kernel, launch_plan, grads, args: tuple, flags: dict, amp: tuple):
+    grad_scale, found_inf = amp
+    launch_plan.bind_grads(grads, grads[0].dtype, writes_back=grad_scale is not None)
     if launch_plan.num_blocks == 0:
         return
+    device, fallback = launch_plan.device, launch_plan.tensor_table
     launch_plan.stage_in()
     kernel[(launch_plan.num_blocks,)](
         launch_plan.tensor_table,
         launch_plan.grad_table,
         launch_plan.block_table,
-        *args,
+        args[0],
+        fallback if grad_scale is None else grad_scale.to(device, non_blocking=True),
+        fallback if found_inf is None else found_inf.to(device, non_blocking=True),
+        *args[1:],
+        GRAD_DTYPE=_tl_dtype(grads[0].dtype),
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
         BLOCK=launch_plan.block,
         ALIGNED=launch_plan.aligned,
         num_warps=plan.NUM_WARPS,
@@ -94,6 +102,40 @@ def _launch(kernel, launch_plan, grads, grad_dtype: torch.dtype, args: tuple, fl
         **flags,
     )
     launch_plan.stage_out()
+
+
+def _extra_columns(
+    steps: list[Tensor], step_from_pointer: bool, new_buffers: list[int], indices: list[int] | None
+) -> tuple[float, Tensor]:
+    """The launch's base step and the table's (step, new buffer, param index) columns."""
+    count = len(new_buffers)
+    if not steps:
+        base_step, step_column = 0.0, torch.zeros(count, dtype=torch.int64)
+    elif step_from_pointer:
+        # Steps live on the device; the kernel reads each one through its address.
+        base_step = 1.0
+        step_column = torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
+    else:
+        # Steps live on the host, as in torch.optim's default path: no device read needed.
+        base_step, step_column = _step_offsets(steps)
+    index_column = torch.tensor(indices if indices is not None else [0] * count, dtype=torch.int64)
+    new_column = torch.tensor(new_buffers, dtype=torch.int64)
+    return base_step, torch.stack([step_column, new_column, index_column], dim=1)
+
+
+def _reads_steps_from_device(steps: list[Tensor], capturable: bool, found_inf) -> bool:
+    """Whether the kernel reads step counts from memory: with capturable=True, under
+    GradScaler (whose skip decides the step on the device), and for steps not on the CPU."""
+    return bool(steps) and (capturable or found_inf is not None or steps[0].device.type != "cpu")
+
+
+def _precision_flags(params, master_params, stochastic_rounding: bool, steps) -> dict:
+    return dict(
+        HAS_MASTER=bool(master_params),
+        STOCHASTIC_ROUNDING=bool(stochastic_rounding)
+        and params[0].dtype in (torch.bfloat16, torch.float16),
+        STEP_DTYPE=_tl_dtype(steps[0].dtype) if steps else tl.float32,
+    )
 
 
 def sgd(
@@ -108,22 +150,35 @@ def sgd(
     nesterov: bool,
     maximize: bool,
     cache: dict,
+    steps: list[Tensor] | None = None,
+    master_params: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    param_indices: list[int] | None = None,
+    new_buffer_dtype: torch.dtype | None = None,
 ) -> None:
     if not params:
         return
     dtype = params[0].dtype
+    steps = steps or []
     has_momentum = momentum != 0
     states: list[list[Tensor]] = []
-    is_new = torch.zeros(len(params), dtype=torch.int64)
+    new_buffers = [0] * len(params)
+    state_dtype = dtype
     if has_momentum:
-        if any(buf is None for buf in momentum_buffers):  # `in` would compare tensors
-            for i, buf in enumerate(momentum_buffers):
-                if buf is None:
-                    # Same layout as the param, so the kernel walks both as one span.
-                    momentum_buffers[i] = torch.empty_like(params[i])
-                    is_new[i] = 1
+        existing = [buf for buf in momentum_buffers if buf is not None]
+        state_dtype = existing[0].dtype if existing else (new_buffer_dtype or dtype)
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                # Same layout as the param, so the kernel walks both as one span.
+                momentum_buffers[i] = torch.empty_like(params[i], dtype=state_dtype)
+                new_buffers[i] = 1
         states = [momentum_buffers]  # type: ignore[list-item]
-    launch_plan = plan_for(cache, "sgd", params, states, is_new, dtype)
+    from_pointer = _reads_steps_from_device(steps, False, found_inf)
+    base_step, extra = _extra_columns(steps, from_pointer, new_buffers, param_indices)
+    launch_plan = plan_for(cache, "sgd", params, states, master_params or [], extra, state_dtype)
     lr_tensor, lr_value, lr_from_pointer, _ = _lr_args(
         lr, launch_plan.device, launch_plan.tensor_table
     )
@@ -131,18 +186,27 @@ def sgd(
         kernels.sgd_kernel,
         launch_plan,
         grads,
-        dtype,
-        (lr_tensor, lr_value, float(momentum), float(dampening), float(weight_decay)),
+        (
+            lr_tensor,
+            lr_value,
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            base_step,
+            int(seed) & 0xFFFFFFFF,
+        ),
         dict(
             PARAM_DTYPE=_tl_dtype(dtype),
-            GRAD_DTYPE=_tl_dtype(dtype),
-            STATE_DTYPE=_tl_dtype(dtype),
+            STATE_DTYPE=_tl_dtype(state_dtype),
             COMPUTE_DTYPE=_compute_dtype(dtype),
             HAS_MOMENTUM=has_momentum,
             NESTEROV=bool(nesterov),
             MAXIMIZE=bool(maximize),
             LR_FROM_POINTER=lr_from_pointer,
+            STEP_FROM_POINTER=from_pointer,
+            **_precision_flags(params, master_params, stochastic_rounding, steps),
         ),
+        (grad_scale, found_inf),
     )
 
 
@@ -182,16 +246,23 @@ def adam(
     decoupled_weight_decay: bool,
     capturable: bool = False,
     cache: dict,
+    master_params: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    param_indices: list[int] | None = None,
 ) -> None:
     if not params:
         return
-    if capturable and len({s.dtype for s in steps}) > 1:
+    from_pointer = _reads_steps_from_device(steps, capturable, found_inf)
+    if from_pointer and len({s.dtype for s in steps}) > 1:
         # The kernel reads steps of one dtype: split a group whose steps mix float32/float64.
         for step_dtype in {s.dtype for s in steps}:
             keep = [i for i, s in enumerate(steps) if s.dtype == step_dtype]
 
             def take(values, keep=keep):
-                return [values[i] for i in keep] if values else []
+                return [values[i] for i in keep] if values else values
 
             adam(
                 take(params),
@@ -208,19 +279,21 @@ def adam(
                 amsgrad=amsgrad,
                 maximize=maximize,
                 decoupled_weight_decay=decoupled_weight_decay,
-                capturable=True,
+                capturable=capturable,
                 cache=cache.setdefault(step_dtype, {}),
+                master_params=take(master_params),
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                stochastic_rounding=stochastic_rounding,
+                seed=seed,
+                param_indices=take(param_indices),
             )
         return
     dtype = params[0].dtype
+    state_dtype = exp_avgs[0].dtype
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    if capturable:
-        # Steps live on the device; the kernel reads each one through its address.
-        base_step, aux = 1.0, torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
-    else:
-        # Steps live on the host, as in torch.optim's default path: no device read needed.
-        base_step, aux = _step_offsets(steps)
-    launch_plan = plan_for(cache, "adam", params, states, aux, dtype)
+    base_step, extra = _extra_columns(steps, from_pointer, [0] * len(params), param_indices)
+    launch_plan = plan_for(cache, "adam", params, states, master_params or [], extra, state_dtype)
     lr_tensor, lr_value, lr_from_pointer, lr_dtype = _lr_args(
         lr, launch_plan.device, launch_plan.tensor_table
     )
@@ -228,7 +301,6 @@ def adam(
         kernels.adam_kernel,
         launch_plan,
         grads,
-        dtype,
         (
             lr_tensor,
             lr_value,
@@ -239,18 +311,19 @@ def adam(
             base_step,
             1 - beta1**base_step,
             (1 - beta2**base_step) ** 0.5,
+            int(seed) & 0xFFFFFFFF,
         ),
         dict(
             PARAM_DTYPE=_tl_dtype(dtype),
-            GRAD_DTYPE=_tl_dtype(dtype),
-            STATE_DTYPE=_tl_dtype(dtype),
-            STEP_DTYPE=_tl_dtype(steps[0].dtype),
+            STATE_DTYPE=_tl_dtype(state_dtype),
             COMPUTE_DTYPE=_compute_dtype(dtype),
             AMSGRAD=bool(amsgrad),
             MAXIMIZE=bool(maximize),
             DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
             LR_FROM_POINTER=lr_from_pointer,
             LR_DTYPE=lr_dtype,
-            STEP_FROM_POINTER=bool(capturable),
+            STEP_FROM_POINTER=from_pointer,
+            **_precision_flags(params, master_params, stochastic_rounding, steps),
         ),
+        (grad_scale, found_inf),
     )

@@ -1,26 +1,39 @@
 """Triton kernels: one per algorithm, flags as ``tl.constexpr``, hyperparameters as runtime fp64.
 
 Both kernels walk a launch plan (see ``plan.py``) so that ONE launch updates every tensor of a
-(device, dtype) group:
+(device, param dtype, state dtype) group:
 
-* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): data pointers of the param and up to
-  three state tensors, the element count, and one auxiliary value (Adam: the step offset or the
-  address of the step tensor; SGD: 1 when the momentum buffer is new this step).
+* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): data pointers of the param, up to three
+  state tensors and the fp32 master weight, the element count, the step (an offset below the
+  launch's base step, or the address of a step tensor), the new-momentum-buffer flag (SGD), and
+  the param's index in the optimizer (it keys the stochastic-rounding random bits).
 * ``grad_table`` (int64, one per tensor): gradient data pointers. Gradients are re-allocated by
   every backward pass, so they live apart from the rest and are re-uploaded only when they move.
 * ``block_table`` (int64 pairs): for every program, which tensor it works on and where its block
   starts.
 
-Each element of param, grad and state is loaded once and stored once. The math runs in
-``COMPUTE_DTYPE`` (fp32, or fp64 for fp64 tensors) and rounds once, at the store.
+Each element of param (or master), grad and state is loaded once and stored once. The math runs
+in ``COMPUTE_DTYPE`` (fp32, or fp64 for fp64 tensors) and rounds once, at the store. GradScaler's
+unscale (``HAS_GRAD_SCALE``) and skip (``HAS_FOUND_INF``) happen in the same pass: a skipped
+step stores nothing at all.
 """
 
 import triton
 import triton.language as tl
 
-# Column layout of tensor_table.
-COL_PARAM, COL_STATE0, COL_STATE1, COL_STATE2, COL_NUMEL, COL_AUX = range(6)
-TABLE_COLUMNS = 6
+# Column layout of tensor_table (the kernels below spell these numbers out).
+(
+    COL_PARAM,
+    COL_STATE0,
+    COL_STATE1,
+    COL_STATE2,
+    COL_MASTER,
+    COL_NUMEL,
+    COL_STEP,
+    COL_NEW_BUFFER,
+    COL_INDEX,
+) = range(9)
+TABLE_COLUMNS = 9
 
 
 @triton.jit
@@ -65,16 +78,82 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _block_location(block_table, tensor_table, BLOCK: tl.constexpr):
+def _mix32(h):
+    # murmur3's 32-bit finalizer: a bijection of uint32 in which every input bit flips about
+    # half of the output bits. Written out in backends/reference.py too (bitwise the same).
+    h = h ^ (h >> 16)
+    h = h * tl.full([], 0x85EBCA6B, tl.uint32)
+    h = h ^ (h >> 13)
+    h = h * tl.full([], 0xC2B2AE35, tl.uint32)
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _random_bits(seed, step, index, start, offsets):
+    """32 counter-based random bits per element: a hash of (seed, step, param index, element
+    index). The same inputs give the same bits on every run, device and resume."""
+    seed32 = (seed * tl.full([], 1, tl.int64)).to(tl.uint32)
+    key = _mix32(seed32 ^ tl.full([], 0x9E3779B9, tl.uint32))
+    key = _mix32(key ^ step.to(tl.int64).to(tl.uint32))
+    key = _mix32(key ^ index.to(tl.uint32))
+    # Blocks never straddle a 2^32 boundary (BLOCK divides it): the high word is per block.
+    key = _mix32(key ^ (start >> 32).to(tl.uint32))
+    return _mix32(key ^ offsets.to(tl.uint32))
+
+
+@triton.jit
+def _round_stochastic(x, bits, DTYPE: tl.constexpr):
+    """Round fp32 ``x`` to bf16/fp16 up or down, with probability proportional to proximity."""
+    if DTYPE == tl.bfloat16:
+        # Adding 16 random bits below the kept ones, then truncating, rounds up with
+        # probability (dropped bits) / 2^16.
+        x_bits = x.to(tl.uint32, bitcast=True)
+        rounded = (x_bits + (bits & 0xFFFF)) >> 16
+        quiet_nan = (x_bits >> 16) | 0x40
+        bits16 = tl.where(x != x, quiet_nan, rounded).to(tl.uint16)
+        return bits16.to(tl.bfloat16, bitcast=True)
+    else:
+        # fp16: take the nearest value, and move one ulp towards x with probability
+        # |x - nearest| / ulp (at most 1/2), using 24 random bits.
+        nearest = x.to(tl.float16)
+        nearest32 = nearest.to(tl.float32)
+        nearest_bits = nearest.to(tl.uint16, bitcast=True).to(tl.uint32)
+        away_from_zero = tl.abs(nearest32) < tl.abs(x)
+        other_bits = tl.where(away_from_zero, nearest_bits + 1, nearest_bits - 1)
+        other32 = other_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        probability = _div(x - nearest32, other32 - nearest32)
+        uniform = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        take_other = (x != nearest32) & (uniform < probability)
+        result_bits = tl.where(take_other, other_bits, nearest_bits).to(tl.uint16)
+        return result_bits.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _round_param(x, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, step, row, start, offsets):
+    if STOCHASTIC and (DTYPE == tl.bfloat16 or DTYPE == tl.float16):
+        bits = _random_bits(seed, step, tl.load(row + 8), start, offsets)
+        return _round_stochastic(x.to(tl.float32), bits, DTYPE)
+    else:
+        return _round_to(x, DTYPE)
+
+
+@triton.jit
+def _block_location(
+    block_table, tensor_table, found_inf_ptr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table + 2 * pid)
     start = tl.multiple_of(tl.load(block_table + 2 * pid + 1), BLOCK)
-    row = tensor_table + tensor * 6
-    numel = tl.load(row + 4)
+    row = tensor_table + tensor * 9
+    numel = tl.load(row + 5)
+    if HAS_FOUND_INF:
+        # GradScaler found an inf/NaN: the block counts as empty, nothing is loaded or stored.
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
     mask = offsets < numel
     full = start + BLOCK <= numel
-    return tensor, row, offsets, mask, full
+    return tensor, row, start, offsets, mask, full, numel
 
 
 @triton.jit
@@ -107,34 +186,82 @@ def _store(pointers, value, mask, full):
 
 
 @triton.jit
+def _step_of(row, base_step, STEP_FROM_POINTER: tl.constexpr, STEP_DTYPE: tl.constexpr):
+    """This tensor's step count (fp64): read from its step tensor, or the launch's base step
+    minus the tensor's offset."""
+    if STEP_FROM_POINTER:
+        step = tl.load(_pointer(row + 6, STEP_DTYPE, False)).to(tl.float64)
+    else:
+        step = _as_f64(base_step) - tl.load(row + 6).to(tl.float64)
+    return step
+
+
+@triton.jit
+def _load_grad(
+    grad_ptr,
+    mask,
+    full,
+    grad_scale_ptr,
+    COMPUTE_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+):
+    """The gradient in COMPUTE_DTYPE, unscaled (g / grad_scale) and written back unscaled
+    when GradScaler left the unscaling to the optimizer."""
+    g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
+    if HAS_GRAD_SCALE:
+        g = _div(g, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE))
+        _store(grad_ptr, _round_to(g, GRAD_DTYPE), mask, full)
+    return g
+
+
+@triton.jit
 def sgd_kernel(
     tensor_table,
     grad_table,
     block_table,
     lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
     lr: tl.float64,
     momentum: tl.float64,
     dampening: tl.float64,
     weight_decay: tl.float64,
+    base_step: tl.float64,
+    seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
+    STEP_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
+    STEP_FROM_POINTER: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """p <- p - lr * d, where g = (+/-)grad + weight_decay * p and d = g (no momentum),
-    buf = momentum * buf + (1 - dampening) * g (buf = g when new), d = buf or g + momentum * buf."""
-    tensor, row, offsets, mask, full = _block_location(block_table, tensor_table, BLOCK)
+    buf = momentum * buf + (1 - dampening) * g (buf = g when new), d = buf or g + momentum * buf.
+
+    With HAS_MASTER, p is the fp32 master weight and the param gets its rounded value."""
+    tensor, row, start, offsets, mask, full, numel = _block_location(
+        block_table, tensor_table, found_inf_ptr, HAS_FOUND_INF, BLOCK
+    )
     param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
     grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
-    p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
-    g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
+    if HAS_MASTER:
+        master_ptr = _pointer(row + 4, tl.float32, ALIGNED) + offsets
+        p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
+    else:
+        p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
+    g = _load_grad(grad_ptr, mask, full, grad_scale_ptr, COMPUTE_DTYPE, GRAD_DTYPE, HAS_GRAD_SCALE)
     if MAXIMIZE:
         g = -g
     wd64 = _as_f64(weight_decay)
@@ -143,9 +270,9 @@ def sgd_kernel(
     if HAS_MOMENTUM:
         buf_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
         # A new buffer holds uninitialised memory: it is not read, and tl.where discards it.
-        new_buffer = tl.load(row + 5)
+        new_buffer = tl.load(row + 7)
         is_new = new_buffer != 0
-        old_buffer_mask = offsets < tl.load(row + 4) * (1 - new_buffer)
+        old_buffer_mask = offsets < numel * (1 - new_buffer)
         buf = _load(buf_ptr, old_buffer_mask, full & (new_buffer == 0)).to(COMPUTE_DTYPE)
         mom = _as_f64(momentum).to(COMPUTE_DTYPE)
         one_minus_dampening = (1.0 - _as_f64(dampening)).to(COMPUTE_DTYPE)
@@ -161,7 +288,13 @@ def sgd_kernel(
     else:
         lr64 = _as_f64(lr)
     p = tl.fma(g, (-lr64).to(COMPUTE_DTYPE), p)
-    _store(param_ptr, _round_to(p, PARAM_DTYPE), mask, full)
+    if HAS_MASTER:
+        _store(master_ptr, p, mask, full)
+    step = 0.0
+    if STOCHASTIC_ROUNDING:
+        step = _step_of(row, base_step, STEP_FROM_POINTER, STEP_DTYPE)
+    rounded = _round_param(p, PARAM_DTYPE, STOCHASTIC_ROUNDING, seed, step, row, start, offsets)
+    _store(param_ptr, rounded, mask, full)
 
 
 @triton.jit
@@ -170,6 +303,8 @@ def adam_kernel(
     grad_table,
     block_table,
     lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
     lr: tl.float64,
     beta1: tl.float64,
     beta2: tl.float64,
@@ -178,6 +313,7 @@ def adam_kernel(
     base_step: tl.float64,
     base_bias_correction1: tl.float64,
     base_bias_correction2_sqrt: tl.float64,
+    seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -188,6 +324,10 @@ def adam_kernel(
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
     LR_DTYPE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
     STEP_FROM_POINTER: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -197,29 +337,31 @@ def adam_kernel(
     g = (+/-)grad [+ weight_decay * p unless decoupled]; p *= 1 - lr * weight_decay if decoupled
     m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v) (amsgrad)
     p += (-lr / (1 - beta1^t)) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
+
+    With HAS_MASTER, p is the fp32 master weight and the param gets its rounded value.
     """
-    tensor, row, offsets, mask, full = _block_location(block_table, tensor_table, BLOCK)
+    tensor, row, start, offsets, mask, full, _ = _block_location(
+        block_table, tensor_table, found_inf_ptr, HAS_FOUND_INF, BLOCK
+    )
     param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
     exp_avg_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
     exp_avg_sq_ptr = _pointer(row + 2, STATE_DTYPE, ALIGNED) + offsets
     grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
     # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at the
-    # group's step use the host's bias corrections (bitwise torch's); the others, and steps
-    # read from device memory, compute beta^t here.
+    # launch's base step use the host's bias corrections (bitwise torch's); the others, and
+    # steps read from device memory, compute beta^t here.
     b1 = _as_f64(beta1)
     b2 = _as_f64(beta2)
     wd64 = _as_f64(weight_decay)
+    step = _step_of(row, base_step, STEP_FROM_POINTER, STEP_DTYPE)
     if STEP_FROM_POINTER:
-        step = tl.load(_pointer(row + 5, STEP_DTYPE, False)).to(tl.float64)
         bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
     else:
-        step_offset = tl.load(row + 5).to(tl.float64)
         bias_correction1 = _as_f64(base_bias_correction1)
         bias_correction2_sqrt = _as_f64(base_bias_correction2_sqrt)
-        if step_offset != 0:
-            step = _as_f64(base_step) - step_offset
+        if step != _as_f64(base_step):
             bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
             bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
     # The scalar math around lr runs in LR_DTYPE: fp64 for a float lr (torch.optim's host
@@ -232,8 +374,12 @@ def adam_kernel(
     decay64 = (1.0 - lr_t * wd64.to(LR_DTYPE)).to(tl.float64)
     neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
-    p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
-    g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
+    if HAS_MASTER:
+        master_ptr = _pointer(row + 4, tl.float32, ALIGNED) + offsets
+        p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
+    else:
+        p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
+    g = _load_grad(grad_ptr, mask, full, grad_scale_ptr, COMPUTE_DTYPE, GRAD_DTYPE, HAS_GRAD_SCALE)
     m = _load(exp_avg_ptr, mask, full).to(COMPUTE_DTYPE)
     v = _load(exp_avg_sq_ptr, mask, full).to(COMPUTE_DTYPE)
     if MAXIMIZE:
@@ -266,4 +412,7 @@ def adam_kernel(
 
     _store(exp_avg_ptr, _round_to(m, STATE_DTYPE), mask, full)
     _store(exp_avg_sq_ptr, _round_to(v, STATE_DTYPE), mask, full)
-    _store(param_ptr, _round_to(p, PARAM_DTYPE), mask, full)
+    if HAS_MASTER:
+        _store(master_ptr, p, mask, full)
+    rounded = _round_param(p, PARAM_DTYPE, STOCHASTIC_ROUNDING, seed, step, row, start, offsets)
+    _store(param_ptr, rounded, mask, full)

@@ -80,28 +80,33 @@ class LaunchPlan:
         self,
         params: list[Tensor],
         states: list[list[Tensor]],
-        aux: Tensor,
+        masters: list[Tensor],
+        extra: Tensor,
         state_dtype: torch.dtype,
         key: tuple,
     ):
         self.key = key
-        self.aux = aux
+        self.extra = extra
         self.block = BLOCK
-        self.grad_key: list[int] | None = None
+        self.grad_key: tuple | None = None
         self.device = params[0].device
         self.stages: list[Stage] = []
         self.grad_stages: list[Stage] = []
         self.anchors: list[Tensor] = []
         rows = []
-        aux_values = aux.tolist()
+        extra_values = extra.tolist()
         for i, p in enumerate(params):
             anchor = _resolve(p, p, p.dtype, True, self.stages) if not is_dense(p) else p
             self.anchors.append(anchor)
             row = [anchor.data_ptr()]
             for column in states:
                 row.append(_resolve(column[i], anchor, state_dtype, True, self.stages).data_ptr())
-            row += [0] * (kernels.COL_NUMEL - len(row))
-            row += [p.numel(), aux_values[i]]
+            row += [0] * (kernels.COL_MASTER - len(row))
+            master = masters[i] if masters else None
+            if master is not None:
+                master = _resolve(master, anchor, torch.float32, True, self.stages)
+            row.append(0 if master is None else master.data_ptr())
+            row += [p.numel(), *extra_values[i]]
             rows.append(row)
         host = torch.tensor(rows, dtype=torch.int64).reshape(-1, kernels.TABLE_COLUMNS)
         self.tensor_table = upload(host, self.device)
@@ -119,14 +124,18 @@ class LaunchPlan:
         self.block_table = upload(block_host, self.device)
         self.grad_table: Tensor | None = None
 
-    def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype) -> None:
-        """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
-        key = list(map(Tensor.data_ptr, grads))
+    def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype, writes_back: bool) -> None:
+        """Point the grad table at this step's gradients (re-uploaded only when they moved).
+
+        ``writes_back``: the kernel writes the gradients (unscaled by GradScaler's scale), so
+        a staged gradient is copied back after the launch.
+        """
+        key = (list(map(Tensor.data_ptr, grads)), writes_back)
         if key == self.grad_key:
             return
         self.grad_stages = []
         pointers = [
-            _resolve(g, anchor, grad_dtype, False, self.grad_stages).data_ptr()
+            _resolve(g, anchor, grad_dtype, writes_back, self.grad_stages).data_ptr()
             for g, anchor in zip(grads, self.anchors)
         ]
         self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
@@ -144,7 +153,7 @@ class LaunchPlan:
             stage.work.copy_(stage.source)
 
     def stage_out(self) -> None:
-        for stage in self.stages:
+        for stage in self.stages + self.grad_stages:
             if stage.writes_back:
                 stage.source.copy_(stage.work)
 
@@ -154,22 +163,23 @@ def plan_for(
     name: str,
     params: list[Tensor],
     states: list[list[Tensor]],
-    aux: Tensor,
+    masters: list[Tensor],
+    extra: Tensor,
     state_dtype: torch.dtype,
-    extra_key: tuple = (),
 ) -> LaunchPlan:
-    """The cached plan for these tensors, rebuilt when any of them moved or ``aux`` changed.
+    """The cached plan for these tensors, rebuilt when any of them moved or ``extra`` changed.
 
-    ``aux`` (int64, one per tensor, on the CPU) is the table's auxiliary column.
+    ``extra`` (int64, on the CPU, one row per tensor) holds the table's last columns: the step
+    offset or step address, the new-momentum-buffer flag and the param's index.
     """
     key = (
         list(map(Tensor.data_ptr, params)),
         [list(map(Tensor.data_ptr, column)) for column in states],
-        extra_key,
+        list(map(Tensor.data_ptr, masters)),
         state_dtype,
     )
     plan = cache.get(name)
-    if plan is None or plan.key != key or not torch.equal(plan.aux, aux):
-        plan = LaunchPlan(params, states, aux, state_dtype, key)
+    if plan is None or plan.key != key or not torch.equal(plan.extra, extra):
+        plan = LaunchPlan(params, states, masters, extra, state_dtype, key)
         cache[name] = plan
     return plan
