@@ -158,12 +158,12 @@ def _block_location(
 
 @triton.jit
 def _pointer(table_entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    address = tl.load(table_entry)
+    pointer = tl.load(table_entry).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         # Every address in the tables is 16-byte aligned (checked on the host): lets the
         # compiler use 16-byte vector loads and stores.
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(DTYPE))
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
