@@ -1,4 +1,5 @@
-"""Constructor signatures are torch.optim's plus `backend`; kernel hyperparameters are runtime."""
+"""Constructor signatures are torch.optim's plus `backend` and the precision modes (keyword-only,
+off by default); kernel hyperparameters are runtime."""
 
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ from fused_optim.backends.triton import kernels
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_signature_is_torch_plus_backend(name):
+def test_signature_is_torch_plus_backend_and_precision_modes(name):
     ours = inspect.signature(getattr(fused_optim, name).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
-    assert list(ours) == [*theirs, "backend"]
+    extra = {
+        "backend": None,
+        "state_dtype": None,
+        "master_weights": False,
+        "stochastic_rounding": False,
+        "seed": 0,
+    }
+    assert list(ours) == [*theirs, *extra]
     for key, param in theirs.items():
         assert ours[key].kind == param.kind, key
         assert ours[key].default == param.default, key
-    assert ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY
-    assert ours["backend"].default is None
+    for key, default in extra.items():
+        assert ours[key].kind == inspect.Parameter.KEYWORD_ONLY, key
+        assert ours[key].default is default or ours[key].default == default, key
 
 
 @pytest.mark.parametrize(

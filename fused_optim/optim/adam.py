@@ -45,13 +45,26 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         fused (bool, optional): accepted for compatibility; no effect. Default: None.
         decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.
         backend (str, optional): ``None`` (auto), ``"triton"`` or ``"reference"``. Default: None.
+        state_dtype (torch.dtype, optional): dtype of new optimizer states for fp32, bf16 and
+            fp16 params: ``torch.float32`` (fp32 states for bf16/fp16 params), ``torch.bfloat16``
+            or ``torch.float16``. ``None`` keeps torch.optim's rule (the param's dtype).
+            Default: None.
+        master_weights (bool): keep an fp32 copy of every bf16/fp16 param in its state
+            (``"master_param"``); the update runs on the copy and writes its rounded value to
+            the param in the same pass. Default: False.
+        stochastic_rounding (bool): round bf16/fp16 param writes up or down at random, with
+            probability proportional to proximity, so that updates below the dtype's resolution
+            are kept on average. The bits are a hash of (``seed``, step, the param's index, the
+            element's index): reruns and resumes give the same result. Default: False.
+        seed (int): seed of the stochastic rounding. Default: 0.
 
     A tensor ``lr`` on the params' device is read by the kernel (no host sync), and the scalar
     math that involves it runs in its dtype, as torch.optim does. Tensor ``betas`` are read as
     values (a host sync if they live on a GPU) and used like float betas, in fp64.
 
     ``step`` is a 0-dim float32 tensor (float64 under a float64 default dtype) on the CPU, or on
-    the params' device when ``capturable=True``, as torch.optim keeps it. Math runs in fp32 for
+    the params' device when ``capturable=True`` or under ``torch.amp.GradScaler`` (whose skip is
+    decided on the device), as torch.optim keeps it. Math runs in fp32 for
     fp16/bf16/fp32 params (fp64 for fp64), with bias corrections in fp64, rounded once at the
     store.
     """
@@ -167,8 +180,10 @@ class AdamW(Adam, torch.optim.AdamW):
         p = p * (1 - lr * weight_decay)
 
     applied before the moment update, and no weight decay in the gradient. Arguments are those
-    of :class:`Adam` without ``decoupled_weight_decay`` (always True), plus
-    ``backend`` (None, ``"triton"`` or ``"reference"``; default None).
+    of :class:`Adam` without ``decoupled_weight_decay`` (always True), plus ``backend`` (None,
+    ``"triton"`` or ``"reference"``; default None) and the precision modes ``state_dtype``
+    (default None), ``master_weights`` (default False), ``stochastic_rounding`` (default False)
+    and ``seed`` (default 0), as in :class:`Adam`.
     """
 
     def __init__(

@@ -41,8 +41,23 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         backend (str, optional): ``None`` (auto: Triton on GPUs and under
             ``TRITON_INTERPRET=1``, the pure-torch reference otherwise), ``"triton"`` or
             ``"reference"``. Default: None.
+        state_dtype (torch.dtype, optional): dtype of new optimizer states for fp32, bf16 and
+            fp16 params: ``torch.float32`` (fp32 states for bf16/fp16 params), ``torch.bfloat16``
+            or ``torch.float16``. ``None`` keeps torch.optim's rule (the param's dtype).
+            Default: None.
+        master_weights (bool): keep an fp32 copy of every bf16/fp16 param in its state
+            (``"master_param"``); the update runs on the copy and writes its rounded value to
+            the param in the same pass. Default: False.
+        stochastic_rounding (bool): round bf16/fp16 param writes up or down at random, with
+            probability proportional to proximity, so that updates below the dtype's resolution
+            are kept on average. The bits are a hash of (``seed``, step, the param's index, the
+            element's index): reruns and resumes give the same result. Default: False.
+        seed (int): seed of the stochastic rounding. Default: 0.
 
     Math runs in fp32 for fp16/bf16/fp32 params (fp64 for fp64), rounded once at the store.
+    With ``stochastic_rounding``, the state also holds a ``step`` count (it keys the random bits).
+    Under ``torch.amp.GradScaler`` the kernel unscales the gradients (writing them back) and a
+    step with ``found_inf`` set changes nothing; see :meth:`step`.
     Sparse gradients are supported as in torch.optim, through the reference backend.
     """
 
