@@ -453,6 +453,10 @@ class FusedOptimizerMixin:
             if not entry or p not in self.state:
                 continue
             state = self.state[p]
+            if MASTER_KEY in state and not self._precision.wants_master(p):
+                # Without master weights nothing would keep it current, and a later resume
+                # with master weights on would jump the param back to it.
+                del state[MASTER_KEY]
             for key, value in entry.items():
                 current = state.get(key)
                 if key == "step" or not isinstance(value, Tensor) or current is None:
