@@ -13,8 +13,9 @@ import torch
 
 import fused_optim
 from fused_optim import testing
+from fused_optim.backends import select_backend
 
-__all__ = ["BLOCK", "DTYPES", "OPTIMIZERS", "SHAPES", "optimizer_cases"]
+__all__ = ["AUTO_CPU", "BLOCK", "DTYPES", "OPTIMIZERS", "SHAPES", "optimizer_cases"]
 
 OPTIMIZERS = {
     name: (getattr(torch.optim, name), getattr(fused_optim, name), testing.CONFIGS[name])
@@ -34,3 +35,7 @@ DTYPES = list(testing.DTYPES.values())  # fp64, fp32, bf16, fp16
 # Shapes from the kernel's point of view: BLOCK elements per program.
 BLOCK = 1024
 SHAPES = [(0,), (), (1,), (7,), (BLOCK - 1,), (BLOCK,), (BLOCK + 1,), (4097,), (65537,)]
+
+# What backend=None picks for CPU tensors here: the fused C++ "cpu" backend when it is built,
+# else Triton in its interpreter (the tests run with TRITON_INTERPRET=1).
+AUTO_CPU = select_backend(None, torch.device("cpu")).NAME

@@ -17,6 +17,8 @@ from torch.optim import lr_scheduler
 
 import fused_optim
 
+from cases import AUTO_CPU
+
 CLASSES = ("SGD", "Adam", "AdamW")
 
 # A representative, non-trivial configuration for each class.
@@ -95,7 +97,7 @@ def test_param_groups_with_different_hyperparameters(cls_name):
         [{"params": mt[0].parameters(), **first}, {"params": mt[2].parameters(), **second}],
         lr=0.5,
     )
-    assert fused.group_backends() == ["triton", "triton"]
+    assert fused.group_backends() == [AUTO_CPU, AUTO_CPU]
     for i in range(4):
         train_step(mf, fused, i)
         train_step(mt, ref, i)
@@ -454,7 +456,7 @@ def test_complex_params(cls_name, kwargs):
     pf, pt = complex_params(), complex_params()
     initial = [p.detach().clone() for p in pf]
     fused, ref = pair(cls_name, pf, pt, **kwargs)
-    assert fused.group_backends() == ["triton"]
+    assert fused.group_backends() == [AUTO_CPU]
     for i in range(4):
         set_grads(pf, i)
         set_grads(pt, i)
@@ -521,10 +523,12 @@ def test_group_backends(cls_name):
     model = make_model()
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
     opt_cls = getattr(fused_optim, cls_name)
-    assert opt_cls(model.parameters()).group_backends() == ["triton"]
+    assert opt_cls(model.parameters()).group_backends() == [AUTO_CPU]
     assert opt_cls(model.parameters(), backend="triton").group_backends() == ["triton"]
     assert opt_cls(model.parameters(), backend="reference").group_backends() == ["reference"]
-    assert opt_cls(groups).group_backends() == ["triton", "triton"]
+    assert opt_cls(groups).group_backends() == [AUTO_CPU, AUTO_CPU]
+    if AUTO_CPU == "cpu":
+        assert opt_cls(model.parameters(), backend="cpu").group_backends() == ["cpu"]
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
     assert opt_cls(groups, backend="reference").group_backends() == ["reference", "reference"]
     assert opt_cls(model.parameters()).backend is None
@@ -553,7 +557,7 @@ def test_fused_and_foreach_flags_are_accepted(cls_name, flags):
     initial = initial_of(mf)
     fused = getattr(fused_optim, cls_name)(mf.parameters(), **flags, **BASE_KWARGS[cls_name])
     ref = getattr(torch.optim, cls_name)(mt.parameters(), foreach=False, **BASE_KWARGS[cls_name])
-    assert fused.group_backends() == ["triton"]
+    assert fused.group_backends() == [AUTO_CPU]
     for key, value in flags.items():
         assert fused.param_groups[0][key] == value
     for i in range(3):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from fused_optim import bench, cli
-from fused_optim.backends import available_backends, reference
+from fused_optim.backends import BACKENDS, available_backends, reference
+
+from cases import AUTO_CPU
 
 TINY = ["--device", "cpu", "--scale", "1e-4", "--repeats", "2", "--warmup", "0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +46,8 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, capsys):
     rows = report["rows"]
     # --quick skips torch.compile; on a CPU, Triton's interpreter is not timed by default.
     implementations = {"fused_optim (reference)", "torch for-loop", "torch foreach", "torch fused"}
+    if AUTO_CPU == "cpu":
+        implementations.add("fused_optim (cpu)")
     assert {row["implementation"] for row in rows} == implementations
     assert len(rows) == 2 * 2 * 2 * len(implementations)
     columns = ["optimizer", "implementation", "dtype", "tensors", "params", "time_ms", "GBps"]
@@ -73,7 +77,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, capsys):
         (["--optimizers", "adam,rmsprop"], "unknown optimizer 'rmsprop' (choose from sgd"),
         (["--dtypes", "int8"], "unknown dtype 'int8' (choose from fp32, bf16"),
         (["--impls", "apex"], "unknown implementation 'apex' (choose from fused_optim"),
-        (["--backends", "cuda"], "unknown backend 'cuda' (choose from triton, reference)"),
+        (["--backends", "rocm"], f"unknown backend 'rocm' (choose from {', '.join(BACKENDS)})"),
         (["--scale", "0"], "scale must be a positive number, got '0'"),
         (["--scale=-0.5"], "scale must be a positive number, got '-0.5'"),
         (["--size", "tiny"], "invalid scale 'tiny'"),
@@ -102,7 +106,8 @@ def test_explicit_triton_backend_where_it_cannot_run_exits_2(monkeypatch, capsys
 def test_triton_interpreter_is_timed_only_when_asked_for():
     # tests/conftest.py sets TRITON_INTERPRET=1: Triton can run on the CPU, interpreted.
     assert "triton" in available_backends("cpu")
-    assert bench.default_backends(torch.device("cpu")) == ["reference"]
+    cpu_backends = ["cpu", "reference"] if AUTO_CPU == "cpu" else ["reference"]
+    assert bench.default_backends(torch.device("cpu")) == cpu_backends
     rows = bench.run_bench(
         device="cpu",
         workloads=["flat"],

@@ -15,7 +15,7 @@ from fused_optim.backends import BackendUnavailableError, reference, select_back
 from fused_optim.backends import triton as triton_backend
 from fused_optim.backends.triton import kernels, plan
 
-from cases import BLOCK, DTYPES, SHAPES
+from cases import AUTO_CPU, BLOCK, DTYPES, SHAPES
 
 # Zero-size tensors first, in the middle and last.
 LIST_SHAPES = [(0,), *SHAPES[1:5], (0, 3), *SHAPES[5:], (0,)]
@@ -200,7 +200,7 @@ def test_hundreds_of_tensors_one_launch_per_step(monkeypatch, name):
     kernel = kernels.sgd_kernel if name == "SGD" else kernels.adam_kernel
     calls = count_launches(monkeypatch, kernel)
     kw = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.01)
-    ours = getattr(fused_optim, name)(params, **kw)
+    ours = getattr(fused_optim, name)(params, **kw, backend="triton")
     theirs = getattr(torch.optim, name)(twins, **kw, foreach=False)
     for step in range(3):
         for p, t in zip(params, twins):
@@ -216,7 +216,7 @@ def test_hundreds_of_tensors_one_launch_per_step(monkeypatch, name):
 
 def test_plan_is_cached_and_rebuilt_only_when_tensors_move():
     params = [torch.randn(100).requires_grad_() for _ in range(4)]
-    opt = fused_optim.Adam(params, lr=0.01)
+    opt = fused_optim.Adam(params, lr=0.01, backend="triton")
     for p in params:
         p.grad = torch.randn(100)
     opt.step()
@@ -246,8 +246,9 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         select_backend("triton", torch.device("cpu"))
-    # Auto falls back to the reference silently.
-    assert select_backend(None, torch.device("cpu")) is reference
+    # Auto falls back silently: to the C++ CPU backend when it is built, else the reference.
+    fallback = "cpu" if AUTO_CPU == "cpu" else "reference"
+    assert select_backend(None, torch.device("cpu")).NAME == fallback
     opt = fused_optim.SGD([torch.randn(3, requires_grad=True)], backend="triton")
     opt.param_groups[0]["params"][0].grad = torch.randn(3)
     before = opt.param_groups[0]["params"][0].detach().clone()
@@ -257,7 +258,8 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_available_backends_under_the_interpreter():
-    assert fused_optim.available_backends("cpu") == ["triton", "reference"]
+    built = ["cpu"] if AUTO_CPU == "cpu" else []
+    assert fused_optim.available_backends("cpu") == ["triton", *built, "reference"]
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
@@ -274,7 +276,7 @@ def test_unaligned_views_into_one_flat_buffer(name):
     for t in (*params, *twins):
         t.requires_grad_()
     kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
-    ours = getattr(fused_optim, name)(params, **kw)
+    ours = getattr(fused_optim, name)(params, **kw, backend="triton")
     theirs = getattr(torch.optim, name)(twins, **kw, foreach=False)
     before = flat.clone()
     for _ in range(2):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import fused_optim
+from fused_optim.backends import BACKENDS, available_backends, select_backend
 from fused_optim.cli import main
 from fused_optim.testing import (
     PARAM_NAMES,
@@ -30,6 +31,8 @@ from fused_optim.testing import (
     compare_to_torch,
 )
 
+# What backend=None picks for CPU tensors here ("cpu" when the C++ extension is built).
+AUTO_CPU = select_backend(None, torch.device("cpu")).NAME
 ROOT = Path(__file__).resolve().parent.parent
 NUDGED = "2.weight"
 SKIPPED = "2.bias"
@@ -157,15 +160,17 @@ def test_verify_quick_writes_json(tmp_path, capsys):
     assert main(["verify", "--quick", "--device", "cpu", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "optimizer" in out and "tolerance" in out and "PASS" in out and "FAIL" not in out
-    assert out.rstrip().splitlines()[-1].startswith("PASSED: all 24 cases")
+    backends = available_backends("cpu")  # triton (interpreted), cpu when built, reference
+    total = 12 * len(backends)
+    assert out.rstrip().splitlines()[-1].startswith(f"PASSED: all {total} cases")
     data = json.loads(path.read_text())
-    assert data["passed"] is True and data["failed"] == 0 and data["total"] == 24
+    assert data["passed"] is True and data["failed"] == 0 and data["total"] == total
     assert data["device"] == "cpu" and data["torch"] == torch.__version__
     cases = data["cases"]
-    assert len(cases) == 24
+    assert len(cases) == total
     assert {c["optimizer"] for c in cases} == {f"fused_optim.{n}" for n in ("SGD", "Adam", "AdamW")}
     assert {c["dtype"] for c in cases} == {"fp32", "bf16"}
-    assert {c["backend"] for c in cases} == {"triton", "reference"}
+    assert {c["backend"] for c in cases} == set(backends)
     for case in cases:
         assert case["passed"] is True and case["moved"] is True and case["failures"] == []
         assert isinstance(case["max_abs"], float) and isinstance(case["max_rel"], float)
@@ -178,7 +183,7 @@ def test_verify_quick_writes_json(tmp_path, capsys):
     [
         (["--dtypes", "fp8"], "argument --dtypes: unknown dtype 'fp8'; choose from fp64, fp32"),
         (["--optimizers", "SGD,Lion"], "unknown optimizer 'Lion'; choose from SGD, Adam, AdamW"),
-        (["--backends", "cuda"], "unknown backend 'cuda'; choose from triton, reference"),
+        (["--backends", "rocm"], f"unknown backend 'rocm'; choose from {', '.join(BACKENDS)}"),
         (["--candidate", "no_colon"], "expected MODULE:ATTR"),
         (["--reference", "AdamW"], "--reference needs --candidate"),
         (["--candidate", "no_such_module:X", "--reference", "SGD"], "cannot import"),
@@ -227,7 +232,8 @@ def test_verify_sets_triton_interpret_on_cpu():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("fused_optim.SGD")]
-    assert [row.split("|")[3].strip() for row in rows] == ["triton", "reference"] * 2
+    backends = ["triton", *(["cpu"] if AUTO_CPU == "cpu" else []), "reference"]
+    assert [row.split("|")[3].strip() for row in rows] == backends * 2
     assert "TRITON_INTERPRET=1" in result.stdout.splitlines()[-1]
 
 

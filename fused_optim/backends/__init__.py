@@ -3,11 +3,13 @@
 ``select_backend(request, device)`` returns a backend module with ``sgd`` and ``adam`` entry
 points (see ``backends.reference`` for the shared signature).
 
-* ``request=None`` (auto): Triton for CUDA/ROCm/XPU tensors and whenever ``TRITON_INTERPRET=1``,
-  the pure-torch reference otherwise. Auto never fails: it falls back to the reference silently,
-  and ``Optimizer.group_backends()`` tells what it chose.
-* ``request="triton"`` / ``"reference"``: exactly that backend, or a ``RuntimeError`` that says
-  why it cannot run on that device.
+* ``request=None`` (auto): the fused C++ CPU backend for CPU tensors when it is built; Triton for
+  CUDA/ROCm/XPU tensors and (without the C++ backend) whenever ``TRITON_INTERPRET=1``; the CUDA
+  C++ backend for CUDA tensors when Triton is missing; the pure-torch reference otherwise. Auto
+  never fails: it falls back to the reference silently, and ``Optimizer.group_backends()`` tells
+  what it chose.
+* ``request="triton"`` / ``"cuda"`` / ``"cpu"`` / ``"reference"``: exactly that backend, or a
+  ``BackendUnavailableError`` (a ``RuntimeError``) that says why it cannot run on that device.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from . import reference
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cuda", "cpu", "reference")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -48,9 +50,16 @@ def select_backend(
     if request is None:
         if sparse_grads:
             return reference
-        triton_backend = _module("triton")
-        available, _ = triton_backend.is_available(device)
-        return triton_backend if available else reference
+        if device.type == "cpu":
+            cpu_backend = _module("cpu")
+            if cpu_backend.is_available(device)[0]:
+                return cpu_backend
+        # GPUs: Triton, else the CUDA C++ extension when it is built.
+        for name in ("triton", "cuda"):
+            backend = _module(name)
+            if backend.is_available(device)[0]:
+                return backend
+        return reference
     backend = _module(request)
     available, reason = backend.is_available(device)
     if available and sparse_grads and not backend.SUPPORTS_SPARSE:

@@ -1,0 +1,181 @@
+"""AdamW step time on the CPU: fused_optim's C++ backend against torch.optim and DeepSpeed.
+
+    python benchmarks/cpu_bench.py [--workloads many-small gpt2-small flat flat-bf16]
+                                   [--rounds 15] [--threads N] [--json out.json]
+
+Implementations (whichever exist here): torch.optim.AdamW's for-loop (foreach=False), foreach
+and fused=True paths; fused_optim.AdamW(backend="cpu") (with bf16 params: bf16 states, and
+fp32 states with state_dtype=torch.float32); DeepSpeedCPUAdam(adamw_mode=True) if deepspeed
+imports and its CPU Adam op builds (fp32 states). Every implementation updates the same params
+with the same grads (the values drift, the work does not) and keeps its own states. Each round
+times one step of every implementation, in a rotating order (interleaved, so that frequency
+and cache drift hit all alike); the table shows medians and the ratio torch fused / this (above
+1: faster than torch's fused step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fused_optim
+from fused_optim.bench import gpt2_small_shapes
+
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+FLAT = 64 << 20
+WORKLOADS: dict[str, tuple[str, tuple[tuple[int, ...], ...], torch.dtype]] = {
+    "many-small": ("2000 tensors x 4096, fp32", ((4096,),) * 2000, torch.float32),
+    "gpt2-small": ("GPT-2 small's 148 shapes (124M), fp32", gpt2_small_shapes(), torch.float32),
+    "flat": ("one 64M-element tensor, fp32", ((FLAT,),), torch.float32),
+    "flat-bf16": ("one 64M-element tensor, bf16 params", ((FLAT,),), torch.bfloat16),
+}
+
+
+def deepspeed_adam() -> tuple[type | None, str]:
+    """DeepSpeedCPUAdam, or None and why not."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as error:  # not installed, or its import fails
+        return None, f"deepspeed does not import: {error!r}"
+    try:
+        probe = [torch.nn.Parameter(torch.zeros(8))]
+        probe[0].grad = torch.zeros(8)
+        DeepSpeedCPUAdam(probe, adamw_mode=True).step()
+    except Exception as error:  # its C++ op failed to build or load
+        return None, f"DeepSpeedCPUAdam does not build/run: {error!r}"
+    return DeepSpeedCPUAdam, ""
+
+
+def make_params(shapes, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02).to(dtype))
+        p.grad = torch.randn(shape, generator=generator).mul_(1e-3).to(dtype)
+        params.append(p)
+    return params
+
+
+def implementations(params, dtype, ds_class) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    adamw = torch.optim.AdamW
+    impls: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "torch for-loop": lambda: adamw(params, **HYPER, foreach=False),
+        "torch foreach": lambda: adamw(params, **HYPER, foreach=True),
+        "torch fused": lambda: adamw(params, **HYPER, fused=True),
+        "fused_optim cpu": lambda: fused_optim.AdamW(params, **HYPER, backend="cpu"),
+    }
+    if dtype != torch.float32:
+        impls["fused_optim cpu (fp32 states)"] = lambda: fused_optim.AdamW(
+            params, **HYPER, backend="cpu", state_dtype=torch.float32
+        )
+    if ds_class is not None:
+        # DeepSpeed keeps fp32 states (also for bf16 params).
+        impls["DeepSpeedCPUAdam"] = lambda: ds_class(
+            params, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+            weight_decay=HYPER["weight_decay"], adamw_mode=True,
+        )  # fmt: skip
+    return impls
+
+
+def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
+    label, shapes, dtype = WORKLOADS[name]
+    params = make_params(shapes, dtype)
+    optimizers = {}
+    for impl, factory in implementations(params, dtype, ds_class).items():
+        try:
+            opt = factory()
+            for _ in range(2):  # warm-up: creates the states, first-touches the memory
+                opt.step()
+            optimizers[impl] = opt
+        except Exception as error:
+            print(f"  {impl}: skipped ({error!r})", file=sys.stderr)
+    times: dict[str, list[float]] = {impl: [] for impl in optimizers}
+    names = list(optimizers)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for impl in order:
+            start = time.perf_counter()
+            optimizers[impl].step()
+            times[impl].append(time.perf_counter() - start)
+    numel = sum(p.numel() for p in params)
+    medians = {impl: statistics.median(ts) for impl, ts in times.items()}
+    base = medians.get("torch fused")
+    rows = []
+    for impl, median in medians.items():
+        rows.append(
+            dict(
+                workload=name,
+                description=label,
+                tensors=len(params),
+                numel=numel,
+                dtype=str(dtype).replace("torch.", ""),
+                implementation=impl,
+                median_ms=median * 1e3,
+                min_ms=min(times[impl]) * 1e3,
+                rounds=rounds,
+                speedup_vs_torch_fused=None if base is None else base / median,
+            )
+        )
+    del optimizers, params
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"{'workload':<12} {'implementation':<30} {'median ms':>10} {'min ms':>9} {'vs fused':>9}"
+    )
+    for row in rows:
+        ratio = row["speedup_vs_torch_fused"]
+        print(
+            f"{row['workload']:<12} {row['implementation']:<30} {row['median_ms']:>10.2f} "
+            f"{row['min_ms']:>9.2f} {'' if ratio is None else f'{ratio:.2f}x':>9}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per implementation")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds_class, ds_reason = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
+    from fused_optim.backends import cpu as cpu_backend
+
+    available, reason = cpu_backend.is_available(torch.device("cpu"))
+    if not available:
+        print(f"fused_optim's cpu backend is unavailable: {reason}", file=sys.stderr)
+        return 2
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+        cpu_isa=cpu_backend.cpu_isa(),
+        deepspeed=ds_reason or "yes",
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    print(" ".join(f"{k}={v}" for k, v in meta.items()))
+    rows = []
+    for name in args.workloads:
+        rows += run_workload(name, args.rounds, ds_class)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

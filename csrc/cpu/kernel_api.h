@@ -1,0 +1,67 @@
+// The plain-C++ interface between the host code (ops.cpp, which knows about torch tensors) and
+// the per-ISA kernel translation units (kernel_base.cpp, kernel_avx2.cpp), which do not.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_optim {
+namespace cpu {
+
+// Storage dtypes the kernels read and write.
+enum DType : int8_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kNone = -1 };
+
+// Arrays of one tensor, all walked in the param's memory order (same layout, dense).
+enum Slot : int { kParam = 0, kGrad = 1, kState0 = 2, kState1 = 3, kState2 = 4, kMaster = 5 };
+constexpr int kSlots = 6;
+
+struct Task {
+  void* data[kSlots];     // base addresses (nullptr: absent)
+  int8_t dtype[kSlots];   // DType of each array
+  int64_t numel;
+  // Adam: neg_step_size, bias_correction2_sqrt, decay (fp64, computed on the host).
+  double scalar[3];
+  uint32_t sr_key;        // stochastic rounding key (seed, step, param index), see ops.cpp
+  bool new_buffer;        // SGD: momentum buffer is new (not read, initialised to g)
+};
+
+// A piece of one tensor: elements [start, start + length) of tasks[task].
+struct Chunk {
+  int64_t task;
+  int64_t start;
+  int64_t length;
+};
+
+struct SgdArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool has_momentum, nesterov, maximize;
+  bool has_grad_scale;
+  double grad_scale;
+  bool stochastic_rounding;
+};
+
+struct AdamArgs {
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled_weight_decay;
+  bool has_grad_scale;
+  double grad_scale;
+  bool stochastic_rounding;
+};
+
+// One OpenMP parallel region over all chunks of all tasks.
+void sgd_base(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args);
+void adam_base(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const AdamArgs& args);
+void sgd_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args);
+void adam_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const AdamArgs& args);
+
+// murmur3's 32-bit finalizer (backends/reference.py's mix32).
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+}  // namespace cpu
+}  // namespace fused_optim

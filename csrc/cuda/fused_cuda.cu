@@ -1,0 +1,675 @@
+// Multi-tensor SGD and Adam/AdamW kernels: one launch per (device, param dtype, state dtype)
+// group and step, no host synchronisation.
+//
+// The per-element math is csrc/math/update.h (shared with the CPU backend); this file loads,
+// unscales, stores, rounds and walks the launch tables described in fused_cuda.h. It needs only
+// the CUDA runtime (no torch headers), so CI compiles it without a CUDA build of torch.
+//
+// Compile with --fmad=false: update.h spells out torch.optim's fused multiply-adds and no
+// others may appear.
+//
+// Kernels are templated on the storage dtypes, on the algorithm's structural flags (momentum /
+// nesterov, amsgrad / decoupled weight decay) and on kVec (16-byte vector accesses). Flags that
+// only change a few uniform branches (maximize, GradScaler, master weights, stochastic rounding,
+// lr and step sources) are runtime values: a branch every thread of a block takes the same way
+// costs nothing in these memory-bound kernels and keeps the number of instantiations small.
+//
+// FUSED_OPTIM_HOST_EMULATION (host C++ compiler, no GPU): the same kernels run on the CPU, one
+// CUDA thread after another (they share nothing and never synchronise, so serial execution is
+// exact). tests/test_cuda_sources.py builds it to check the kernels against the reference.
+#include "fused_cuda.h"
+
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(FUSED_OPTIM_HOST_EMULATION)
+#include <cstring>
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define FUSED_OPTIM_ASSUME_GLOBAL(pointer) ((void)0)
+namespace fused_optim {
+namespace cuda {
+namespace {
+struct EmulatedIndex {
+  unsigned int x = 0;
+};
+thread_local EmulatedIndex blockIdx, threadIdx;
+inline uint32_t __float_as_uint(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+inline float __uint_as_float(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+inline float __fdiv_rn(float a, float b) { return a / b; }
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_optim
+#define FUSED_OPTIM_LAUNCH(kernel, grid, stream, launch)                      \
+  do {                                                                       \
+    (void)(stream);                                                          \
+    for (unsigned int block = 0; block < (grid).x; ++block) {                \
+      for (unsigned int thread = 0; thread < unsigned(kThreads); ++thread) { \
+        blockIdx.x = block;                                                  \
+        threadIdx.x = thread;                                                \
+        kernel(launch);                                                      \
+      }                                                                      \
+    }                                                                        \
+  } while (0)
+#define FUSED_OPTIM_LAST_ERROR() cudaSuccess
+#else
+#include <cuda_runtime.h>
+// Every address in the tables is device memory: telling the compiler so turns generic
+// accesses into ld.global / st.global.
+#define FUSED_OPTIM_ASSUME_GLOBAL(pointer) __builtin_assume(__isGlobal(pointer))
+#define FUSED_OPTIM_LAUNCH(kernel, grid, stream, launch) \
+  kernel<<<(grid), kThreads, 0, (stream)>>>(launch)
+#define FUSED_OPTIM_LAST_ERROR() cudaGetLastError()
+#endif
+
+#include "../math/update.h"
+
+namespace fused_optim {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Storage types and conversions.
+
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+template <typename S>
+struct ComputeOf {
+  using type = float;
+};
+template <>
+struct ComputeOf<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ T widen(float x) {
+  return static_cast<T>(x);
+}
+template <typename T>
+__device__ __forceinline__ T widen(double x) {
+  return static_cast<T>(x);
+}
+template <typename T>
+__device__ __forceinline__ T widen(bf16_t x) {
+  return static_cast<T>(__uint_as_float(static_cast<uint32_t>(x.x) << 16));
+}
+template <typename T>
+__device__ __forceinline__ T widen(f16_t x) {
+  return static_cast<T>(__half2float(__ushort_as_half(x.x)));
+}
+
+// Round-to-nearest-even fp32 -> bf16 on the bits (NaN stays a quiet NaN), as the Triton kernels.
+__device__ __forceinline__ uint16_t bf16_bits_rn(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  if (x != x) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16);
+}
+
+template <typename S>
+struct Narrow;
+template <>
+struct Narrow<float> {
+  template <typename T>
+  static __device__ __forceinline__ float from(T x) {
+    return static_cast<float>(x);
+  }
+};
+template <>
+struct Narrow<double> {
+  template <typename T>
+  static __device__ __forceinline__ double from(T x) {
+    return static_cast<double>(x);
+  }
+};
+template <>
+struct Narrow<bf16_t> {
+  template <typename T>
+  static __device__ __forceinline__ bf16_t from(T x) {
+    return bf16_t{bf16_bits_rn(static_cast<float>(x))};
+  }
+};
+template <>
+struct Narrow<f16_t> {
+  template <typename T>
+  static __device__ __forceinline__ f16_t from(T x) {
+    return f16_t{__half_as_ushort(__float2half_rn(static_cast<float>(x)))};
+  }
+};
+
+template <typename S, typename T>
+__device__ __forceinline__ S narrow(T x) {
+  return Narrow<S>::from(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic rounding: bitwise backends/reference.py's random_bits and round_stochastic.
+
+__device__ __forceinline__ uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+__device__ __forceinline__ uint32_t tensor_key(uint32_t seed, double step, int64_t index) {
+  uint32_t key = mix32(seed ^ 0x9E3779B9u);
+  key = mix32(key ^ static_cast<uint32_t>(static_cast<int64_t>(step)));
+  return mix32(key ^ static_cast<uint32_t>(index));
+}
+
+__device__ __forceinline__ uint32_t element_bits(uint32_t key, int64_t offset) {
+  const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(offset) >> 32);
+  return mix32(mix32(key ^ high) ^ static_cast<uint32_t>(offset));
+}
+
+__device__ __forceinline__ bf16_t round_stochastic_bf16(float x, uint32_t bits) {
+  const uint32_t x_bits = __float_as_uint(x);
+  if (x != x) return bf16_t{static_cast<uint16_t>((x_bits >> 16) | 0x40u)};
+  return bf16_t{static_cast<uint16_t>((x_bits + (bits & 0xFFFFu)) >> 16)};
+}
+
+__device__ __forceinline__ f16_t round_stochastic_f16(float x, uint32_t bits) {
+  const __half nearest = __float2half_rn(x);
+  const float nearest32 = __half2float(nearest);
+  const uint32_t nearest_bits = __half_as_ushort(nearest);
+  const bool away_from_zero = fabsf(nearest32) < fabsf(x);
+  const uint32_t other_bits = (away_from_zero ? nearest_bits + 1u : nearest_bits - 1u) & 0xFFFFu;
+  const float other32 = __half2float(__ushort_as_half(static_cast<unsigned short>(other_bits)));
+  const float probability = __fdiv_rn(x - nearest32, other32 - nearest32);
+  const float uniform = static_cast<float>(bits >> 8) * (1.0f / 16777216.0f);
+  const bool take_other = (x != nearest32) && (uniform < probability);
+  return f16_t{static_cast<uint16_t>(take_other ? other_bits : nearest_bits)};
+}
+
+template <typename PT, typename T>
+__device__ __forceinline__ PT round_param(T x, bool stochastic, uint32_t key, int64_t offset) {
+  if constexpr (std::is_same<PT, bf16_t>::value) {
+    if (stochastic) return round_stochastic_bf16(static_cast<float>(x), element_bits(key, offset));
+  } else if constexpr (std::is_same<PT, f16_t>::value) {
+    if (stochastic) return round_stochastic_f16(static_cast<float>(x), element_bits(key, offset));
+  }
+  return narrow<PT>(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores of N consecutive elements: one or two 16-byte accesses when N > 1 (the host
+// checked that every address is 16-byte aligned; block starts are multiples of kChunk).
+
+template <typename S, int N>
+struct alignas(sizeof(S) * N >= 16 ? 16 : sizeof(S) * N) Pack {
+  S v[N];
+};
+
+template <int N, typename T, typename S>
+__device__ __forceinline__ void load(const S* base, int64_t i, T (&out)[N]) {
+  FUSED_OPTIM_ASSUME_GLOBAL(base);
+  const Pack<S, N> pack = *reinterpret_cast<const Pack<S, N>*>(base + i);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = widen<T>(pack.v[k]);
+}
+
+template <int N, typename S>
+__device__ __forceinline__ void store(S* base, int64_t i, const S (&values)[N]) {
+  FUSED_OPTIM_ASSUME_GLOBAL(base);
+  Pack<S, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = values[k];
+  *reinterpret_cast<Pack<S, N>*>(base + i) = pack;
+}
+
+template <int N, typename S, typename T>
+__device__ __forceinline__ void store_rounded(S* base, int64_t i, const T (&values)[N]) {
+  S out[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = narrow<S>(values[k]);
+  store<N>(base, i, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What every block reads first: its tensor, its range, its step.
+
+struct Block {
+  const int64_t* row;
+  int64_t tensor;
+  int64_t start;
+  int64_t end;  // one past the block's last element
+  int64_t numel;
+};
+
+__device__ __forceinline__ Block locate(const CommonLaunch& a) {
+  Block b;
+  const int64_t pid = static_cast<int64_t>(blockIdx.x);
+  b.tensor = a.block_table[2 * pid];
+  b.start = a.block_table[2 * pid + 1];
+  b.row = a.tensor_table + b.tensor * kTableColumns;
+  b.numel = b.row[kColNumel];
+  b.end = b.start + kChunk < b.numel ? b.start + kChunk : b.numel;
+  return b;
+}
+
+// GradScaler found an inf/NaN: the whole step stores nothing.
+__device__ __forceinline__ bool skipped(const CommonLaunch& a) {
+  return a.found_inf != nullptr && *a.found_inf != 0.0f;
+}
+
+__device__ __forceinline__ double step_of(const CommonLaunch& a, const int64_t* row) {
+  if (a.step_from_pointer) {
+    const void* address = reinterpret_cast<const void*>(row[kColStep]);
+    return row[kColStepIsDouble] ? *static_cast<const double*>(address)
+                                 : static_cast<double>(*static_cast<const float*>(address));
+  }
+  return a.base_step - static_cast<double>(row[kColStep]);
+}
+
+__device__ __forceinline__ double lr_as_double(const CommonLaunch& a) {
+  switch (a.lr_kind) {
+    case LrKind::kFloat32Pointer:
+      return static_cast<double>(*static_cast<const float*>(a.lr_ptr));
+    case LrKind::kFloat64Pointer:
+      return *static_cast<const double*>(a.lr_ptr);
+    default:
+      return a.lr_value;
+  }
+}
+
+// Walks the block's elements: full N-element vectors (kVec), then the tensor's last few
+// elements one at a time; or every element one at a time. `body<N>(i)` does elements i..i+N-1.
+template <bool kVec, int V, typename Body>
+__device__ __forceinline__ void for_each_element(const Block& b, Body&& body) {
+  const int64_t tid = threadIdx.x;
+  int64_t scalar_start = b.start;
+  if constexpr (kVec) {
+    const int64_t full = b.start + ((b.end - b.start) / V) * V;
+    for (int64_t i = b.start + tid * V; i < full; i += int64_t(kThreads) * V) {
+      body.template operator()<V>(i);
+    }
+    scalar_start = full;
+  }
+  for (int64_t i = scalar_start + tid; i < b.end; i += kThreads) {
+    body.template operator()<1>(i);
+  }
+}
+
+// Elements per 16-byte access of the param dtype (fp64: 2, fp32: 4, bf16/fp16: 8).
+template <typename PT>
+struct VectorWidth {
+  static constexpr int value = static_cast<int>(16 / sizeof(PT));
+};
+
+// ---------------------------------------------------------------------------------------------
+// SGD.
+
+template <typename PT, typename ST, bool kMomentum, bool kNesterov>
+struct SgdBody {
+  using T = typename ComputeOf<PT>::type;
+  math::SgdScalars<T> s;
+  bool maximize;
+  bool unscale;
+  bool stochastic;
+  PT* param;
+  PT* grad;
+  ST* buffer;
+  float* master;
+  bool new_buffer;
+  T grad_scale;
+  uint32_t key;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(int64_t i) const {
+    T p[N], g[N], buf[N];
+    if (master != nullptr) {
+      load<N>(master, i, p);
+    } else {
+      load<N>(param, i, p);
+    }
+    load<N>(grad, i, g);
+    if (unscale) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[k] = math::unscale(g[k], grad_scale);
+      store_rounded<N>(grad, i, g);
+    }
+    if (kMomentum && !new_buffer) {
+      load<N>(buffer, i, buf);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) buf[k] = T(0);
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (maximize) {
+        math::sgd_update<T, kMomentum, kNesterov, true>(p[k], g[k], buf[k], new_buffer, s);
+      } else {
+        math::sgd_update<T, kMomentum, kNesterov, false>(p[k], g[k], buf[k], new_buffer, s);
+      }
+    }
+    if (kMomentum) store_rounded<N>(buffer, i, buf);
+    if (master != nullptr) store_rounded<N>(master, i, p);
+    PT out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = round_param<PT>(p[k], stochastic, key, i + k);
+    store<N>(param, i, out);
+  }
+};
+
+template <typename PT, typename ST, bool kMomentum, bool kNesterov, bool kVec>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
+  using T = typename ComputeOf<PT>::type;
+  if (skipped(a)) return;
+  const Block b = locate(a);
+  if (b.start >= b.end) return;
+  math::SgdScalars<T> s;
+  s.lr = static_cast<T>(lr_as_double(a));
+  s.momentum = static_cast<T>(a.momentum);
+  s.one_minus_dampening = static_cast<T>(1.0 - a.dampening);
+  s.weight_decay = static_cast<T>(a.weight_decay);
+  uint32_t key = 0;
+  if (a.stochastic_rounding) key = tensor_key(a.seed, step_of(a, b.row), b.row[kColIndex]);
+  const SgdBody<PT, ST, kMomentum, kNesterov> body{
+      s,
+      a.maximize,
+      a.grad_scale != nullptr,
+      a.stochastic_rounding,
+      reinterpret_cast<PT*>(b.row[kColParam]),
+      reinterpret_cast<PT*>(a.grad_table[b.tensor]),
+      reinterpret_cast<ST*>(b.row[kColState0]),
+      a.has_master ? reinterpret_cast<float*>(b.row[kColMaster]) : nullptr,
+      b.row[kColNewBuffer] != 0,
+      a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1),
+      key};
+  for_each_element<kVec, VectorWidth<PT>::value>(b, body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW.
+
+// The per-tensor scalars in fp64 (torch.optim's host arithmetic), the lr-dependent ones in the
+// lr's dtype L (fp64 for a Python float lr, the tensor's dtype for a tensor lr).
+template <typename T, typename L>
+__device__ __forceinline__ math::AdamScalars<T> adam_scalars(
+    const AdamLaunch& a, L lr, double bias_correction1, double bias_correction2_sqrt) {
+  math::AdamScalars<T> s;
+  const double neg_step_size = static_cast<double>(-(lr / static_cast<L>(bias_correction1)));
+  const double decay = static_cast<double>(L(1) - lr * static_cast<L>(a.weight_decay));
+  s.neg_step_size = static_cast<T>(neg_step_size);
+  s.bias_correction2_sqrt = static_cast<T>(bias_correction2_sqrt);
+  s.one_minus_beta1 = static_cast<T>(1.0 - a.beta1);
+  s.beta2 = static_cast<T>(a.beta2);
+  s.one_minus_beta2 = static_cast<T>(1.0 - a.beta2);
+  s.eps = static_cast<T>(a.eps);
+  s.weight_decay = static_cast<T>(a.weight_decay);
+  s.decay = static_cast<T>(decay);
+  return s;
+}
+
+template <typename PT, typename ST, bool kAmsgrad, bool kDecoupled>
+struct AdamBody {
+  using T = typename ComputeOf<PT>::type;
+  math::AdamScalars<T> s;
+  bool maximize;
+  bool unscale;
+  bool stochastic;
+  PT* param;
+  PT* grad;
+  ST* exp_avg;
+  ST* exp_avg_sq;
+  ST* max_exp_avg_sq;
+  float* master;
+  T grad_scale;
+  uint32_t key;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(int64_t i) const {
+    T p[N], g[N], m[N], v[N], vmax[N];
+    if (master != nullptr) {
+      load<N>(master, i, p);
+    } else {
+      load<N>(param, i, p);
+    }
+    load<N>(grad, i, g);
+    if (unscale) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[k] = math::unscale(g[k], grad_scale);
+      store_rounded<N>(grad, i, g);
+    }
+    load<N>(exp_avg, i, m);
+    load<N>(exp_avg_sq, i, v);
+    if (kAmsgrad) {
+      load<N>(max_exp_avg_sq, i, vmax);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) vmax[k] = T(0);
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (maximize) {
+        math::adam_update<T, kAmsgrad, true, kDecoupled>(p[k], g[k], m[k], v[k], vmax[k], s);
+      } else {
+        math::adam_update<T, kAmsgrad, false, kDecoupled>(p[k], g[k], m[k], v[k], vmax[k], s);
+      }
+    }
+    if (kAmsgrad) store_rounded<N>(max_exp_avg_sq, i, vmax);
+    store_rounded<N>(exp_avg, i, m);
+    store_rounded<N>(exp_avg_sq, i, v);
+    if (master != nullptr) store_rounded<N>(master, i, p);
+    PT out[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = round_param<PT>(p[k], stochastic, key, i + k);
+    store<N>(param, i, out);
+  }
+};
+
+template <typename PT, typename ST, bool kAmsgrad, bool kDecoupled, bool kVec>
+__global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
+  using T = typename ComputeOf<PT>::type;
+  if (skipped(a)) return;
+  const Block b = locate(a);
+  if (b.start >= b.end) return;
+  // Bias corrections: torch.optim's host values for tensors at the launch's base step, fp64
+  // pow() on the device for the others and for steps read from device memory (capturable).
+  const double step = step_of(a, b.row);
+  double bias_correction1 = a.base_bias_correction1;
+  double bias_correction2_sqrt = a.base_bias_correction2_sqrt;
+  if (a.step_from_pointer || b.row[kColStep] != 0) {
+    bias_correction1 = 1.0 - pow(a.beta1, step);
+    bias_correction2_sqrt = sqrt(1.0 - pow(a.beta2, step));
+  }
+  math::AdamScalars<T> s;
+  if (a.lr_kind == LrKind::kFloat32Pointer) {
+    s = adam_scalars<T, float>(a, *static_cast<const float*>(a.lr_ptr), bias_correction1,
+                               bias_correction2_sqrt);
+  } else {
+    s = adam_scalars<T, double>(a, lr_as_double(a), bias_correction1, bias_correction2_sqrt);
+  }
+  const uint32_t key =
+      a.stochastic_rounding ? tensor_key(a.seed, step, b.row[kColIndex]) : uint32_t(0);
+  const AdamBody<PT, ST, kAmsgrad, kDecoupled> body{
+      s,
+      a.maximize,
+      a.grad_scale != nullptr,
+      a.stochastic_rounding,
+      reinterpret_cast<PT*>(b.row[kColParam]),
+      reinterpret_cast<PT*>(a.grad_table[b.tensor]),
+      reinterpret_cast<ST*>(b.row[kColState0]),
+      reinterpret_cast<ST*>(b.row[kColState1]),
+      reinterpret_cast<ST*>(b.row[kColState2]),
+      a.has_master ? reinterpret_cast<float*>(b.row[kColMaster]) : nullptr,
+      a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1),
+      key};
+  for_each_element<kVec, VectorWidth<PT>::value>(b, body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host dispatch: dtype pair -> storage types, runtime flags -> template flags.
+
+template <typename F>
+bool dispatch_dtypes(DType param, DType state, F&& f) {
+  // The state dtype is the param's, fp32 or bf16 (the plan stages anything else).
+#define FUSED_OPTIM_CASE(P, S, PTYPE, STYPE) \
+  if (param == DType::P && state == DType::S) { \
+    f(PTYPE{}, STYPE{});                        \
+    return true;                                \
+  }
+  FUSED_OPTIM_CASE(kFloat32, kFloat32, float, float)
+  FUSED_OPTIM_CASE(kFloat32, kBFloat16, float, bf16_t)
+  FUSED_OPTIM_CASE(kBFloat16, kBFloat16, bf16_t, bf16_t)
+  FUSED_OPTIM_CASE(kBFloat16, kFloat32, bf16_t, float)
+  FUSED_OPTIM_CASE(kFloat16, kFloat16, f16_t, f16_t)
+  FUSED_OPTIM_CASE(kFloat16, kFloat32, f16_t, float)
+  FUSED_OPTIM_CASE(kFloat16, kBFloat16, f16_t, bf16_t)
+  FUSED_OPTIM_CASE(kFloat64, kFloat64, double, double)
+  FUSED_OPTIM_CASE(kFloat64, kFloat32, double, float)
+  FUSED_OPTIM_CASE(kFloat64, kBFloat16, double, bf16_t)
+#undef FUSED_OPTIM_CASE
+  return false;
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace
+
+bool supports_dtypes(DType param, DType state) {
+  return dispatch_dtypes(param, state, [](auto, auto) {});
+}
+
+cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream) {
+  if (launch.num_blocks <= 0) return cudaSuccess;
+  if (launch.num_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned int>(launch.num_blocks));
+  const bool momentum = launch.momentum != 0.0;
+  // Without momentum the state dtype plays no part: use the param's.
+  const DType state = momentum ? launch.state_dtype : launch.param_dtype;
+  const bool ok = dispatch_dtypes(launch.param_dtype, state, [&](auto p, auto st) {
+    using PT = decltype(p);
+    using ST = decltype(st);
+    dispatch_bool(launch.aligned, [&](auto vec) {
+      if (!momentum) {
+        if constexpr (std::is_same<PT, ST>::value) {
+          FUSED_OPTIM_LAUNCH((sgd_kernel<PT, PT, false, false, decltype(vec)::value>), grid,
+                             stream, launch);
+        }
+        return;
+      }
+      dispatch_bool(launch.nesterov, [&](auto nesterov) {
+        FUSED_OPTIM_LAUNCH(
+            (sgd_kernel<PT, ST, true, decltype(nesterov)::value, decltype(vec)::value>), grid,
+            stream, launch);
+      });
+    });
+  });
+  if (!ok) return cudaErrorInvalidValue;
+  return FUSED_OPTIM_LAST_ERROR();
+}
+
+cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream) {
+  if (launch.num_blocks <= 0) return cudaSuccess;
+  if (launch.num_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned int>(launch.num_blocks));
+  const bool ok = dispatch_dtypes(launch.param_dtype, launch.state_dtype, [&](auto p, auto st) {
+    using PT = decltype(p);
+    using ST = decltype(st);
+    dispatch_bool(launch.aligned, [&](auto vec) {
+      dispatch_bool(launch.amsgrad, [&](auto amsgrad) {
+        dispatch_bool(launch.decoupled_weight_decay, [&](auto decoupled) {
+          FUSED_OPTIM_LAUNCH((adam_kernel<PT, ST, decltype(amsgrad)::value,
+                                          decltype(decoupled)::value, decltype(vec)::value>),
+                             grid, stream, launch);
+        });
+      });
+    });
+  });
+  if (!ok) return cudaErrorInvalidValue;
+  return FUSED_OPTIM_LAST_ERROR();
+}
+
+}  // namespace cuda
+}  // namespace fused_optim
+
+#if defined(FUSED_OPTIM_HOST_EMULATION)
+// C entry points of the emulation, for ctypes. pointers: tensor_table, grad_table, block_table,
+// lr, grad_scale, found_inf. ints: num_blocks, param_dtype, state_dtype, lr_kind, maximize,
+// has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD: nesterov;
+// Adam: amsgrad, decoupled_weight_decay. reals: lr_value, base_step, then SGD: momentum,
+// dampening, weight_decay; Adam: beta1, beta2, eps, weight_decay, base_bias_correction1,
+// base_bias_correction2_sqrt.
+namespace {
+void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* pointers,
+                   const int64_t* ints, const double* reals) {
+  using namespace fused_optim::cuda;
+  launch.tensor_table = static_cast<const int64_t*>(pointers[0]);
+  launch.grad_table = static_cast<const int64_t*>(pointers[1]);
+  launch.block_table = static_cast<const int64_t*>(pointers[2]);
+  launch.lr_ptr = pointers[3];
+  launch.grad_scale = static_cast<const float*>(pointers[4]);
+  launch.found_inf = static_cast<const float*>(pointers[5]);
+  launch.num_blocks = ints[0];
+  launch.param_dtype = static_cast<DType>(ints[1]);
+  launch.state_dtype = static_cast<DType>(ints[2]);
+  launch.lr_kind = static_cast<LrKind>(ints[3]);
+  launch.maximize = ints[4] != 0;
+  launch.has_master = ints[5] != 0;
+  launch.stochastic_rounding = ints[6] != 0;
+  launch.step_from_pointer = ints[7] != 0;
+  launch.seed = static_cast<uint32_t>(ints[8]);
+  launch.aligned = ints[9] != 0;
+  launch.lr_value = reals[0];
+  launch.base_step = reals[1];
+}
+}  // namespace
+
+extern "C" int fused_optim_emulated_sgd(const void* const* pointers, const int64_t* ints,
+                                        const double* reals) {
+  fused_optim::cuda::SgdLaunch launch;
+  fill_emulated(launch, pointers, ints, reals);
+  launch.nesterov = ints[10] != 0;
+  launch.momentum = reals[2];
+  launch.dampening = reals[3];
+  launch.weight_decay = reals[4];
+  return static_cast<int>(fused_optim::cuda::launch_sgd(launch, nullptr));
+}
+
+extern "C" int fused_optim_emulated_adam(const void* const* pointers, const int64_t* ints,
+                                         const double* reals) {
+  fused_optim::cuda::AdamLaunch launch;
+  fill_emulated(launch, pointers, ints, reals);
+  launch.amsgrad = ints[10] != 0;
+  launch.decoupled_weight_decay = ints[11] != 0;
+  launch.beta1 = reals[2];
+  launch.beta2 = reals[3];
+  launch.eps = reals[4];
+  launch.weight_decay = reals[5];
+  launch.base_bias_correction1 = reals[6];
+  launch.base_bias_correction2_sqrt = reals[7];
+  return static_cast<int>(fused_optim::cuda::launch_adam(launch, nullptr));
+}
+#endif  // FUSED_OPTIM_HOST_EMULATION

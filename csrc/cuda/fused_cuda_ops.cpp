@@ -1,0 +1,194 @@
+// Torch binding of the CUDA multi-tensor kernels: ops fused_optim_cuda::sgd_ and
+// fused_optim_cuda::adam_, and the Python module fused_optim._C_cuda whose import registers them.
+//
+// Built only by setup.py against a CUDA build of torch (it needs c10's CUDA headers and links
+// fused_cuda.cu). The ops take the launch tables that fused_optim/backends/cuda.py builds and
+// enqueue one kernel on the current stream; they never synchronise with the host, so they can
+// be captured in a CUDA graph.
+//
+// The tables hold raw addresses of the tensors the kernel writes: the schemas cannot name those
+// tensors, so these ops are for eager use and CUDA graphs (as the optimizers call them), not for
+// torch.compile tracing.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include "fused_cuda.h"
+
+namespace fused_optim {
+namespace cuda {
+namespace {
+
+DType to_dtype(c10::ScalarType type) {
+  switch (type) {
+    case c10::ScalarType::Float:
+      return DType::kFloat32;
+    case c10::ScalarType::Double:
+      return DType::kFloat64;
+    case c10::ScalarType::BFloat16:
+      return DType::kBFloat16;
+    case c10::ScalarType::Half:
+      return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "fused_optim_cuda: unsupported dtype ", type);
+  }
+}
+
+const float* float_scalar(const std::optional<at::Tensor>& t, const at::Tensor& table,
+                          const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == table.device(), "fused_optim_cuda: ", what, " is on ", t->device(),
+              ", the tables on ", table.device());
+  TORCH_CHECK(t->scalar_type() == c10::ScalarType::Float && t->numel() == 1, "fused_optim_cuda: ",
+              what, " must be a one-element float32 tensor");
+  return t->const_data_ptr<float>();
+}
+
+void fill_common(CommonLaunch& launch, const at::Tensor& tensor_table,
+                 const at::Tensor& grad_table, const at::Tensor& block_table,
+                 c10::ScalarType param_dtype, c10::ScalarType state_dtype,
+                 const std::optional<at::Tensor>& lr, double lr_value,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, bool maximize, bool has_master,
+                 bool stochastic_rounding, bool step_from_pointer, double base_step, int64_t seed,
+                 bool aligned) {
+  for (const at::Tensor* table : {&tensor_table, &grad_table, &block_table}) {
+    TORCH_CHECK(table->is_cuda() && table->scalar_type() == c10::ScalarType::Long &&
+                    table->is_contiguous(),
+                "fused_optim_cuda: launch tables must be contiguous int64 CUDA tensors");
+    TORCH_CHECK(table->device() == tensor_table.device(),
+                "fused_optim_cuda: launch tables on different devices");
+  }
+  TORCH_CHECK(tensor_table.dim() == 2 && tensor_table.size(1) == kTableColumns,
+              "fused_optim_cuda: tensor_table must have ", int(kTableColumns), " columns");
+  TORCH_CHECK(grad_table.numel() == tensor_table.size(0),
+              "fused_optim_cuda: one gradient pointer per tensor expected");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(1) == 2,
+              "fused_optim_cuda: block_table must hold (tensor, start) pairs");
+  launch.tensor_table = tensor_table.const_data_ptr<int64_t>();
+  launch.grad_table = grad_table.const_data_ptr<int64_t>();
+  launch.block_table = block_table.const_data_ptr<int64_t>();
+  launch.num_blocks = block_table.size(0);
+  launch.param_dtype = to_dtype(param_dtype);
+  launch.state_dtype = to_dtype(state_dtype);
+  TORCH_CHECK(supports_dtypes(launch.param_dtype, launch.state_dtype),
+              "fused_optim_cuda: states of dtype ", state_dtype, " with params of dtype ",
+              param_dtype, " are not supported (states must be the param's dtype, fp32 or bf16)");
+  if (lr.has_value() && lr->defined()) {
+    TORCH_CHECK(lr->device() == tensor_table.device() && lr->numel() == 1,
+                "fused_optim_cuda: a tensor lr must be one element on the tables' device");
+    if (lr->scalar_type() == c10::ScalarType::Float) {
+      launch.lr_kind = LrKind::kFloat32Pointer;
+    } else {
+      TORCH_CHECK(lr->scalar_type() == c10::ScalarType::Double,
+                  "fused_optim_cuda: a tensor lr must be float32 or float64");
+      launch.lr_kind = LrKind::kFloat64Pointer;
+    }
+    launch.lr_ptr = lr->const_data_ptr();
+  } else {
+    launch.lr_kind = LrKind::kValue;
+    launch.lr_value = lr_value;
+  }
+  launch.grad_scale = float_scalar(grad_scale, tensor_table, "grad_scale");
+  launch.found_inf = float_scalar(found_inf, tensor_table, "found_inf");
+  launch.maximize = maximize;
+  launch.has_master = has_master;
+  launch.stochastic_rounding = stochastic_rounding;
+  launch.step_from_pointer = step_from_pointer;
+  launch.base_step = base_step;
+  launch.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull);
+  launch.aligned = aligned;
+}
+
+void sgd_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
+          const at::Tensor& block_table, c10::ScalarType param_dtype,
+          c10::ScalarType state_dtype, const std::optional<at::Tensor>& lr, double lr_value,
+          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+          bool has_master, bool stochastic_rounding, bool step_from_pointer, double base_step,
+          int64_t seed, bool aligned) {
+  SgdLaunch launch;
+  fill_common(launch, tensor_table, grad_table, block_table, param_dtype, state_dtype, lr,
+              lr_value, grad_scale, found_inf, maximize, has_master, stochastic_rounding,
+              step_from_pointer, base_step, seed, aligned);
+  launch.momentum = momentum;
+  launch.dampening = dampening;
+  launch.weight_decay = weight_decay;
+  launch.nesterov = nesterov;
+  const c10::cuda::CUDAGuard guard(tensor_table.device());
+  const cudaError_t error = launch_sgd(launch, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::sgd_ launch failed: ",
+              cudaGetErrorString(error));
+}
+
+void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
+           const at::Tensor& block_table, c10::ScalarType param_dtype,
+           c10::ScalarType state_dtype, const std::optional<at::Tensor>& lr, double lr_value,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+           bool maximize, bool decoupled_weight_decay, bool has_master, bool stochastic_rounding,
+           bool step_from_pointer, double base_step, double base_bias_correction1,
+           double base_bias_correction2_sqrt, int64_t seed, bool aligned) {
+  AdamLaunch launch;
+  fill_common(launch, tensor_table, grad_table, block_table, param_dtype, state_dtype, lr,
+              lr_value, grad_scale, found_inf, maximize, has_master, stochastic_rounding,
+              step_from_pointer, base_step, seed, aligned);
+  launch.beta1 = beta1;
+  launch.beta2 = beta2;
+  launch.eps = eps;
+  launch.weight_decay = weight_decay;
+  launch.amsgrad = amsgrad;
+  launch.decoupled_weight_decay = decoupled_weight_decay;
+  launch.base_bias_correction1 = base_bias_correction1;
+  launch.base_bias_correction2_sqrt = base_bias_correction2_sqrt;
+  const c10::cuda::CUDAGuard guard(tensor_table.device());
+  const cudaError_t error = launch_adam(launch, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::adam_ launch failed: ",
+              cudaGetErrorString(error));
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_optim
+
+TORCH_LIBRARY(fused_optim_cuda, m) {
+  m.def(
+      "sgd_(Tensor tensor_table, Tensor grad_table, Tensor block_table, "
+      "ScalarType param_dtype, ScalarType state_dtype, Tensor? lr, float lr_value, "
+      "Tensor? grad_scale, Tensor? found_inf, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool has_master, "
+      "bool stochastic_rounding, bool step_from_pointer, float base_step, int seed, "
+      "bool aligned) -> ()");
+  m.def(
+      "adam_(Tensor tensor_table, Tensor grad_table, Tensor block_table, "
+      "ScalarType param_dtype, ScalarType state_dtype, Tensor? lr, float lr_value, "
+      "Tensor? grad_scale, Tensor? found_inf, float beta1, float beta2, float eps, "
+      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+      "bool has_master, bool stochastic_rounding, bool step_from_pointer, float base_step, "
+      "float base_bias_correction1, float base_bias_correction2_sqrt, int seed, "
+      "bool aligned) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_optim_cuda, CUDA, m) {
+  m.impl("sgd_", &fused_optim::cuda::sgd_);
+  m.impl("adam_", &fused_optim::cuda::adam_);
+}
+
+// Importing fused_optim._C_cuda runs the registrations above; the module itself is empty.
+static struct PyModuleDef fused_optim_cuda_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C_cuda",
+    "CUDA kernels of fused_optim (ops in torch.ops.fused_optim_cuda)",
+    -1,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr};
+
+PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&fused_optim_cuda_module); }
