@@ -9,6 +9,10 @@
 
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "kernel_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -202,6 +202,218 @@ inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T
   }
 }
 
+#ifdef FUSED_OPTIM_HAVE_AVX2
+// ------------------------------------------------------------- Adam, AVX2 single-pass fast path
+//
+// fp32 compute over fp32/bf16 params, grads and states (no master, no amsgrad, no grad scale,
+// round-to-nearest stores): every element is loaded, updated and stored in ONE pass over all
+// arrays, 8 lanes at a time, instead of converting each array into a local block and back.
+// The arithmetic is adam_update's, operation by operation (IEEE add/mul/fma/div/sqrt give the
+// same bits in any lane), and bf16 stores round as float_to_bf16 does, so the results are
+// bitwise those of the portable path. The loop keeps 7 streams in flight at once.
+
+// 8 bf16 (or fp32) values as fp32. bf16: the 16 bytes go to both 128-bit lanes (a pure load),
+// and one in-lane byte shuffle puts value j in the upper half of dword j (the lower half zero).
+template <bool kBf16>
+inline __m256 avx2_load8(const void* base, int64_t i) {
+  if (kBf16) {
+    const __m256i raw = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    const __m256i spread = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                            -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1,
+                                            14, 15);
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, spread));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+}
+
+// Stores 8 fp32 values known not to be NaN as bf16, rounded to nearest even (float_to_bf16's
+// formula; the upper halves of the rounded dwords are gathered by a byte shuffle), or as fp32.
+template <bool kBf16>
+inline void avx2_store8_finite(void* base, int64_t i, __m256 x) {
+  if (kBf16) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i gather = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1,
+                                            -1, 2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1,
+                                            -1, -1);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, gather), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
+                     _mm256_castsi256_si128(packed));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+  }
+}
+
+// Stores 8 fp32 values, as bf16 rounded to nearest even (NaN -> 0x7FC0) or as fp32.
+template <bool kBf16>
+inline void avx2_store8(void* base, int64_t i, __m256 x) {
+  if (kBf16) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    // Every lane is in [0, 0xFFFF]: the unsigned saturating pack is exact.
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), packed);
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+  }
+}
+
+template <bool kPBf16, bool kGBf16, bool kMBf16, bool kVBf16, bool kMaximize, bool kDecoupled,
+          bool kWeightDecay, bool kLerpLow>
+void adam_fast_loop(void* pp, const void* gp, void* mp, void* vp, int64_t start, int64_t end,
+                    const fmath::AdamScalars<float>& s) {
+  const __m256 decay = _mm256_set1_ps(s.decay);
+  const __m256 wd = _mm256_set1_ps(s.weight_decay);
+  const __m256 w = _mm256_set1_ps(kLerpLow ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
+  const __m256 beta2 = _mm256_set1_ps(s.beta2);
+  const __m256 omb2 = _mm256_set1_ps(s.one_minus_beta2);
+  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2_sqrt);
+  const __m256 eps = _mm256_set1_ps(s.eps);
+  const __m256 nss = _mm256_set1_ps(s.neg_step_size);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // One group of 8 lanes, loaded from / stored to the given bases at element index i.
+  auto update8 = [&](void* pb, const void* gb, void* mb, void* vb, int64_t i)
+                     __attribute__((always_inline)) {
+    __m256 p = avx2_load8<kPBf16>(pb, i);
+    __m256 g = avx2_load8<kGBf16>(gb, i);
+    __m256 m = avx2_load8<kMBf16>(mb, i);
+    __m256 v = avx2_load8<kVBf16>(vb, i);
+    if (kMaximize) g = _mm256_xor_ps(g, sign);
+    if (kDecoupled) {
+      p = _mm256_mul_ps(p, decay);
+    } else if (kWeightDecay) {
+      g = _mm256_fmadd_ps(p, wd, g);
+    }
+    const __m256 diff = _mm256_sub_ps(g, m);
+    m = _mm256_fmadd_ps(w, diff, kLerpLow ? m : g);
+    v = _mm256_fmadd_ps(_mm256_mul_ps(omb2, g), g, _mm256_mul_ps(v, beta2));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
+    p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(nss, m), denom));
+    // A NaN in m or v makes p NaN in the same lane: one test on p covers the three arrays.
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(p, p, _CMP_UNORD_Q)) != 0, 0)) {
+      avx2_store8<kPBf16>(pb, i, p);
+      avx2_store8<kMBf16>(mb, i, m);
+      avx2_store8<kVBf16>(vb, i, v);
+    } else {
+      avx2_store8_finite<kPBf16>(pb, i, p);
+      avx2_store8_finite<kMBf16>(mb, i, m);
+      avx2_store8_finite<kVBf16>(vb, i, v);
+    }
+  };
+  // Software prefetch kAhead elements ahead, one line per 32 elements of each array (two for
+  // fp32 arrays): with seven streams, the hardware prefetchers alone leave the loop waiting.
+  constexpr int64_t kAhead = 1024;
+  auto prefetch = [](const void* base, int64_t i, bool bf16) __attribute__((always_inline)) {
+    const uintptr_t a =
+        reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(i) * (bf16 ? 2 : 4);
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+    if (!bf16) __builtin_prefetch(reinterpret_cast<const void*>(a + 64), 1, 3);
+  };
+  int64_t i = start;
+  for (; i + 32 <= end; i += 32) {
+    prefetch(pp, i + kAhead, kPBf16);
+    prefetch(gp, i + kAhead, kGBf16);
+    prefetch(mp, i + kAhead, kMBf16);
+    prefetch(vp, i + kAhead, kVBf16);
+    update8(pp, gp, mp, vp, i);
+    update8(pp, gp, mp, vp, i + 8);
+    update8(pp, gp, mp, vp, i + 16);
+    update8(pp, gp, mp, vp, i + 24);
+  }
+  for (; i + 8 <= end; i += 8) update8(pp, gp, mp, vp, i);
+  if (i < end) {
+    // The tail (< 8 elements) goes through the same vector code, via zero-padded local copies:
+    // the scalar math could differ in the sign of a NaN (the compiler may fold a negation).
+    const int64_t n = end - i;
+    alignas(32) float lp[8] = {}, lg[8] = {}, lm[8] = {}, lv[8] = {};
+    const size_t pz = kPBf16 ? 2 : 4, gz = kGBf16 ? 2 : 4, mz = kMBf16 ? 2 : 4, vz = kVBf16 ? 2 : 4;
+    std::memcpy(lp, static_cast<char*>(pp) + i * pz, n * pz);
+    std::memcpy(lg, static_cast<const char*>(gp) + i * gz, n * gz);
+    std::memcpy(lm, static_cast<char*>(mp) + i * mz, n * mz);
+    std::memcpy(lv, static_cast<char*>(vp) + i * vz, n * vz);
+    update8(lp, lg, lm, lv, 0);
+    std::memcpy(static_cast<char*>(pp) + i * pz, lp, n * pz);
+    std::memcpy(static_cast<char*>(mp) + i * mz, lm, n * mz);
+    std::memcpy(static_cast<char*>(vp) + i * vz, lv, n * vz);
+  }
+}
+
+template <bool kMaximize, bool kDecoupled, bool kWeightDecay, bool kLerpLow>
+inline bool adam_fast_flags(const Task& task, int64_t start, int64_t end,
+                            const fmath::AdamScalars<float>& s) {
+  // Index of the dtype combination: bit 3 param, 2 grad, 1 exp_avg, 0 exp_avg_sq are bf16.
+  const int code = (task.dtype[fcpu::kParam] == fcpu::kBFloat16 ? 8 : 0) |
+                   (task.dtype[fcpu::kGrad] == fcpu::kBFloat16 ? 4 : 0) |
+                   (task.dtype[fcpu::kState0] == fcpu::kBFloat16 ? 2 : 0) |
+                   (task.dtype[fcpu::kState1] == fcpu::kBFloat16 ? 1 : 0);
+  using Fn = void (*)(void*, const void*, void*, void*, int64_t, int64_t,
+                      const fmath::AdamScalars<float>&);
+#define FUSED_OPTIM_FAST(P, G, M, V) \
+  adam_fast_loop<P, G, M, V, kMaximize, kDecoupled, kWeightDecay, kLerpLow>
+  static constexpr Fn table[16] = {
+      FUSED_OPTIM_FAST(false, false, false, false), FUSED_OPTIM_FAST(false, false, false, true),
+      FUSED_OPTIM_FAST(false, false, true, false),  FUSED_OPTIM_FAST(false, false, true, true),
+      FUSED_OPTIM_FAST(false, true, false, false),  FUSED_OPTIM_FAST(false, true, false, true),
+      FUSED_OPTIM_FAST(false, true, true, false),   FUSED_OPTIM_FAST(false, true, true, true),
+      FUSED_OPTIM_FAST(true, false, false, false),  FUSED_OPTIM_FAST(true, false, false, true),
+      FUSED_OPTIM_FAST(true, false, true, false),   FUSED_OPTIM_FAST(true, false, true, true),
+      FUSED_OPTIM_FAST(true, true, false, false),   FUSED_OPTIM_FAST(true, true, false, true),
+      FUSED_OPTIM_FAST(true, true, true, false),    FUSED_OPTIM_FAST(true, true, true, true),
+  };
+#undef FUSED_OPTIM_FAST
+  table[code](task.data[fcpu::kParam], task.data[fcpu::kGrad], task.data[fcpu::kState0],
+              task.data[fcpu::kState1], start, end, s);
+  return true;
+}
+
+template <bool kMaximize, bool kDecoupled>
+inline bool adam_fast_chunk_float(const Task& task, const Chunk& chunk, const AdamArgs& args,
+                                  const fmath::AdamScalars<float>& f);
+
+// Runs the chunk on the fast path and returns true, or returns false when it does not apply.
+template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupled>
+inline bool adam_fast_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args,
+                            const fmath::AdamScalars<T>& s) {
+  if constexpr (sizeof(T) != 4 || kAmsgrad) {
+    return false;
+  } else {
+    return adam_fast_chunk_float<kMaximize, kDecoupled>(task, chunk, args, s);
+  }
+}
+
+template <bool kMaximize, bool kDecoupled>
+inline bool adam_fast_chunk_float(const Task& task, const Chunk& chunk, const AdamArgs& args,
+                                  const fmath::AdamScalars<float>& f) {
+  if (args.has_grad_scale) return false;
+  if (task.data[fcpu::kMaster] != nullptr) return false;
+  // All-fp32 tensors keep the compiler-vectorized in-place loop (no conversion to save).
+  if (task.dtype[fcpu::kParam] == fcpu::kFloat32 && task.dtype[fcpu::kGrad] == fcpu::kFloat32 &&
+      task.dtype[fcpu::kState0] == fcpu::kFloat32 && task.dtype[fcpu::kState1] == fcpu::kFloat32) {
+    return false;
+  }
+  for (int slot : {int(fcpu::kParam), int(fcpu::kGrad), int(fcpu::kState0), int(fcpu::kState1)}) {
+    if (task.dtype[slot] != fcpu::kFloat32 && task.dtype[slot] != fcpu::kBFloat16) return false;
+  }
+  // fp32 params never round; bf16 params with stochastic rounding take the portable path.
+  if (args.stochastic_rounding && task.dtype[fcpu::kParam] == fcpu::kBFloat16) return false;
+  const int64_t start = chunk.start, end = chunk.start + chunk.length;
+  const bool wd = f.weight_decay != 0.0f, low = f.one_minus_beta1 < 0.5f;
+  if (low) {
+    return wd ? adam_fast_flags<kMaximize, kDecoupled, true, true>(task, start, end, f)
+              : adam_fast_flags<kMaximize, kDecoupled, false, true>(task, start, end, f);
+  }
+  return wd ? adam_fast_flags<kMaximize, kDecoupled, true, false>(task, start, end, f)
+            : adam_fast_flags<kMaximize, kDecoupled, false, false>(task, start, end, f);
+}
+#endif  // FUSED_OPTIM_HAVE_AVX2
+
 template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupled>
 void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
   fmath::AdamScalars<T> s;
@@ -213,6 +425,9 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
   s.eps = static_cast<T>(args.eps);
   s.weight_decay = static_cast<T>(args.weight_decay);
   s.decay = static_cast<T>(task.scalar[2]);
+#ifdef FUSED_OPTIM_HAVE_AVX2
+  if (adam_fast_chunk<T, kAmsgrad, kMaximize, kDecoupled>(task, chunk, args, s)) return;
+#endif
   const T scale = static_cast<T>(args.grad_scale);
   const int p_slot = task.data[fcpu::kMaster] != nullptr ? fcpu::kMaster : fcpu::kParam;
   alignas(64) T pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
