@@ -269,8 +269,14 @@ def _emulated_op(library, name):
 
 @pytest.fixture
 def emulated_backend(emulated_kernels, monkeypatch):
+    """The backend with its raw ops swapped for the emulation, and its custom ops (registered for
+    CUDA only) given their own update functions as CPU kernels, for this test only."""
     monkeypatch.setattr(cuda_backend, "_op", lambda name: _emulated_op(emulated_kernels, name))
-    return cuda_backend
+    library = torch.library.Library("fused_optim", "IMPL")
+    library.impl("cuda_sgd", cuda_backend._sgd_update, "CPU")
+    library.impl("cuda_adam", cuda_backend._adam_update, "CPU")
+    yield cuda_backend
+    library._destroy()
 
 
 EMU_SHAPES = [(0,), (), (1,), (7,), (4095,), (4096,), (4097,), (3, 5, 7), (9000,)]
@@ -414,3 +420,160 @@ def test_emulated_grad_scale_and_found_inf(emulated_backend):
     _close(grads, expected_g, "grad")
     _close(params, expected_p, "param")
     _close(buffers, expected_b, "buffer")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: each group's update is a custom op that declares the tensors the kernel writes.
+
+
+def test_custom_ops_declare_what_the_kernels_write():
+    written = {
+        "cuda_sgd": ["params", "grads", "momentum_buffers", "master_params"],
+        "cuda_adam": [
+            "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"
+        ],
+    }  # fmt: skip
+    for name, mutated in written.items():
+        schema = getattr(torch.ops.fused_optim, name).default._schema
+        for argument in schema.arguments:
+            writes = argument.alias_info is not None and argument.alias_info.is_write
+            assert writes == (argument.name in mutated), (name, argument.name, str(schema))
+            if writes:
+                assert str(argument.type) == "List[Tensor]", (name, argument.name)
+        assert not schema.returns, str(schema)
+        assert "Tensor(a0!)[] params" in str(schema)
+
+
+def _fake_cuda_step(backend):
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps):
+        backend.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, **EMU_ADAM,
+                     amsgrad=False, maximize=False, decoupled_weight_decay=True)  # fmt: skip
+        buffers = [None] * len(params)
+        backend.sgd(params, grads, buffers, **EMU_SGD, nesterov=False, maximize=False)
+        return buffers
+
+    return step
+
+
+def test_custom_ops_trace_on_fake_cuda_tensors():
+    """torch.compile(fullgraph=True) traces a step on fake CUDA tensors (no GPU needed) into one
+    graph in which both updates are functionalized, the second reading the first's results."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Traced(Exception):
+        pass
+
+    graphs = []
+
+    def forward_compiler(graph, example_inputs):
+        graphs.append(graph)
+
+        def run(*args):  # the graph would launch on a GPU: stop here
+            raise Traced
+
+        return run
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        params = [torch.empty(5, device="cuda"), torch.empty(3, 4, device="cuda")]
+        tensors = [[torch.empty_like(p) for p in params] for _ in range(3)]
+        steps = [torch.ones((), device="cuda") for _ in params]
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        _fake_cuda_step(cuda_backend),
+        fullgraph=True,
+        backend=aot_autograd(fw_compiler=forward_compiler),
+    )
+    with mode, pytest.raises(Traced):
+        compiled(params, *tensors, steps)
+    torch._dynamo.reset()
+    (graph,) = graphs
+    calls = [n for n in graph.graph.nodes if n.op == "call_function" and n.args]
+    updates = [n for n in calls if "auto_functionalized" in str(n.target)]
+    assert [n.args[0] for n in updates] == [
+        torch.ops.fused_optim.cuda_adam.default, torch.ops.fused_optim.cuda_sgd.default
+    ]  # fmt: skip
+    # SGD updates the params Adam wrote (the getitems of its result), not the inputs.
+    sgd_bases = updates[1].kwargs["_all_bases"]
+    assert all(base.op != "placeholder" for base in sgd_bases)
+
+
+def test_emulated_custom_ops_under_torch_compile(emulated_backend):
+    """The compiled step (custom ops functionalized, then run with their writes copied back)
+    updates as the eager reference does."""
+    step = _fake_cuda_step(emulated_backend)
+    params = _tensors(torch.float32)
+    tensors = [_tensors(torch.float32, scale=0.1).copy() for _ in range(3)]
+    tensors[2] = [t.abs() for t in tensors[2]]  # exp_avg_sq >= 0
+    steps = [torch.tensor(float(i % 3 + 1)) for i in range(len(params))]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for function in (compiled, _fake_cuda_step(reference)):
+        p, t, s = _clone(params), [_clone(c) for c in tensors], _clone(steps)
+        buffers = function(p, *t, s)
+        results.append((p, t, buffers))
+    torch._dynamo.reset()
+    (p, t, buffers), (rp, rt, rbuffers) = results
+    _close(p, rp, "param")
+    for name, a, e in zip(("grad", "exp_avg", "exp_avg_sq"), t, rt):
+        _close(a, e, name)
+    _close(buffers, rbuffers, "momentum_buffer")
+
+
+def test_emulated_custom_ops_opcheck(emulated_backend):
+    """torch.library.opcheck: the declared mutations are the kernels' (schema check), the fake
+    implementations agree, and AOT dispatch works."""
+    params = _tensors(torch.float32)[3:6]
+    grads = _tensors(torch.float32)[3:6]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    steps = [torch.tensor(2.0) for _ in params]
+    scale = (torch.tensor(2.0), torch.tensor(0.0))  # grads are unscaled in place
+    args = (params, grads, *states, [], steps, None, 0.01, *scale, 0.9, 0.99, 1e-6, 0.01,
+            True, False, True, False, 0, None)  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.cuda_adam.default, args)
+    buffers = [torch.empty_like(p) for p in params]
+    args = (params, grads, buffers, [], [], None, 0.05, None, None, 0.9, 0.0, 0.01, False, False,
+            False, 0, None, [1] * len(params))  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.cuda_sgd.default, args)
+
+
+def test_emulated_cached_plans_stage_and_hold_no_tensors(emulated_backend):
+    """Plans are cached per group across steps (the custom ops cannot take the optimizer's
+    cache): staged tensors (a strided param and gradient, fp64 states of fp32 params) are
+    re-attached on every step, and between steps a cached plan keeps none of them alive."""
+    import gc
+    import weakref
+
+    base = torch.randn(9000, 3)
+    params = [base[:, 1], torch.randn(4097), torch.randn(5, 7).t()]
+    states = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(3)]
+    steps = [torch.tensor(0.0) for _ in params]
+    grads = [[torch.randn(p.shape[0], 2)[:, 0] if i == 0 else torch.randn_like(p)
+              for i, p in enumerate(params)] for _ in range(3)]  # fmt: skip
+    flags = dict(amsgrad=True, maximize=False, decoupled_weight_decay=False)
+    (p, st), (rp, rst) = _run_both(
+        emulated_backend, "adam", params, grads, states, steps, **flags, capturable=False
+    )
+    _close(p, rp, "param")
+    for name, a, e in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), st, rst):
+        _close(a, e, name)
+
+    group, group_states, group_steps = _clone(params), [_clone(c) for c in states], _clone(steps)
+    plans_before = dict(emulated_backend._plans)
+    built = []
+    for _ in range(3):
+        emulated_backend.adam(group, _clone(grads[0]), *group_states, group_steps,
+                              **EMU_ADAM, **flags)  # fmt: skip
+        new = [cache for key, cache in emulated_backend._plans.items() if key not in plans_before]
+        assert len(new) == 1 and "adam" in new[0]
+        built.append(new[0]["adam"])
+    assert built[0] is built[1] is built[2], "the plan was rebuilt although no tensor moved"
+    plan = built[0]
+    assert plan.stages and all(stage.source is None for stage in plan.stages + plan.grad_stages)
+    assert not plan.anchors
+    alive = [weakref.ref(t) for t in group]
+    del group
+    gc.collect()
+    assert all(ref() is None for ref in alive), "a cached plan keeps params alive"

@@ -16,11 +16,18 @@ module builds and caches per parameter group (see ``csrc/cuda/fused_cuda.h``):
 
 Tables are uploaded once through pinned memory with ``non_blocking=True`` and reused while no
 tensor moves, so a step enqueues one kernel and, under CUDA-graph capture, nothing else.
+
+For torch.compile, each group's whole update (tables, staging, launch) runs inside the custom ops
+``torch.ops.fused_optim.cuda_sgd`` and ``cuda_adam``, whose schemas declare every tensor list the
+kernel writes and whose fake implementations do nothing; plans are then cached in this module
+(``_group_cache``), not in the optimizer's ``cache`` dict, which cannot pass through an op.
 Tensors the kernel cannot walk as one dense span in the param's memory order (strided params,
 gradients or states of another layout or dtype) are staged through dense work tensors.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -113,22 +120,32 @@ def _upload(host: Tensor, device: torch.device) -> Tensor:
 
 
 class _Stage:
-    """A dense work tensor standing in for a tensor the kernel cannot address directly."""
+    """A dense work tensor standing in for a tensor the kernel cannot address directly.
 
-    __slots__ = ("source", "work", "writes_back")
+    ``where`` says which of the step's tensors ``source`` is, so that a cached plan holds the
+    caller's tensor only while a step runs (see ``_Plan.attach``)."""
 
-    def __init__(self, source: Tensor, like: Tensor, dtype: torch.dtype, writes_back: bool):
-        self.source = source
+    __slots__ = ("source", "where", "work", "writes_back")
+
+    def __init__(self, source, like: Tensor, dtype: torch.dtype, writes_back: bool, where):
+        self.source: Tensor | None = source
+        self.where = where
         self.work = torch.empty_like(like, dtype=dtype)
         self.writes_back = writes_back
 
 
-def _resolve(t: Tensor, anchor: Tensor, dtype: torch.dtype, writes_back: bool, stages: list):
+def _resolve(t, anchor, dtype: torch.dtype, writes_back: bool, stages: list, where=None):
     if t.dtype == dtype and _is_dense(t) and _same_layout(t, anchor):
         return t
-    stage = _Stage(t, anchor, dtype, writes_back)
+    stage = _Stage(t, anchor, dtype, writes_back, where)
     stages.append(stage)
     return stage.work
+
+
+def _signature(t: Tensor) -> tuple:
+    """What a plan's tables and stages depend on: a new tensor with the same signature at a
+    freed tensor's address can use its plan."""
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
 class _Plan:
@@ -142,20 +159,24 @@ class _Plan:
         self.stages: list[_Stage] = []
         self.grad_stages: list[_Stage] = []
         self.anchors: list[Tensor] = []
+        self.param_work: list[Tensor | None] = []
         self.grad_key: tuple | None = None
         self.grad_table: Tensor | None = None
         self.grads_aligned = False
         rows = []
         for i, p in enumerate(params):
-            anchor = p if _is_dense(p) else _resolve(p, p, p.dtype, True, self.stages)
+            dense = _is_dense(p)
+            anchor = p if dense else _resolve(p, p, p.dtype, True, self.stages, ("param", i))
             self.anchors.append(anchor)
+            self.param_work.append(None if dense else anchor)
             row = [anchor.data_ptr()]
-            for column in states:
-                row.append(_resolve(column[i], anchor, state_dtype, True, self.stages).data_ptr())
+            for j, column in enumerate(states):
+                state = _resolve(column[i], anchor, state_dtype, True, self.stages, ("state", j, i))
+                row.append(state.data_ptr())
             row += [0] * (COL_MASTER - len(row))
             master = masters[i] if masters else None
             if master is not None:
-                master = _resolve(master, anchor, torch.float32, True, self.stages)
+                master = _resolve(master, anchor, torch.float32, True, self.stages, ("master", i))
             row.append(0 if master is None else master.data_ptr())
             row.append(p.numel())
             row += extra[i].tolist()
@@ -173,15 +194,36 @@ class _Plan:
         self.block_table = _upload(block_host, self.device)
         self.num_blocks = block_host.shape[0]
 
+    def attach(self, params, states, masters) -> None:
+        """Point the stages and anchors at this step's tensors (those the plan was built for, or
+        new ones with the same signatures)."""
+        for stage in self.stages:
+            kind, *index = stage.where
+            if kind == "param":
+                stage.source = params[index[0]]
+            elif kind == "state":
+                stage.source = states[index[0]][index[1]]
+            else:
+                stage.source = masters[index[0]]
+        self.anchors = [p if work is None else work for p, work in zip(params, self.param_work)]
+
+    def detach(self) -> None:
+        """Drop the references to the caller's tensors (a cached plan must not keep them alive)."""
+        for stage in self.stages + self.grad_stages:
+            stage.source = None
+        self.anchors = []
+
     def bind_grads(self, grads: list[Tensor], dtype: torch.dtype, writes_back: bool) -> None:
         """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
-        key = (list(map(Tensor.data_ptr, grads)), writes_back)
+        key = (list(map(_signature, grads)), writes_back)
         if key == self.grad_key:
+            for stage in self.grad_stages:
+                stage.source = grads[stage.where]
             return
         self.grad_stages = []
         pointers = [
-            _resolve(g, anchor, dtype, writes_back, self.grad_stages).data_ptr()
-            for g, anchor in zip(grads, self.anchors)
+            _resolve(g, anchor, dtype, writes_back, self.grad_stages, i).data_ptr()
+            for i, (g, anchor) in enumerate(zip(grads, self.anchors))
         ]
         self.grad_table = _upload(torch.tensor(pointers, dtype=torch.int64), self.device)
         self.grads_aligned = not any(pointer % 16 for pointer in pointers)
@@ -203,9 +245,9 @@ class _Plan:
 
 def _plan_for(cache, name, params, states, masters, extra, state_dtype) -> _Plan:
     key = (
-        list(map(Tensor.data_ptr, params)),
-        [list(map(Tensor.data_ptr, column)) for column in states],
-        list(map(Tensor.data_ptr, masters)),
+        list(map(_signature, params)),
+        [list(map(_signature, column)) for column in states],
+        list(map(_signature, masters)),
         state_dtype,
     )
     if cache is None:
@@ -214,6 +256,8 @@ def _plan_for(cache, name, params, states, masters, extra, state_dtype) -> _Plan
     if plan is None or plan.key != key or not torch.equal(plan.extra, extra):
         plan = _Plan(params, states, masters, extra, state_dtype, key)
         cache[name] = plan
+    else:
+        plan.attach(params, states, masters)
     return plan
 
 
@@ -308,12 +352,208 @@ def _op(name: str):
 
 
 def _run(op, plan: _Plan, grads, grad_scale, found_inf, *args) -> None:
-    plan.bind_grads(grads, plan.anchors[0].dtype, writes_back=grad_scale is not None)
-    if plan.num_blocks == 0:
+    try:
+        plan.bind_grads(grads, plan.anchors[0].dtype, writes_back=grad_scale is not None)
+        if plan.num_blocks == 0:
+            return
+        plan.stage_in()
+        op(plan.tensor_table, plan.grad_table, plan.block_table, *args, plan.aligned)
+        plan.stage_out()
+    finally:
+        plan.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# The updates as custom ops: torch.compile sees which tensors a step writes.
+#
+# The raw ops take only pointer tables, so a compiler could neither see their writes nor keep them
+# in order. Each group's whole update (table building, staging, launch) therefore runs inside a
+# Python custom op whose schema declares every tensor list the kernel writes (params, grads, which
+# are unscaled in place under GradScaler, states, master weights) and whose fake implementation
+# does nothing. Its arguments are schema types, so the optimizer's ``cache`` dict cannot be passed
+# through: plans are kept here, per (algorithm, param addresses), least recently used dropped
+# (enough entries for every group of a model, so that steps, CUDA-graph capture included, reuse
+# their tables and upload nothing).
+
+PLAN_CACHE_SIZE = 32
+_plans: OrderedDict[tuple, dict] = OrderedDict()
+
+
+def _group_cache(name: str, params: list[Tensor]) -> dict:
+    """The plan cache of one group of params. Between steps a plan holds its tables and work
+    tensors only, none of the caller's tensors; ``_plan_for`` checks every tensor's address,
+    dtype, shape and strides before reusing it."""
+    key = (name, tuple(map(Tensor.data_ptr, params)))
+    cache = _plans.get(key)
+    if cache is None:
+        cache = _plans[key] = {}
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return cache
+
+
+def _lr_input(lr: float | Tensor) -> tuple[Tensor | None, float]:
+    if isinstance(lr, Tensor):
+        return lr, 0.0
+    return None, float(lr)
+
+
+def _sgd_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    master_params: list[Tensor],
+    steps: list[Tensor],
+    lr: Tensor | None,
+    lr_value: float,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    stochastic_rounding: bool,
+    seed: int,
+    param_indices: list[int] | None,
+    new_buffers: list[int],
+) -> None:
+    """One group's SGD step (``momentum_buffers`` empty without momentum, all allocated with
+    it; ``new_buffers`` flags those allocated for this step)."""
+    if not params:
         return
-    plan.stage_in()
-    op(plan.tensor_table, plan.grad_table, plan.block_table, *args, plan.aligned)
-    plan.stage_out()
+    dtype, device = params[0].dtype, params[0].device
+    states = [momentum_buffers] if momentum_buffers else []
+    state_dtype = _state_dtype_for(dtype, momentum_buffers[0].dtype) if states else dtype
+    stochastic = _uses_stochastic_rounding(params, stochastic_rounding)
+    from_pointer = stochastic and _steps_from_device(steps, device)
+    base_step, extra = _extra_columns(
+        steps if stochastic else [], from_pointer, list(new_buffers), param_indices
+    )
+    cache = _group_cache("sgd", params)
+    plan = _plan_for(cache, "sgd", params, states, master_params, extra, state_dtype)
+    lr_tensor, lr_value = _lr_arguments(lr if lr is not None else lr_value, device)
+    _run(
+        _op("sgd_"),
+        plan,
+        grads,
+        grad_scale,
+        found_inf,
+        dtype,
+        state_dtype,
+        lr_tensor,
+        lr_value,
+        _amp_tensor(grad_scale, device),
+        _amp_tensor(found_inf, device),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(master_params),
+        stochastic,
+        from_pointer,
+        base_step,
+        int(seed) & 0xFFFFFFFF,
+    )
+
+
+def _adam_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor],
+    steps: list[Tensor],
+    lr: Tensor | None,
+    lr_value: float,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    stochastic_rounding: bool,
+    seed: int,
+    param_indices: list[int] | None,
+) -> None:
+    """One group's Adam/AdamW step."""
+    if not params:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    state_dtype = _state_dtype_for(dtype, exp_avgs[0].dtype)
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    from_pointer = _steps_from_device(steps, device)
+    base_step, extra = _extra_columns(steps, from_pointer, [0] * len(params), param_indices)
+    cache = _group_cache("adam", params)
+    plan = _plan_for(cache, "adam", params, states, master_params, extra, state_dtype)
+    lr_tensor, lr_value = _lr_arguments(lr if lr is not None else lr_value, device)
+    _run(
+        _op("adam_"),
+        plan,
+        grads,
+        grad_scale,
+        found_inf,
+        dtype,
+        state_dtype,
+        lr_tensor,
+        lr_value,
+        _amp_tensor(grad_scale, device),
+        _amp_tensor(found_inf, device),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(amsgrad),
+        bool(maximize),
+        bool(decoupled_weight_decay),
+        bool(master_params),
+        _uses_stochastic_rounding(params, stochastic_rounding),
+        from_pointer,
+        base_step,
+        # torch.optim's host arithmetic at the base step (bitwise its bias corrections).
+        1 - beta1**base_step,
+        (1 - beta2**base_step) ** 0.5,
+        int(seed) & 0xFFFFFFFF,
+    )
+
+
+_SGD_OP_NAME = "fused_optim::cuda_sgd"
+_ADAM_OP_NAME = "fused_optim::cuda_adam"
+
+cuda_sgd_op = torch.library.custom_op(
+    _SGD_OP_NAME,
+    mutates_args=("params", "grads", "momentum_buffers", "master_params"),
+    device_types="cuda",
+)(_sgd_update)
+cuda_adam_op = torch.library.custom_op(
+    _ADAM_OP_NAME,
+    mutates_args=(
+        "params",
+        "grads",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "max_exp_avg_sqs",
+        "master_params",
+    ),
+    device_types="cuda",
+)(_adam_update)
+
+
+@cuda_sgd_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+@cuda_adam_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,54 +581,41 @@ def sgd(
     param_indices: list[int] | None = None,
     new_buffer_dtype: torch.dtype | None = None,
 ) -> None:
+    # ``cache`` is not used: plans are cached per group here (see _group_cache).
     if not params:
         return
     _check_params(params)
-    dtype, device = params[0].dtype, params[0].device
-    steps = steps or []
-    has_momentum = momentum != 0
-    states: list[list[Tensor]] = []
     new_buffers = [0] * len(params)
-    state_dtype = dtype
-    if has_momentum:
+    buffers: list[Tensor] = []
+    if momentum != 0:
         existing = [buf for buf in momentum_buffers if buf is not None]
-        wanted = existing[0].dtype if existing else (new_buffer_dtype or dtype)
+        wanted = existing[0].dtype if existing else (new_buffer_dtype or params[0].dtype)
         for i, buf in enumerate(momentum_buffers):
             if buf is None:
                 # Same layout as the param, so that the kernel walks both as one span.
                 momentum_buffers[i] = torch.empty_like(params[i], dtype=wanted)
                 new_buffers[i] = 1
-        state_dtype = _state_dtype_for(dtype, wanted)
-        states = [momentum_buffers]  # type: ignore[list-item]
-    stochastic = _uses_stochastic_rounding(params, stochastic_rounding)
-    from_pointer = stochastic and _steps_from_device(steps, device)
-    base_step, extra = _extra_columns(
-        steps if stochastic else [], from_pointer, new_buffers, param_indices
-    )
-    plan = _plan_for(cache, "sgd", params, states, master_params or [], extra, state_dtype)
-    lr_tensor, lr_value = _lr_arguments(lr, device)
-    _run(
-        _op("sgd_"),
-        plan,
+        buffers = list(momentum_buffers)  # type: ignore[arg-type]
+    lr_tensor, lr_value = _lr_input(lr)
+    torch.ops.fused_optim.cuda_sgd(
+        params,
         grads,
-        grad_scale,
-        found_inf,
-        dtype,
-        state_dtype,
+        buffers,
+        master_params or [],
+        steps or [],
         lr_tensor,
         lr_value,
-        _amp_tensor(grad_scale, device),
-        _amp_tensor(found_inf, device),
+        grad_scale,
+        found_inf,
         float(momentum),
         float(dampening),
         float(weight_decay),
         bool(nesterov),
         bool(maximize),
-        bool(master_params),
-        stochastic,
-        from_pointer,
-        base_step,
+        bool(stochastic_rounding),
         int(seed) & 0xFFFFFFFF,
+        param_indices,
+        new_buffers,
     )
 
 
@@ -417,28 +644,23 @@ def adam(
     seed: int = 0,
     param_indices: list[int] | None = None,
 ) -> None:
+    # ``cache`` is not used: plans are cached per group here (see _group_cache).
     if not params:
         return
     _check_params(params)
-    dtype, device = params[0].dtype, params[0].device
-    state_dtype = _state_dtype_for(dtype, exp_avgs[0].dtype)
-    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    from_pointer = _steps_from_device(steps, device)
-    base_step, extra = _extra_columns(steps, from_pointer, [0] * len(params), param_indices)
-    plan = _plan_for(cache, "adam", params, states, master_params or [], extra, state_dtype)
-    lr_tensor, lr_value = _lr_arguments(lr, device)
-    _run(
-        _op("adam_"),
-        plan,
+    lr_tensor, lr_value = _lr_input(lr)
+    torch.ops.fused_optim.cuda_adam(
+        params,
         grads,
-        grad_scale,
-        found_inf,
-        dtype,
-        state_dtype,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else [],
+        master_params or [],
+        steps,
         lr_tensor,
         lr_value,
-        _amp_tensor(grad_scale, device),
-        _amp_tensor(found_inf, device),
+        grad_scale,
+        found_inf,
         float(beta1),
         float(beta2),
         float(eps),
@@ -446,12 +668,7 @@ def adam(
         bool(amsgrad),
         bool(maximize),
         bool(decoupled_weight_decay),
-        bool(master_params),
-        _uses_stochastic_rounding(params, stochastic_rounding),
-        from_pointer,
-        base_step,
-        # torch.optim's host arithmetic at the base step (bitwise its bias corrections).
-        1 - beta1**base_step,
-        (1 - beta2**base_step) ** 0.5,
+        bool(stochastic_rounding),
         int(seed) & 0xFFFFFFFF,
+        param_indices,
     )
