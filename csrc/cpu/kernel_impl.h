@@ -393,11 +393,6 @@ inline bool adam_fast_chunk_float(const Task& task, const Chunk& chunk, const Ad
                                   const fmath::AdamScalars<float>& f) {
   if (args.has_grad_scale) return false;
   if (task.data[fcpu::kMaster] != nullptr) return false;
-  // All-fp32 tensors keep the compiler-vectorized in-place loop (no conversion to save).
-  if (task.dtype[fcpu::kParam] == fcpu::kFloat32 && task.dtype[fcpu::kGrad] == fcpu::kFloat32 &&
-      task.dtype[fcpu::kState0] == fcpu::kFloat32 && task.dtype[fcpu::kState1] == fcpu::kFloat32) {
-    return false;
-  }
   for (int slot : {int(fcpu::kParam), int(fcpu::kGrad), int(fcpu::kState0), int(fcpu::kState1)}) {
     if (task.dtype[slot] != fcpu::kFloat32 && task.dtype[slot] != fcpu::kBFloat16) return false;
   }
