@@ -32,6 +32,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from ._tables import is_dense, same_layout, step_offsets, upload
+
 NAME = "cuda"
 SUPPORTS_SPARSE = False
 
@@ -93,32 +95,6 @@ def _state_dtype_for(param_dtype: torch.dtype, wanted: torch.dtype) -> torch.dty
 # Launch plans.
 
 
-def _is_dense(t: Tensor) -> bool:
-    """True when ``t`` covers exactly ``t.numel()`` consecutive elements (any dim order)."""
-    if t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
-
-
-def _upload(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host table to the device without making the host wait (through pinned
-    memory, whose caching allocator keeps it alive until the copy is done)."""
-    if device.type == "cpu":  # plans built in CPU-only tests
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 class _Stage:
     """A dense work tensor standing in for a tensor the kernel cannot address directly.
 
@@ -135,7 +111,7 @@ class _Stage:
 
 
 def _resolve(t, anchor, dtype: torch.dtype, writes_back: bool, stages: list, where=None):
-    if t.dtype == dtype and _is_dense(t) and _same_layout(t, anchor):
+    if t.dtype == dtype and is_dense(t) and same_layout(t, anchor):
         return t
     stage = _Stage(t, anchor, dtype, writes_back, where)
     stages.append(stage)
@@ -165,7 +141,7 @@ class _Plan:
         self.grads_aligned = False
         rows = []
         for i, p in enumerate(params):
-            dense = _is_dense(p)
+            dense = is_dense(p)
             anchor = p if dense else _resolve(p, p, p.dtype, True, self.stages, ("param", i))
             self.anchors.append(anchor)
             self.param_work.append(None if dense else anchor)
@@ -182,7 +158,7 @@ class _Plan:
             row += extra[i].tolist()
             rows.append(row)
         host = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
-        self.tensor_table = _upload(host, self.device)
+        self.tensor_table = upload(host, self.device)
         # 16-byte aligned addresses let the kernel use 16-byte vector accesses.
         self.tensors_aligned = not bool((host[:, :COL_NUMEL] % 16).any())
         numels = host[:, COL_NUMEL]
@@ -191,7 +167,7 @@ class _Plan:
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
         block_in_tensor = torch.arange(int(blocks_per_tensor.sum())) - first_block[tensor_index]
         block_host = torch.stack([tensor_index, block_in_tensor * CHUNK], dim=1).contiguous()
-        self.block_table = _upload(block_host, self.device)
+        self.block_table = upload(block_host, self.device)
         self.num_blocks = block_host.shape[0]
 
     def attach(self, params, states, masters) -> None:
@@ -225,7 +201,7 @@ class _Plan:
             _resolve(g, anchor, dtype, writes_back, self.grad_stages, i).data_ptr()
             for i, (g, anchor) in enumerate(zip(grads, self.anchors))
         ]
-        self.grad_table = _upload(torch.tensor(pointers, dtype=torch.int64), self.device)
+        self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
         self.grads_aligned = not any(pointer % 16 for pointer in pointers)
         self.grad_key = key
 
@@ -265,17 +241,6 @@ def _plan_for(cache, name, params, states, masters, extra, state_dtype) -> _Plan
 # Steps, lr and GradScaler's tensors.
 
 
-def _step_values(steps: list[Tensor]) -> Tensor:
-    """The host step counts as one tensor (the optimizer's shared buffer when they are views of
-    one, no copies then)."""
-    buffer = steps[0]._base
-    if buffer is not None and buffer.dim() == 1 and buffer.numel() == len(steps):
-        start, size = buffer.data_ptr(), buffer.element_size()
-        if list(map(Tensor.data_ptr, steps)) == list(range(start, start + size * len(steps), size)):
-            return buffer
-    return torch.stack([s.reshape(()) for s in steps])
-
-
 def _extra_columns(
     steps: list[Tensor],
     from_pointer: bool,
@@ -292,9 +257,7 @@ def _extra_columns(
         step_column = torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
         is_double = torch.tensor([s.dtype == torch.float64 for s in steps], dtype=torch.int64)
     else:
-        values = _step_values(steps).to(torch.float64)
-        base_step = float(values.max())
-        step_column = (base_step - values).to(torch.int64)
+        base_step, step_column = step_offsets(steps)
     index_column = torch.tensor(indices if indices is not None else [0] * count, dtype=torch.int64)
     new_column = torch.tensor(new_buffers, dtype=torch.int64)
     return base_step, torch.stack([step_column, new_column, index_column, is_double], dim=1)

@@ -12,6 +12,8 @@ import os
 import torch
 from torch import Tensor
 
+from .._tables import step_offsets
+
 NAME = "triton"
 SUPPORTS_SPARSE = False
 
@@ -117,7 +119,7 @@ def _extra_columns(
         step_column = torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
     else:
         # Steps live on the host, as in torch.optim's default path: no device read needed.
-        base_step, step_column = _step_offsets(steps)
+        base_step, step_column = step_offsets(steps)
     index_column = torch.tensor(indices if indices is not None else [0] * count, dtype=torch.int64)
     new_column = torch.tensor(new_buffers, dtype=torch.int64)
     return base_step, torch.stack([step_column, new_column, index_column], dim=1)
@@ -208,24 +210,6 @@ def sgd(
         ),
         (grad_scale, found_inf),
     )
-
-
-def _step_values(steps: list[Tensor]) -> Tensor:
-    """The step counts as one host tensor: the shared buffer the optimizer keeps them in (its
-    ``step`` states are consecutive 0-dim views of it), or a stack of separate tensors."""
-    buffer = steps[0]._base
-    if buffer is not None and buffer.dim() == 1 and buffer.numel() == len(steps):
-        start, size = buffer.data_ptr(), buffer.element_size()
-        if list(map(Tensor.data_ptr, steps)) == list(range(start, start + size * len(steps), size)):
-            return buffer
-    return torch.stack([s.reshape(()) for s in steps])
-
-
-def _step_offsets(steps: list[Tensor]) -> tuple[float, Tensor]:
-    """The largest step and each tensor's distance below it, read from host-side step tensors."""
-    values = _step_values(steps).to(torch.float64)
-    base = float(values.max())
-    return base, (base - values).to(torch.int64)
 
 
 def adam(

@@ -18,40 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tables import is_dense, same_layout, upload
 from . import kernels
 
 # Elements and warps per program, read when a plan is built. BLOCK=1024 with 4 warps reached
 # the copy roofline on one 64M-element tensor on an H200 (benchmarks/RESULTS.md).
 BLOCK = 1024
 NUM_WARPS = 4
-
-
-def is_dense(t: Tensor) -> bool:
-    """True when ``t`` covers exactly ``t.numel()`` consecutive elements (any dim order)."""
-    if t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def same_layout(a: Tensor, b: Tensor) -> bool:
-    """True when ``a`` and ``b`` store their elements in the same order."""
-    if a.shape != b.shape:
-        return False
-    return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
-
-
-def upload(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host table to ``device`` without making the host wait for the device."""
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 class Stage:
