@@ -9,6 +9,10 @@ unavailable.
   ``FUSED_OPTIM_SKIP_CPU_BUILD=1``.
 * ``fused_optim._C_cuda`` (csrc/cuda, csrc/math): the CUDA C++ backend, built when torch has CUDA
   and ``CUDA_HOME`` is known. Skipped when ``FUSED_OPTIM_SKIP_CUDA_BUILD=1``.
+
+``FUSED_OPTIM_REQUIRE_CPU_BUILD=1`` (CI sets it) turns every reason the CPU extension would be
+left out (torch not importable at build time, a compile or link error) into a failed install
+instead of a warning, so that a broken C++ build cannot pass as a pure-Python install.
 """
 
 from __future__ import annotations
@@ -26,7 +30,22 @@ def _skipped(variable: str) -> bool:
     return os.environ.get(variable, "0") not in ("", "0")
 
 
-def _warn(message: str) -> None:
+CPU_EXTENSION = "fused_optim._C_cpu"
+
+
+class RequiredBuildError(RuntimeError):
+    """A compiled extension the environment requires (FUSED_OPTIM_REQUIRE_CPU_BUILD=1) failed."""
+
+
+def _cpu_build_required() -> bool:
+    return _skipped("FUSED_OPTIM_REQUIRE_CPU_BUILD")
+
+
+def _warn(message: str, required: bool = False) -> None:
+    if required:
+        raise RequiredBuildError(
+            f"fused_optim: {message}, and FUSED_OPTIM_REQUIRE_CPU_BUILD=1 requires it"
+        )
     warnings.warn(f"fused_optim: {message}; installing without it", stacklevel=2)
     print(f"WARNING: fused_optim: {message}; installing without it")
 
@@ -34,11 +53,18 @@ def _warn(message: str) -> None:
 def cpu_extensions() -> list:
     """The fused C++ CPU backend, or [] when it is skipped or cannot be built here."""
     if _skipped("FUSED_OPTIM_SKIP_CPU_BUILD"):
+        if _cpu_build_required():
+            raise RequiredBuildError(
+                "FUSED_OPTIM_SKIP_CPU_BUILD and FUSED_OPTIM_REQUIRE_CPU_BUILD exclude each other"
+            )
         return []
     try:
         from torch.utils.cpp_extension import CppExtension
     except Exception as error:  # torch missing (e.g. pip's build isolation)
-        _warn(f"torch is not importable at build time ({error!r}): C++ CPU backend not built")
+        _warn(
+            f"torch is not importable at build time ({error!r}): C++ CPU backend not built",
+            required=_cpu_build_required(),
+        )
         return []
     sources = ["csrc/cpu/ops.cpp", "csrc/cpu/kernel_base.cpp", "csrc/cpu/kernel_avx2.cpp"]
     flags = [
@@ -50,7 +76,7 @@ def cpu_extensions() -> list:
     ]
     return [
         CppExtension(
-            "fused_optim._C_cpu",
+            CPU_EXTENSION,
             sources,
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": flags},
@@ -87,14 +113,17 @@ def _build_ext_class():
         def run(self):
             try:
                 super().run()
+            except RequiredBuildError:
+                raise
             except Exception as error:
-                _warn(f"compiled extensions failed to build ({error!r})")
+                _warn(f"compiled extensions failed to build ({error!r})", _cpu_build_required())
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as error:
-                _warn(f"extension {ext.name} failed to build ({error!r})")
+                required = ext.name == CPU_EXTENSION and _cpu_build_required()
+                _warn(f"extension {ext.name} failed to build ({error!r})", required)
 
     return OptionalBuildExtension
 

@@ -17,3 +17,16 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_report_header(config):
+    """Which C++ CPU kernel builds this machine can run, and which one the tests use."""
+    from fused_optim.backends import cpu
+
+    available, why = cpu.is_available(torch.device("cpu"))
+    if not available:
+        return f"fused_optim C++ CPU backend: not built ({why})"
+    return (
+        f"fused_optim C++ CPU backend: kernel builds this CPU runs: "
+        f"{', '.join(cpu.supported_isas())} (of {', '.join(cpu.ISAS)}); in use: {cpu.cpu_isa()}"
+    )

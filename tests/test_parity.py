@@ -7,7 +7,10 @@ every state entry (step too) are compared after every step, and every param torc
 must have moved. Here it runs for every configuration in cases.py and every dtype.
 
 Tolerances are torch's own fused-vs-for-loop agreement (max abs diff), not tuned to this code:
-fp32 Adam/AdamW <= 3e-8 and SGD <= 1.2e-7. fp64 is held to 4 ulps of 1.0. For bf16/fp16, where
+fp32 Adam/AdamW <= 3e-8 and SGD <= 1.2e-7, plus torch.optim's own rounding error on this CPU
+(measured in the same run against torch.optim's for-loop evaluated with correctly rounded
+arithmetic); fp32 results must also be bitwise equal to that correctly rounded run, on every
+CPU. fp64 is held to 4 ulps of 1.0. For bf16/fp16, where
 torch.optim's for-loop rounds every intermediate to the low precision and fused_optim rounds once,
 both runs are measured against an fp64 run of torch.optim from the same start, and fused_optim's
 error must stay within twice torch.optim's own error plus one rounding of the result. The figures
@@ -49,9 +52,19 @@ def check_report(report, name: str) -> None:
 def test_recipe_matches_torch_for_loop(name, config, dtype):
     report = compare_to_torch(name, config, dtype=dtype)
     bound = FP32_MAX_ABS[name] if dtype == torch.float32 else FP64_MAX_ABS
-    assert report.tolerance.kind == "max_abs" and report.tolerance.atol == bound
+    # The checker may widen its bound to torch's own fused-vs-for-loop spread for this config
+    # (torch's fused SGD rounds momentum differently); fused_optim is held to the figure.
+    assert report.tolerance.kind == "max_abs" and report.tolerance.atol >= bound
     check_report(report, name)
-    assert report.max_abs <= bound
+    if dtype == torch.float32:
+        # torch.optim's for-loop evaluated with correctly rounded arithmetic: fused_optim's
+        # kernels compute exactly that, on every CPU. torch's own run differs from it by its
+        # CPU's rounding, which the bound absorbs and nothing else does.
+        assert report.correctly_rounded_max_abs == 0, report.summary()
+        assert report.max_abs <= bound + report.torch_rounding
+    else:
+        assert report.correctly_rounded_max_abs is None
+        assert report.max_abs <= bound
     # Every non-empty param moved (not only those torch.optim moved).
     assert report.params_moved == dict.fromkeys(NON_EMPTY_PARAMS, True)
 

@@ -53,14 +53,40 @@ sys.meta_path[:] = [
 """
 
 
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+
+
+def _without_required_build(env: dict) -> dict:
+    """CI requires the C++ build (FUSED_OPTIM_REQUIRE_CPU_BUILD=1); a pure-Python install
+    is what a developer without a compiler gets, so it runs without that requirement."""
+    env = dict(env)
+    env.pop("FUSED_OPTIM_REQUIRE_CPU_BUILD", None)
+    return env
+
+
+def test_required_cpu_build_fails_the_install_instead_of_warning(tmp_path):
+    env = dict(os.environ, FUSED_OPTIM_SKIP_CUDA_BUILD="1", FUSED_OPTIM_REQUIRE_CPU_BUILD="1")
+    env["FUSED_OPTIM_SKIP_CPU_BUILD"] = "1"  # the cheapest way for the build to be missing
+    done = subprocess.run(
+        [*PIP_INSTALL, "--target", str(tmp_path / "site"), str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    assert "FUSED_OPTIM_SKIP_CPU_BUILD and FUSED_OPTIM_REQUIRE_CPU_BUILD exclude each other" in (
+        done.stdout + done.stderr
+    )
+
+
 @pytest.fixture(scope="module")
 def pure_install(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("pure-python-install")
     env = dict(os.environ, FUSED_OPTIM_SKIP_CPU_BUILD="1", FUSED_OPTIM_SKIP_CUDA_BUILD="1")
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     done = subprocess.run(
-        [*pip, "--target", str(site), str(ROOT)],
-        env=env,
+        [*PIP_INSTALL, "--target", str(site), str(ROOT)],
+        env=_without_required_build(env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -74,7 +100,7 @@ def pure_install(tmp_path_factory) -> Path:
 
 
 def _child_env(site: Path) -> dict:
-    env = dict(os.environ)
+    env = _without_required_build(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

@@ -41,16 +41,36 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool use_avx2() {
-  static const bool value = [] {
-    const char* env = std::getenv("FUSED_OPTIM_CPU_ISA");
-    if (env != nullptr && std::string(env) == "base") return false;
-    return cpu_has_avx2();
-  }();
+// The kernel builds this CPU can run, in order of preference (last is best).
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> isas{"base"};
+  if (cpu_has_avx2()) isas.push_back("avx2");
+  return isas;
+}
+
+// FUSED_OPTIM_CPU_ISA: "base" or "avx2" forces that build (an error if this CPU cannot run
+// it); unset, empty or "auto" takes the best one the CPU supports.
+std::string choose_isa() {
+  const std::vector<std::string> isas = supported_isas();
+  const char* env = std::getenv("FUSED_OPTIM_CPU_ISA");
+  const std::string wanted = env == nullptr ? "" : std::string(env);
+  if (wanted.empty() || wanted == "auto") return isas.back();
+  for (const auto& isa : isas) {
+    if (isa == wanted) return isa;
+  }
+  std::string known;
+  for (const auto& isa : isas) known += (known.empty() ? "" : ", ") + isa;
+  TORCH_CHECK(false, "FUSED_OPTIM_CPU_ISA=", wanted,
+              " is not a kernel build this CPU can run (it can run: ", known, "; or auto)");
+  return isas.back();  // not reached
+}
+
+const std::string& isa() {
+  static const std::string value = choose_isa();
   return value;
 }
 
-std::string isa() { return use_avx2() ? "avx2" : "base"; }
+bool use_avx2() { return isa() == "avx2"; }
 
 int8_t dtype_code(const Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -328,6 +348,9 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "bool decoupled_weight_decay, bool tensor_bias_corrections, Tensor? grad_scale, "
       "Tensor? found_inf, bool stochastic_rounding, int seed, int[] param_indices) -> ()");
   m.def("cpu_isa() -> str", [] { return fused_optim::cpu::isa(); });
+  m.def("cpu_supported_isas() -> str[]", [] {
+    return c10::List<std::string>(fused_optim::cpu::supported_isas());
+  });
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {

@@ -11,8 +11,9 @@ with the original import error.
 The kernel walks every tensor in its param's memory order in 16K-element chunks, all chunks of
 all tensors in one parallel loop; the update math runs in fp32 (fp64 for fp64 params) and rounds
 once at the store, with torch.optim's operation order, like the Triton kernels. An AVX2+FMA build
-of the kernels is chosen at run time on CPUs that have it (``cpu_isa()`` says which runs;
-``FUSED_OPTIM_CPU_ISA=base`` forces the baseline x86-64 build).
+of the kernels is chosen at run time on CPUs that have it (``cpu_isa()`` says which runs,
+``supported_isas()`` which could; ``FUSED_OPTIM_CPU_ISA=base`` forces the baseline build). Every
+build gives the same bits: IEEE operations, each correctly rounded, with the fmas spelled out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = error
 
-__all__ = ["NAME", "SUPPORTS_SPARSE", "adam", "cpu_isa", "is_available", "sgd"]
+__all__ = [
+    "ISAS",
+    "NAME",
+    "SUPPORTS_SPARSE",
+    "adam",
+    "cpu_isa",
+    "is_available",
+    "sgd",
+    "supported_isas",
+]
+
+#: Every kernel build the extension has, in order of preference (last is best).
+ISAS: tuple[str, ...] = ("base", "avx2")
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -46,8 +59,15 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 
 def cpu_isa() -> str:
-    """The instruction set the kernels run with: ``"avx2"`` (AVX2+FMA+F16C) or ``"base"``."""
+    """The kernel build in use: ``"avx2"`` (AVX2+FMA+F16C) or ``"base"`` (x86-64 baseline, or
+    portable C++ elsewhere). ``FUSED_OPTIM_CPU_ISA=base|avx2`` forces one (an error at the first
+    step if this CPU cannot run it); unset or ``auto``, the best one this CPU supports."""
     return torch.ops.fused_optim.cpu_isa()
+
+
+def supported_isas() -> list[str]:
+    """The kernel builds (of :data:`ISAS`) this CPU can run, in order of preference."""
+    return list(torch.ops.fused_optim.cpu_supported_isas())
 
 
 if _IMPORT_ERROR is None:

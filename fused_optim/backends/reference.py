@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_optim.backends import correctly_rounded as cr
+
 NAME = "reference"
 SUPPORTS_SPARSE = True
 
@@ -110,11 +112,6 @@ def round_stochastic(x: Tensor, bits: Tensor, dtype: torch.dtype) -> Tensor:
     return _from_bits16(torch.where(take_other, other_bits, nearest_bits), dtype)
 
 
-def _lerp_(start: Tensor, end: Tensor, weight: float) -> Tensor:
-    # torch.lerp's formula, evaluated in the caller's compute dtype.
-    return start.lerp_(end, weight)
-
-
 class _Writer:
     """Stores results, or nothing at all when GradScaler found an inf/NaN (decided on the
     device: ``torch.where`` keeps the old values, no host sync)."""
@@ -145,6 +142,22 @@ def _write_param(write, param, master, p, stochastic_rounding, seed, step, index
         bits = random_bits(seed, int(step_value), index, param)
         p = round_stochastic(p.to(torch.float32), bits, param.dtype)
     write(param, p)
+
+
+def _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i, write) -> Tensor:
+    """Sparse gradients keep torch.optim's own sparse arithmetic (weight decay is refused
+    before this, as torch.optim refuses it)."""
+    if momentum != 0:
+        buf = momentum_buffers[i]
+        if buf is None:
+            buf = g.clone()
+            momentum_buffers[i] = buf
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    if isinstance(lr, Tensor):
+        return p.addcmul_(g.to_dense(), lr.to(p.dtype), value=-1)
+    return p.add_(g, alpha=-lr)
 
 
 def sgd(
@@ -182,21 +195,25 @@ def sgd(
         p = (param if master is None else master).to(ctype, copy=True)
         if maximize:
             g = -g
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
-        if momentum != 0:
-            buf_store = momentum_buffers[i]
-            if buf_store is None:
-                buf = g.clone()
-                momentum_buffers[i] = buf.to(new_buffer_dtype or grad.dtype)
-            else:
-                buf = buf_store.to(ctype, copy=True).mul_(momentum).add_(g, alpha=1 - dampening)
-                write(buf_store, buf)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        if isinstance(lr, Tensor):
-            p = p.addcmul_(g.to_dense() if g.is_sparse else g, lr.to(ctype), value=-1)
+        if g.is_sparse:
+            p = _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i, write)
         else:
-            p = p.add_(g, alpha=-lr)
+            if weight_decay != 0:
+                g = cr.fma(p, weight_decay, g)
+            if momentum != 0:
+                buf_store = momentum_buffers[i]
+                if buf_store is None:
+                    buf = g.clone()
+                    momentum_buffers[i] = buf.to(new_buffer_dtype or grad.dtype)
+                else:
+                    buf = buf_store.to(ctype)
+                    buf = cr.fma(g, 1 - dampening, cr.mul(buf, momentum))
+                    write(buf_store, buf)
+                g = cr.fma(buf, momentum, g) if nesterov else buf
+            if isinstance(lr, Tensor):
+                p = cr.fma(-g, lr.to(ctype), p)  # torch.optim: p.addcmul_(g, lr, value=-1)
+            else:
+                p = cr.fma(g, -lr, p)
         step = steps[i] if steps else 0
         index = param_indices[i] if param_indices else 0
         _write_param(write, param, master, p, stochastic_rounding, seed, step, index)
@@ -240,11 +257,11 @@ def adam(
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # With a tensor lr, torch.optim computes this in the lr tensor's dtype.
-                p = p.mul_(1 - lr * weight_decay)
+                p = cr.mul(p, 1 - lr * weight_decay)
             else:
-                g = g.add(p, alpha=weight_decay)
-        m = _lerp_(m, g, 1 - beta1)
-        v = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                g = cr.fma(p, weight_decay, g)
+        m = cr.lerp(m, g, 1 - beta1)
+        v = cr.fma(cr.mul(1 - beta2, g), g, cr.mul(v, beta2))
         step = steps[i]
         if capturable or found_inf is not None or step.device.type != "cpu":
             step_f64 = step.to(device=param.device, dtype=torch.float64)
@@ -260,13 +277,12 @@ def adam(
         if amsgrad:
             vmax = torch.maximum(max_exp_avg_sqs[i].to(ctype), v)
             write(max_exp_avg_sqs[i], vmax)
-            denom = (vmax.sqrt() / bc2_sqrt).add_(eps)
+            denom = cr.add(cr.div(cr.sqrt(vmax), bc2_sqrt), eps)
         else:
-            denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        if isinstance(step_size, Tensor):
-            p = p.add_((m * -step_size.to(ctype)) / denom)
-        else:
-            p = p.addcdiv_(m, denom, value=-step_size)
+            denom = cr.add(cr.div(cr.sqrt(v), bc2_sqrt), eps)
+        neg_step_size = -step_size.to(ctype) if isinstance(step_size, Tensor) else -step_size
+        # torch.optim: p.addcdiv_(m, denom, value=-step_size), i.e. p + (-step_size * m) / denom
+        p = cr.add(p, cr.div(cr.mul(m, neg_step_size), denom))
         write(exp_avgs[i], m)
         write(exp_avg_sqs[i], v)
         index = param_indices[i] if param_indices else 0
