@@ -121,6 +121,7 @@ __all__ = [
     "make_inputs",
     "reference_config",
     "resolve_dtype",
+    "run_distance",
     "run_recipe",
     "tolerance_for",
     "torch_counterpart",
@@ -1043,8 +1044,8 @@ def compare_to_torch(
         slack = 0.0
         if measure_rounding:
             exact = results[-1]
-            slack = step.torch_rounding = _run_distance((ref_params, ref_opt), exact)
-            step.correctly_rounded_max_abs = _run_distance((params, opt), exact)
+            slack = step.torch_rounding = run_distance((ref_params, ref_opt), exact)
+            step.correctly_rounded_max_abs = run_distance((params, opt), exact)
         checker = _StepChecker(step, tolerance, slack)
         _compare_step(checker, params, opt, ref_params, ref_opt, truth, capturable)
         report.steps.append(checker.finish())
@@ -1077,7 +1078,7 @@ def _max_abs_between(a: list[Tensor], b: list[Tensor]) -> float:
     )
 
 
-def _run_distance(run, other) -> float:
+def run_distance(run, other) -> float:
     """Max abs difference between two runs of the recipe at the same iteration: params and
     every floating state tensor (other than ``step``) that both have."""
     (params, opt), (other_params, other_opt) = run, other
@@ -1110,7 +1111,7 @@ def torch_fused_agreement(
             run_recipe(reference, fused_config, dtype, device=device, steps=steps, seed=seed),
             run_recipe(oracle, config, dtype, device=device, steps=steps, seed=seed),
         )
-        return max((_run_distance(run, ref_run) for run, ref_run in runs), default=0.0)
+        return max((run_distance(run, ref_run) for run, ref_run in runs), default=0.0)
     except (RuntimeError, ValueError):
         return None
 
