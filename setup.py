@@ -67,6 +67,7 @@ def cpu_extensions() -> list:
         )
         return []
     sources = ["csrc/cpu/ops.cpp", "csrc/cpu/kernel_base.cpp", "csrc/cpu/kernel_avx2.cpp"]
+    sources.append("csrc/cpu/kernel_avx512.cpp")
     flags = [
         "-O3",
         "-fopenmp",

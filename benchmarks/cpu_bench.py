@@ -1,23 +1,26 @@
 """AdamW step time on the CPU: fused_optim's C++ backend against torch.optim and DeepSpeed.
 
     python benchmarks/cpu_bench.py [--workloads many-small gpt2-small flat flat-bf16]
-                                   [--rounds 15] [--threads N] [--json out.json]
+                                   [--rounds 11] [--threads N] [--json out.json]
 
 Implementations (whichever exist here): torch.optim.AdamW's for-loop (foreach=False), foreach
-and fused=True paths; fused_optim.AdamW(backend="cpu") (with bf16 params: bf16 states, and
-fp32 states with state_dtype=torch.float32); DeepSpeedCPUAdam(adamw_mode=True) if deepspeed
-imports and its CPU Adam op builds (fp32 states). Every implementation updates the same params
-with the same grads (the values drift, the work does not) and keeps its own states. Each round
-times one step of every implementation, in a rotating order (interleaved, so that frequency
-and cache drift hit all alike); the table shows medians and the ratio torch fused / this (above
-1: faster than torch's fused step).
+and fused=True paths; fused_optim.AdamW(backend="cpu") once per kernel build this CPU runs
+(``[avx2]``, ``[avx512]``; with bf16 params also with fp32 states, state_dtype=torch.float32);
+DeepSpeedCPUAdam(adamw_mode=True) if deepspeed imports and its CPU Adam op builds (fp32
+states). Every implementation updates the same params with the same grads (the values drift,
+the work does not) and keeps its own states.
+
+Each round times one step of every implementation, in a rotating order (interleaved, so that
+frequency and cache drift hit all alike). The table shows each implementation's median time and
+the median over rounds of the per-round ratios torch fused / this and DeepSpeedCPUAdam / this
+(above 1: this is faster). These machines are noisy (+-30% between runs): use 9 rounds or more.
+The header gives the CPU model and vector flags, torch's CPU capability and the kernel builds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fused_optim
+from fused_optim.backends import cpu as cpu_backend
 from fused_optim.bench import gpt2_small_shapes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 FLAT = 64 << 20
@@ -66,37 +73,53 @@ def make_params(shapes, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return params
 
 
-def implementations(params, dtype, ds_class) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+def implementations(params, dtype, ds_class) -> dict[str, tuple[Callable, str | None]]:
+    """name -> (optimizer factory, kernel build to switch to before each of its steps)."""
     adamw = torch.optim.AdamW
-    impls: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        "torch for-loop": lambda: adamw(params, **HYPER, foreach=False),
-        "torch foreach": lambda: adamw(params, **HYPER, foreach=True),
-        "torch fused": lambda: adamw(params, **HYPER, fused=True),
-        "fused_optim cpu": lambda: fused_optim.AdamW(params, **HYPER, backend="cpu"),
+    impls: dict[str, tuple[Callable[[], torch.optim.Optimizer], str | None]] = {
+        "torch for-loop": (lambda: adamw(params, **HYPER, foreach=False), None),
+        "torch foreach": (lambda: adamw(params, **HYPER, foreach=True), None),
+        "torch fused": (lambda: adamw(params, **HYPER, fused=True), None),
     }
-    if dtype != torch.float32:
-        impls["fused_optim cpu (fp32 states)"] = lambda: fused_optim.AdamW(
-            params, **HYPER, backend="cpu", state_dtype=torch.float32
+    for isa in cpu_backend.supported_isas()[1:]:  # the vector builds, best last
+        impls[f"fused_optim cpu [{isa}]"] = (
+            lambda: fused_optim.AdamW(params, **HYPER, backend="cpu"),
+            isa,
         )
+        if dtype != torch.float32:
+            impls[f"fused_optim cpu [{isa}] fp32 states"] = (
+                lambda: fused_optim.AdamW(
+                    params, **HYPER, backend="cpu", state_dtype=torch.float32
+                ),
+                isa,
+            )
     if ds_class is not None:
         # DeepSpeed keeps fp32 states (also for bf16 params).
-        impls["DeepSpeedCPUAdam"] = lambda: ds_class(
+        impls["DeepSpeedCPUAdam"] = (lambda: ds_class(
             params, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
             weight_decay=HYPER["weight_decay"], adamw_mode=True,
-        )  # fmt: skip
+        ), None)  # fmt: skip
     return impls
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of numerator / denominator, paired round by round."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
     label, shapes, dtype = WORKLOADS[name]
     params = make_params(shapes, dtype)
-    optimizers = {}
-    for impl, factory in implementations(params, dtype, ds_class).items():
+    optimizers, isas = {}, {}
+    default_isa = cpu_backend.cpu_isa()
+    for impl, (factory, isa) in implementations(params, dtype, ds_class).items():
         try:
+            if isa is not None:
+                cpu_backend.set_isa(isa)
             opt = factory()
             for _ in range(2):  # warm-up: creates the states, first-touches the memory
                 opt.step()
-            optimizers[impl] = opt
+            optimizers[impl], isas[impl] = opt, isa
         except Exception as error:
             print(f"  {impl}: skipped ({error!r})", file=sys.stderr)
     times: dict[str, list[float]] = {impl: [] for impl in optimizers}
@@ -104,14 +127,15 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for impl in order:
+            if isas[impl] is not None:
+                cpu_backend.set_isa(isas[impl])
             start = time.perf_counter()
             optimizers[impl].step()
             times[impl].append(time.perf_counter() - start)
+    cpu_backend.set_isa(default_isa)
     numel = sum(p.numel() for p in params)
-    medians = {impl: statistics.median(ts) for impl, ts in times.items()}
-    base = medians.get("torch fused")
     rows = []
-    for impl, median in medians.items():
+    for impl, ts in times.items():
         rows.append(
             dict(
                 workload=name,
@@ -120,10 +144,17 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
                 numel=numel,
                 dtype=str(dtype).replace("torch.", ""),
                 implementation=impl,
-                median_ms=median * 1e3,
-                min_ms=min(times[impl]) * 1e3,
+                median_ms=statistics.median(ts) * 1e3,
+                min_ms=min(ts) * 1e3,
                 rounds=rounds,
-                speedup_vs_torch_fused=None if base is None else base / median,
+                vs_torch_fused=(
+                    _median_ratio(times["torch fused"], ts) if "torch fused" in times else None
+                ),
+                vs_deepspeed=(
+                    _median_ratio(times["DeepSpeedCPUAdam"], ts)
+                    if "DeepSpeedCPUAdam" in times
+                    else None
+                ),
             )
         )
     del optimizers, params
@@ -132,20 +163,24 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'workload':<12} {'implementation':<30} {'median ms':>10} {'min ms':>9} {'vs fused':>9}"
+        f"{'workload':<12} {'implementation':<36} {'median ms':>10} {'min ms':>9} "
+        f"{'vs fused':>9} {'vs DS':>7}"
     )
     for row in rows:
-        ratio = row["speedup_vs_torch_fused"]
+        ratios = [row["vs_torch_fused"], row["vs_deepspeed"]]
+        fused, ds = ("" if r is None else f"{r:.2f}x" for r in ratios)
         print(
-            f"{row['workload']:<12} {row['implementation']:<30} {row['median_ms']:>10.2f} "
-            f"{row['min_ms']:>9.2f} {'' if ratio is None else f'{ratio:.2f}x':>9}"
+            f"{row['workload']:<12} {row['implementation']:<36} {row['median_ms']:>10.2f} "
+            f"{row['min_ms']:>9.2f} {fused:>9} {ds:>7}"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--rounds", type=int, default=15, help="timed steps per implementation")
+    parser.add_argument(
+        "--rounds", type=int, default=11, help="timed steps per implementation (9 or more)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -153,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ds_class, ds_reason = (None, "--no-deepspeed") if args.no_deepspeed else deepspeed_adam()
-    from fused_optim.backends import cpu as cpu_backend
-
     available, reason = cpu_backend.is_available(torch.device("cpu"))
     if not available:
         print(f"fused_optim's cpu backend is unavailable: {reason}", file=sys.stderr)
@@ -162,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(
         torch=torch.__version__,
         threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
-        cpu_isa=cpu_backend.cpu_isa(),
+        cpu=cpu_description(),
         deepspeed=ds_reason or "yes",
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
     )

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -30,27 +30,8 @@ import fused_optim
 from fused_optim import testing
 from fused_optim.backends import correctly_rounded as cr
 
-
-def cpu_description() -> dict:
-    """lscpu's model name and the vector-ISA flags that matter here."""
-    model, flags = platform.processor() or "unknown", []
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            if key.strip() == "Flags":
-                flags = value.split()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "asimd")
-    return {
-        "model": model,
-        "machine": platform.machine(),
-        "flags": [f for f in wanted if f in flags],
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description
 
 
 def sqrt_miss_rate(count: int = 1 << 22) -> float:
@@ -87,13 +68,6 @@ def main() -> None:
         "fp32_sqrt_not_correctly_rounded": sqrt_miss_rate(),
         "cases": [],
     }
-    if "cpu" in backends:
-        from fused_optim.backends import cpu
-
-        result["cpu_backend_isa"] = cpu.cpu_isa()
-        # From CPUID in this process (lscpu is a separate program: under a user-mode emulator
-        # it describes the host, while these describe the emulated CPU).
-        result["cpu_backend_isas_supported"] = cpu.supported_isas()
     print(json.dumps({k: v for k, v in result.items() if k != "cases"}, indent=1))
     print(f"{'optimizer':9} | {'config':62} | torch rounding | " + " | ".join(backends))
     for name in testing.OPTIMIZERS:

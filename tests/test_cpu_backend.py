@@ -518,6 +518,33 @@ def test_every_isa_build_gives_the_same_bits(isa, tmp_path):
             assert_lists_close(ours[d], ref[d], f"{isa} vs reference, {name}", exact=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_switching_builds_in_process_gives_the_same_bits(dtype):
+    """cpu.set_isa (what the benchmark uses to time every build in one run): each build this
+    CPU runs, on the fast single-pass path (AdamW, no amsgrad) with odd sizes and tails."""
+    results = []
+    previous = cpu_backend.cpu_isa()
+    try:
+        for isa in cpu_backend.supported_isas():
+            assert cpu_backend.set_isa(isa) in cpu_backend.ISAS
+            assert cpu_backend.cpu_isa() == isa
+            gen = torch.Generator().manual_seed(5)
+            shapes = [(37,), (16384 + 29,), (0,), (1000, 3)]
+            params = randoms(shapes, dtype, generator=gen)
+            states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+            steps = [torch.tensor(0.0) for _ in params]
+            grads = [randoms(shapes, dtype, generator=gen) for _ in range(3)]
+            run_adam(cpu_backend, params, grads, states, steps, **ADAM_FLAGS["adamw"])
+            results.append(params + states[0] + states[1])
+    finally:
+        cpu_backend.set_isa(previous)
+    for other in results[1:]:
+        assert_lists_close(other, results[0], "tensor", exact=True)
+    with pytest.raises(RuntimeError, match="is not a kernel build this CPU can run"):
+        cpu_backend.set_isa("no-such-isa")
+    assert cpu_backend.cpu_isa() == previous
+
+
 def test_forcing_an_isa_this_cpu_lacks_is_an_error(tmp_path):
     missing = [isa for isa in cpu_backend.ISAS if isa not in cpu_backend.supported_isas()]
     wanted = missing[0] if missing else "no-such-isa"

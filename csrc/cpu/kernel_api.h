@@ -1,5 +1,5 @@
 // The plain-C++ interface between the host code (ops.cpp, which knows about torch tensors) and
-// the per-ISA kernel translation units (kernel_base.cpp, kernel_avx2.cpp), which do not.
+// the per-ISA kernel translation units (kernel_base.cpp, kernel_avx2.cpp, kernel_avx512.cpp), which do not.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +52,9 @@ void sgd_base(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const 
 void adam_base(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const AdamArgs& args);
 void sgd_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args);
 void adam_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const AdamArgs& args);
+void sgd_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args);
+void adam_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
+                 const AdamArgs& args);
 
 // murmur3's 32-bit finalizer (backends/reference.py's mix32).
 inline uint32_t mix32(uint32_t h) {

@@ -203,108 +203,191 @@ inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T
 }
 
 #ifdef FUSED_OPTIM_HAVE_AVX2
-// ------------------------------------------------------------- Adam, AVX2 single-pass fast path
+// ------------------------------------------------------- Adam, single-pass fast path (AVX2/512)
 //
 // fp32 compute over fp32/bf16 params, grads and states (no master, no amsgrad, no grad scale,
 // round-to-nearest stores): every element is loaded, updated and stored in ONE pass over all
-// arrays, 8 lanes at a time, instead of converting each array into a local block and back.
-// The arithmetic is adam_update's, operation by operation (IEEE add/mul/fma/div/sqrt give the
-// same bits in any lane), and bf16 stores round as float_to_bf16 does, so the results are
-// bitwise those of the portable path. The loop keeps 7 streams in flight at once.
+// arrays, a vector of lanes at a time, instead of converting each array into a local block and
+// back. The arithmetic is adam_update's, operation by operation (IEEE add/mul/fma/div/sqrt give
+// the same bits in any lane and at any vector width), and bf16 stores round as float_to_bf16
+// does, so the results are bitwise those of the portable path. The loop is written once over a
+// "lanes" type (Avx2Lanes: 8 floats in __m256; Avx512Lanes: 16 in __m512) that supplies the
+// loads, stores and arithmetic; each ISA's translation unit picks its own as FastLanes.
 
-// 8 bf16 (or fp32) values as fp32. bf16: the 16 bytes go to both 128-bit lanes (a pure load),
-// and one in-lane byte shuffle puts value j in the upper half of dword j (the lower half zero).
-template <bool kBf16>
-inline __m256 avx2_load8(const void* base, int64_t i) {
-  if (kBf16) {
-    const __m256i raw = _mm256_broadcastsi128_si256(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    const __m256i spread = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
-                                            -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1,
-                                            14, 15);
-    return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, spread));
+struct Avx2Lanes {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V sqrt(V a) { return _mm256_sqrt_ps(a); }
+  static V flip_sign(V a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  static bool any_nan(V a) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0;
   }
-  return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-}
 
-// Stores 8 fp32 values known not to be NaN as bf16, rounded to nearest even (float_to_bf16's
-// formula; the upper halves of the rounded dwords are gathered by a byte shuffle), or as fp32.
-template <bool kBf16>
-inline void avx2_store8_finite(void* base, int64_t i, __m256 x) {
-  if (kBf16) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-    const __m256i gather = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1,
-                                            -1, 2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1,
-                                            -1, -1);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, gather), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
-                     _mm256_castsi256_si128(packed));
-  } else {
-    _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+  // 8 bf16 (or fp32) values as fp32. bf16: the 16 bytes go to both 128-bit lanes (a pure load),
+  // and one in-lane byte shuffle puts value j in the upper half of dword j (the lower half zero).
+  template <bool kBf16>
+  static V load(const void* base, int64_t i) {
+    if (kBf16) {
+      const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+      const __m256i spread =
+          _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, -1, -1, 8, 9,
+                           -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+      return _mm256_castsi256_ps(_mm256_shuffle_epi8(raw, spread));
+    }
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
   }
-}
 
-// Stores 8 fp32 values, as bf16 rounded to nearest even (NaN -> 0x7FC0) or as fp32.
-template <bool kBf16>
-inline void avx2_store8(void* base, int64_t i, __m256 x) {
-  if (kBf16) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-    // Every lane is in [0, 0xFFFF]: the unsigned saturating pack is exact.
-    const __m128i packed =
-        _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), packed);
-  } else {
-    _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+  // Stores 8 fp32 values known not to be NaN as bf16, rounded to nearest even (float_to_bf16's
+  // formula; the upper halves of the rounded dwords are gathered by a byte shuffle), or as fp32.
+  template <bool kBf16>
+  static void store_finite(void* base, int64_t i, V x) {
+    if (kBf16) {
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i t = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+      const __m256i gather =
+          _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7,
+                           10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, gather), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
+                       _mm256_castsi256_si128(packed));
+    } else {
+      _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+    }
   }
-}
 
-template <bool kPBf16, bool kGBf16, bool kMBf16, bool kVBf16, bool kMaximize, bool kDecoupled,
-          bool kWeightDecay, bool kLerpLow>
+  // Stores 8 fp32 values, as bf16 rounded to nearest even (NaN -> 0x7FC0) or as fp32.
+  template <bool kBf16>
+  static void store(void* base, int64_t i, V x) {
+    if (kBf16) {
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+      // Every lane is in [0, 0xFFFF]: the unsigned saturating pack is exact.
+      const __m128i packed =
+          _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), packed);
+    } else {
+      _mm256_storeu_ps(static_cast<float*>(base) + i, x);
+    }
+  }
+};
+
+#ifdef FUSED_OPTIM_HAVE_AVX512
+// AVX-512 F+BW+VL. bf16 stores round with integer arithmetic, not AVX512-BF16's vcvtneps2bf16:
+// that instruction flushes subnormal inputs and outputs to zero and keeps a NaN's payload, so
+// its bits differ from float_to_bf16's (and torch's) for those values.
+struct Avx512Lanes {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V sqrt(V a) { return _mm512_sqrt_ps(a); }
+  static V flip_sign(V a) {
+    return _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  }
+  static bool any_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
+
+  template <bool kBf16>
+  static V load(const void* base, int64_t i) {
+    if (kBf16) {
+      const __m256i raw = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  }
+
+  static __m512i round_bf16(V x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    return _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  }
+
+  template <bool kBf16>
+  static void store_finite(void* base, int64_t i, V x) {
+    if (kBf16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i),
+                          _mm512_cvtepi32_epi16(round_bf16(x)));
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(base) + i, x);
+    }
+  }
+
+  template <bool kBf16>
+  static void store(void* base, int64_t i, V x) {
+    if (kBf16) {
+      const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      const __m512i r = _mm512_mask_mov_epi32(round_bf16(x), nan, _mm512_set1_epi32(0x7FC0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(base) + i),
+                          _mm512_cvtepi32_epi16(r));
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(base) + i, x);
+    }
+  }
+};
+using FastLanes = Avx512Lanes;
+#else
+using FastLanes = Avx2Lanes;
+#endif
+
+template <typename L, bool kPBf16, bool kGBf16, bool kMBf16, bool kVBf16, bool kMaximize,
+          bool kDecoupled, bool kWeightDecay, bool kLerpLow>
 void adam_fast_loop(void* pp, const void* gp, void* mp, void* vp, int64_t start, int64_t end,
                     const fmath::AdamScalars<float>& s) {
-  const __m256 decay = _mm256_set1_ps(s.decay);
-  const __m256 wd = _mm256_set1_ps(s.weight_decay);
-  const __m256 w = _mm256_set1_ps(kLerpLow ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
-  const __m256 beta2 = _mm256_set1_ps(s.beta2);
-  const __m256 omb2 = _mm256_set1_ps(s.one_minus_beta2);
-  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2_sqrt);
-  const __m256 eps = _mm256_set1_ps(s.eps);
-  const __m256 nss = _mm256_set1_ps(s.neg_step_size);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  // One group of 8 lanes, loaded from / stored to the given bases at element index i.
-  auto update8 = [&](void* pb, const void* gb, void* mb, void* vb, int64_t i)
-                     __attribute__((always_inline)) {
-    __m256 p = avx2_load8<kPBf16>(pb, i);
-    __m256 g = avx2_load8<kGBf16>(gb, i);
-    __m256 m = avx2_load8<kMBf16>(mb, i);
-    __m256 v = avx2_load8<kVBf16>(vb, i);
-    if (kMaximize) g = _mm256_xor_ps(g, sign);
+  using V = typename L::V;
+  constexpr int64_t kLanes = L::kLanes;
+  const V decay = L::set1(s.decay);
+  const V wd = L::set1(s.weight_decay);
+  const V w = L::set1(kLerpLow ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
+  const V beta2 = L::set1(s.beta2);
+  const V omb2 = L::set1(s.one_minus_beta2);
+  const V bc2 = L::set1(s.bias_correction2_sqrt);
+  const V eps = L::set1(s.eps);
+  const V nss = L::set1(s.neg_step_size);
+  // One vector of lanes, loaded from / stored to the given bases at element index i.
+  auto update = [&](void* pb, const void* gb, void* mb, void* vb, int64_t i)
+                    __attribute__((always_inline)) {
+    V p = L::template load<kPBf16>(pb, i);
+    V g = L::template load<kGBf16>(gb, i);
+    V m = L::template load<kMBf16>(mb, i);
+    V v = L::template load<kVBf16>(vb, i);
+    if (kMaximize) g = L::flip_sign(g);
     if (kDecoupled) {
-      p = _mm256_mul_ps(p, decay);
+      p = L::mul(p, decay);
     } else if (kWeightDecay) {
-      g = _mm256_fmadd_ps(p, wd, g);
+      g = L::fmadd(p, wd, g);
     }
-    const __m256 diff = _mm256_sub_ps(g, m);
-    m = _mm256_fmadd_ps(w, diff, kLerpLow ? m : g);
-    v = _mm256_fmadd_ps(_mm256_mul_ps(omb2, g), g, _mm256_mul_ps(v, beta2));
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
-    p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(nss, m), denom));
+    const V diff = L::sub(g, m);
+    m = L::fmadd(w, diff, kLerpLow ? m : g);
+    v = L::fmadd(L::mul(omb2, g), g, L::mul(v, beta2));
+    const V denom = L::add(L::div(L::sqrt(v), bc2), eps);
+    p = L::add(p, L::div(L::mul(nss, m), denom));
     // A NaN in m or v makes p NaN in the same lane: one test on p covers the three arrays.
-    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(p, p, _CMP_UNORD_Q)) != 0, 0)) {
-      avx2_store8<kPBf16>(pb, i, p);
-      avx2_store8<kMBf16>(mb, i, m);
-      avx2_store8<kVBf16>(vb, i, v);
+    if (__builtin_expect(L::any_nan(p), 0)) {
+      L::template store<kPBf16>(pb, i, p);
+      L::template store<kMBf16>(mb, i, m);
+      L::template store<kVBf16>(vb, i, v);
     } else {
-      avx2_store8_finite<kPBf16>(pb, i, p);
-      avx2_store8_finite<kMBf16>(mb, i, m);
-      avx2_store8_finite<kVBf16>(vb, i, v);
+      L::template store_finite<kPBf16>(pb, i, p);
+      L::template store_finite<kMBf16>(mb, i, m);
+      L::template store_finite<kVBf16>(vb, i, v);
     }
   };
   // Software prefetch kAhead elements ahead, one line per 32 elements of each array (two for
@@ -322,23 +405,21 @@ void adam_fast_loop(void* pp, const void* gp, void* mp, void* vp, int64_t start,
     prefetch(gp, i + kAhead, kGBf16);
     prefetch(mp, i + kAhead, kMBf16);
     prefetch(vp, i + kAhead, kVBf16);
-    update8(pp, gp, mp, vp, i);
-    update8(pp, gp, mp, vp, i + 8);
-    update8(pp, gp, mp, vp, i + 16);
-    update8(pp, gp, mp, vp, i + 24);
+    for (int64_t j = 0; j < 32; j += kLanes) update(pp, gp, mp, vp, i + j);
   }
-  for (; i + 8 <= end; i += 8) update8(pp, gp, mp, vp, i);
+  for (; i + kLanes <= end; i += kLanes) update(pp, gp, mp, vp, i);
   if (i < end) {
-    // The tail (< 8 elements) goes through the same vector code, via zero-padded local copies:
-    // the scalar math could differ in the sign of a NaN (the compiler may fold a negation).
+    // The tail (< kLanes elements) goes through the same vector code, via zero-padded local
+    // copies: the scalar math could differ in the sign of a NaN (the compiler may fold a
+    // negation).
     const int64_t n = end - i;
-    alignas(32) float lp[8] = {}, lg[8] = {}, lm[8] = {}, lv[8] = {};
+    alignas(64) float lp[kLanes] = {}, lg[kLanes] = {}, lm[kLanes] = {}, lv[kLanes] = {};
     const size_t pz = kPBf16 ? 2 : 4, gz = kGBf16 ? 2 : 4, mz = kMBf16 ? 2 : 4, vz = kVBf16 ? 2 : 4;
     std::memcpy(lp, static_cast<char*>(pp) + i * pz, n * pz);
     std::memcpy(lg, static_cast<const char*>(gp) + i * gz, n * gz);
     std::memcpy(lm, static_cast<char*>(mp) + i * mz, n * mz);
     std::memcpy(lv, static_cast<char*>(vp) + i * vz, n * vz);
-    update8(lp, lg, lm, lv, 0);
+    update(lp, lg, lm, lv, 0);
     std::memcpy(static_cast<char*>(pp) + i * pz, lp, n * pz);
     std::memcpy(static_cast<char*>(mp) + i * mz, lm, n * mz);
     std::memcpy(static_cast<char*>(vp) + i * vz, lv, n * vz);
@@ -356,7 +437,7 @@ inline bool adam_fast_flags(const Task& task, int64_t start, int64_t end,
   using Fn = void (*)(void*, const void*, void*, void*, int64_t, int64_t,
                       const fmath::AdamScalars<float>&);
 #define FUSED_OPTIM_FAST(P, G, M, V) \
-  adam_fast_loop<P, G, M, V, kMaximize, kDecoupled, kWeightDecay, kLerpLow>
+  adam_fast_loop<FastLanes, P, G, M, V, kMaximize, kDecoupled, kWeightDecay, kLerpLow>
   static constexpr Fn table[16] = {
       FUSED_OPTIM_FAST(false, false, false, false), FUSED_OPTIM_FAST(false, false, false, true),
       FUSED_OPTIM_FAST(false, false, true, false),  FUSED_OPTIM_FAST(false, false, true, true),

@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <cmath>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <cstdint>
@@ -31,6 +32,16 @@ constexpr int64_t kChunk = 16384;
 using at::Tensor;
 using at::TensorList;
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -45,15 +56,14 @@ bool cpu_has_avx2() {
 std::vector<std::string> supported_isas() {
   std::vector<std::string> isas{"base"};
   if (cpu_has_avx2()) isas.push_back("avx2");
+  if (cpu_has_avx2() && cpu_has_avx512()) isas.push_back("avx512");
   return isas;
 }
 
-// FUSED_OPTIM_CPU_ISA: "base" or "avx2" forces that build (an error if this CPU cannot run
-// it); unset, empty or "auto" takes the best one the CPU supports.
-std::string choose_isa() {
+// FUSED_OPTIM_CPU_ISA: "base", "avx2" or "avx512" forces that build (an error if this CPU cannot
+// run it); unset, empty or "auto" takes the best one the CPU supports.
+std::string checked_isa(const std::string& wanted) {
   const std::vector<std::string> isas = supported_isas();
-  const char* env = std::getenv("FUSED_OPTIM_CPU_ISA");
-  const std::string wanted = env == nullptr ? "" : std::string(env);
   if (wanted.empty() || wanted == "auto") return isas.back();
   for (const auto& isa : isas) {
     if (isa == wanted) return isa;
@@ -65,12 +75,36 @@ std::string choose_isa() {
   return isas.back();  // not reached
 }
 
-const std::string& isa() {
-  static const std::string value = choose_isa();
-  return value;
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa isa_code(const std::string& name) {
+  return name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kBase;
 }
 
-bool use_avx2() { return isa() == "avx2"; }
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "base";
+}
+
+// The build in use: chosen once from FUSED_OPTIM_CPU_ISA, changeable by set_isa (benchmarks and
+// tests compare builds in one process).
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{[] {
+    const char* env = std::getenv("FUSED_OPTIM_CPU_ISA");
+    return static_cast<int>(isa_code(checked_isa(env == nullptr ? "" : std::string(env))));
+  }()};
+  return slot;
+}
+
+Isa isa_in_use() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
+
+std::string isa() { return isa_name(isa_in_use()); }
+
+// Switches to another build this CPU can run ("auto": the best); returns the previous one.
+std::string set_isa(const std::string& wanted) {
+  const std::string previous = isa();
+  isa_slot().store(static_cast<int>(isa_code(checked_isa(wanted))));
+  return previous;
+}
 
 int8_t dtype_code(const Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -241,10 +275,15 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   }
   const int64_t num_chunks = static_cast<int64_t>(plan.chunks.size());
   if (num_chunks > 0) {
-    if (use_avx2()) {
-      sgd_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-    } else {
-      sgd_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+    switch (isa_in_use()) {
+      case Isa::kAvx512:
+        sgd_avx512(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+        break;
+      case Isa::kAvx2:
+        sgd_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+        break;
+      default:
+        sgd_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
     }
   }
   plan.staging.finish();
@@ -319,10 +358,15 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   }
   const int64_t num_chunks = static_cast<int64_t>(plan.chunks.size());
   if (num_chunks > 0) {
-    if (use_avx2()) {
-      adam_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-    } else {
-      adam_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+    switch (isa_in_use()) {
+      case Isa::kAvx512:
+        adam_avx512(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+        break;
+      case Isa::kAvx2:
+        adam_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
+        break;
+      default:
+        adam_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
     }
   }
   plan.staging.finish();
@@ -348,6 +392,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "bool decoupled_weight_decay, bool tensor_bias_corrections, Tensor? grad_scale, "
       "Tensor? found_inf, bool stochastic_rounding, int seed, int[] param_indices) -> ()");
   m.def("cpu_isa() -> str", [] { return fused_optim::cpu::isa(); });
+  m.def("cpu_set_isa(str isa) -> str",
+        [](std::string isa) { return fused_optim::cpu::set_isa(isa); });
   m.def("cpu_supported_isas() -> str[]", [] {
     return c10::List<std::string>(fused_optim::cpu::supported_isas());
   });

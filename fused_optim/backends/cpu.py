@@ -10,8 +10,9 @@ with the original import error.
 
 The kernel walks every tensor in its param's memory order in 16K-element chunks, all chunks of
 all tensors in one parallel loop; the update math runs in fp32 (fp64 for fp64 params) and rounds
-once at the store, with torch.optim's operation order, like the Triton kernels. An AVX2+FMA build
-of the kernels is chosen at run time on CPUs that have it (``cpu_isa()`` says which runs,
+once at the store, with torch.optim's operation order, like the Triton kernels. AVX-512 and
+AVX2+FMA builds of the kernels are chosen at run time on CPUs that have them (``cpu_isa()`` says
+which runs,
 ``supported_isas()`` which could; ``FUSED_OPTIM_CPU_ISA=base`` forces the baseline build). Every
 build gives the same bits: IEEE operations, each correctly rounded, with the fmas spelled out.
 """
@@ -38,12 +39,13 @@ __all__ = [
     "adam",
     "cpu_isa",
     "is_available",
+    "set_isa",
     "sgd",
     "supported_isas",
 ]
 
 #: Every kernel build the extension has, in order of preference (last is best).
-ISAS: tuple[str, ...] = ("base", "avx2")
+ISAS: tuple[str, ...] = ("base", "avx2", "avx512")
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -59,10 +61,18 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 
 def cpu_isa() -> str:
-    """The kernel build in use: ``"avx2"`` (AVX2+FMA+F16C) or ``"base"`` (x86-64 baseline, or
-    portable C++ elsewhere). ``FUSED_OPTIM_CPU_ISA=base|avx2`` forces one (an error at the first
-    step if this CPU cannot run it); unset or ``auto``, the best one this CPU supports."""
+    """The kernel build in use: ``"avx512"`` (AVX-512 F+BW+VL+DQ), ``"avx2"`` (AVX2+FMA+F16C) or
+    ``"base"`` (x86-64 baseline, or portable C++ elsewhere). ``FUSED_OPTIM_CPU_ISA=base|avx2|
+    avx512`` forces one (an error at the first step if this CPU cannot run it); unset or
+    ``auto``, the best one this CPU supports."""
     return torch.ops.fused_optim.cpu_isa()
+
+
+def set_isa(isa: str) -> str:
+    """Switch the kernel build this process uses (one this CPU can run, or ``"auto"``); returns
+    the previous one. For benchmarks and tests that compare builds; every build gives the same
+    bits."""
+    return torch.ops.fused_optim.cpu_set_isa(isa)
 
 
 def supported_isas() -> list[str]:
