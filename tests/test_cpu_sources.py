@@ -34,9 +34,9 @@ def test_every_cpu_source_is_listed():
 def test_source_compiles_for_aarch64(source):
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
+    flags = ["-std=c++17", "-fsyntax-only", "-fopenmp", "-ffp-contract=off", "-Werror=all"]
     done = subprocess.run(
-        [CROSS, "-std=c++17", "-fsyntax-only", "-fopenmp", "-ffp-contract=off", "-Werror=all"]
-        + ["-Wno-unknown-pragmas", *includes, str(source)],
+        [CROSS, *flags, "-Wno-unknown-pragmas", *includes, str(source)],
         capture_output=True,
         text=True,
         timeout=300,
