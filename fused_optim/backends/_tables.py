@@ -19,6 +19,19 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def signature(t: Tensor) -> tuple:
+    """What a launch plan's tables and stages depend on for one tensor: its address, dtype,
+    shape and strides (numel follows from the shape; the device is the plan's). A plan is
+    valid only while every tensor it addresses keeps its signature: a tensor that changes shape
+    or layout at the same address (``p.data = base[:8]``, a grad that comes back transposed)
+    must rebuild it, or the kernel walks the old extent and layout."""
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def signatures(tensors: list[Tensor]) -> list[tuple]:
+    return list(map(signature, tensors))
+
+
 def same_layout(a: Tensor, b: Tensor) -> bool:
     """True when ``a`` and ``b`` store their elements in the same order."""
     if a.shape != b.shape:

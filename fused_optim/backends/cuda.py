@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ._tables import is_dense, same_layout, step_offsets, upload
+from ._tables import is_dense, same_layout, signatures, step_offsets, upload
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
@@ -118,12 +118,6 @@ def _resolve(t, anchor, dtype: torch.dtype, writes_back: bool, stages: list, whe
     return stage.work
 
 
-def _signature(t: Tensor) -> tuple:
-    """What a plan's tables and stages depend on: a new tensor with the same signature at a
-    freed tensor's address can use its plan."""
-    return t.data_ptr(), t.dtype, t.shape, t.stride()
-
-
 class _Plan:
     """Device tables for one group of tensors, plus the stages its odd layouts need."""
 
@@ -191,7 +185,7 @@ class _Plan:
 
     def bind_grads(self, grads: list[Tensor], dtype: torch.dtype, writes_back: bool) -> None:
         """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
-        key = (list(map(_signature, grads)), writes_back)
+        key = (signatures(grads), writes_back)
         if key == self.grad_key:
             for stage in self.grad_stages:
                 stage.source = grads[stage.where]
@@ -221,9 +215,9 @@ class _Plan:
 
 def _plan_for(cache, name, params, states, masters, extra, state_dtype) -> _Plan:
     key = (
-        list(map(_signature, params)),
-        [list(map(_signature, column)) for column in states],
-        list(map(_signature, masters)),
+        signatures(params),
+        [signatures(column) for column in states],
+        signatures(masters),
         state_dtype,
     )
     if cache is None:

@@ -1,10 +1,11 @@
 """Launch plans: the device tables that let one kernel launch cover a whole tensor group.
 
 A plan is built from the tensors of one (device, dtype) group and cached in the optimizer's
-per-group cache. It is rebuilt only when a parameter or state tensor moves (its data pointer
-changes), when the set of tensors changes, or when a per-tensor value in the table changes.
-Gradients usually move with every backward pass, so their pointers are a separate, small table
-that is re-uploaded only when one of them changes.
+per-group cache. It is rebuilt when a parameter or state tensor changes its address, dtype,
+shape or strides, when the set of tensors changes, or when a per-tensor value in the table
+changes. Gradients usually move with every backward pass, so their pointers are a separate,
+small table that is re-uploaded (and their staging redone) when one of them changes address
+or layout.
 
 Tensors the kernel cannot walk as one dense span in the parameter's memory order (a strided
 view as param, a gradient whose strides differ from the param's, a state of another layout or
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._tables import is_dense, same_layout, upload
+from .._tables import is_dense, same_layout, signatures, upload
 from . import kernels
 
 # Elements and warps per program, read when a plan is built. BLOCK=1024 with 4 warps reached
@@ -103,7 +104,7 @@ class LaunchPlan:
         ``writes_back``: the kernel writes the gradients (unscaled by GradScaler's scale), so
         a staged gradient is copied back after the launch.
         """
-        key = (list(map(Tensor.data_ptr, grads)), writes_back)
+        key = (signatures(grads), writes_back)
         if key == self.grad_key:
             return
         self.grad_stages = []
@@ -140,15 +141,16 @@ def plan_for(
     extra: Tensor,
     state_dtype: torch.dtype,
 ) -> LaunchPlan:
-    """The cached plan for these tensors, rebuilt when any of them moved or ``extra`` changed.
+    """The cached plan for these tensors, rebuilt when any of them changed its address, dtype,
+    shape or strides (see ``_tables.signature``), or ``extra`` changed.
 
     ``extra`` (int64, on the CPU, one row per tensor) holds the table's last columns: the step
     offset or step address, the new-momentum-buffer flag and the param's index.
     """
     key = (
-        list(map(Tensor.data_ptr, params)),
-        [list(map(Tensor.data_ptr, column)) for column in states],
-        list(map(Tensor.data_ptr, masters)),
+        signatures(params),
+        [signatures(column) for column in states],
+        signatures(masters),
         state_dtype,
     )
     plan = cache.get(name)
