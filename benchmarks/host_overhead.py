@@ -1,0 +1,152 @@
+"""Host cost of ``optimizer.step()``: the work between the call and the kernel launch.
+
+    python benchmarks/host_overhead.py [--tensors 1 150 2000 10000] [--rounds 15] [--json out.json]
+
+AdamW on CPU tensors of 16 elements, so that the update itself costs next to nothing:
+
+* ``fused_optim triton (launch elided)``: the Triton path with the kernel launch replaced by a
+  no-op (the interpreter is loaded, never run): everything the host does per step, and nothing
+  the device would do;
+* ``fused_optim cpu``: the whole step of the C++ CPU backend (host work plus a tiny kernel);
+* ``torch fused`` and ``torch foreach``: torch.optim.AdamW's whole step, for reference.
+
+Each cell is crossed with the same gradient tensors every step against fresh ones (what
+``zero_grad()`` followed by backward gives: new tensors at new addresses), and one param group
+against one group per tensor. Implementations run interleaved in rotating order; the table shows
+median microseconds per step and per tensor. Prints the machine first (benchmarks/machine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend loads on a CPU
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_description
+
+import fused_optim
+
+NUMEL = 16
+HYPER = dict(lr=1e-3, weight_decay=0.01)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def elide_triton_launches() -> None:
+    from fused_optim.backends.triton import kernels
+
+    kernels.adam_kernel = _NoLaunch()
+    kernels.sgd_kernel = _NoLaunch()
+
+
+def make_params(count: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(NUMEL, generator=gen)) for _ in range(count)]
+
+
+def param_groups(params, per_tensor: bool):
+    return [{"params": [p]} for p in params] if per_tensor else [{"params": params}]
+
+
+def implementations(available: list[str]):
+    impls = {}
+    if "triton" in available:
+        impls["fused_optim triton (launch elided)"] = lambda g: fused_optim.AdamW(
+            g, **HYPER, backend="triton"
+        )
+    if "cpu" in available:
+        impls["fused_optim cpu"] = lambda g: fused_optim.AdamW(g, **HYPER, backend="cpu")
+    impls["torch fused"] = lambda g: torch.optim.AdamW(g, **HYPER, fused=True)
+    impls["torch foreach"] = lambda g: torch.optim.AdamW(g, **HYPER, foreach=True)
+    return impls
+
+
+def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, available) -> list:
+    runs = {}
+    for name, factory in implementations(available).items():
+        params = make_params(count)
+        for p in params:
+            p.grad = torch.randn(NUMEL)
+        opt = factory(param_groups(params, per_tensor))
+        for _ in range(2):
+            opt.step()
+        runs[name] = (opt, params)
+    times = {name: [] for name in runs}
+    names = list(runs)
+    new_grads = [torch.randn(NUMEL) for _ in range(count)]
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            opt, params = runs[name]
+            if fresh_grads:
+                for p, g in zip(params, new_grads):
+                    p.grad = g.clone()
+            start = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        rows.append(
+            dict(
+                tensors=count,
+                grads="fresh" if fresh_grads else "same",
+                groups="per tensor" if per_tensor else "one",
+                implementation=name,
+                us_per_step=median * 1e6,
+                us_per_tensor=median * 1e6 / count,
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[1, 150, 2000, 10000])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    available = fused_optim.available_backends(torch.device("cpu"))
+    if "triton" in available:
+        elide_triton_launches()
+    meta = dict(torch=torch.__version__, cpu=cpu_description(), available=available)
+    print(json.dumps(meta))
+    print(
+        f"{'tensors':>7} {'grads':>5} {'groups':>10}  {'implementation':<36} "
+        f"{'us/step':>10} {'us/tensor':>9}"
+    )
+    rows = []
+    for count in args.tensors:
+        for per_tensor in (False, True):
+            for fresh in (False, True):
+                rounds = args.rounds if count <= 2000 else max(5, args.rounds // 3)
+                for row in run_case(count, fresh, per_tensor, rounds, available):
+                    rows.append(row)
+                    print(
+                        f"{row['tensors']:>7} {row['grads']:>5} {row['groups']:>10}  "
+                        f"{row['implementation']:<36} {row['us_per_step']:>10.1f} "
+                        f"{row['us_per_tensor']:>9.2f}"
+                    )
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
