@@ -34,6 +34,13 @@ def is_dtensor(t: Tensor | None) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def any_dtensor(tensors: list[Tensor]) -> bool:
+    """``any(map(is_dtensor, tensors))`` at C speed: the distinct types are few."""
+    if DTensor is None:
+        return False
+    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
+
+
 def real_view(t: Tensor | None) -> Tensor | None:
     """What the backends update in place for ``t``: a DTensor's local shard (updated without
     gathering; it may be empty), and a complex tensor's real view, as torch.optim does."""
@@ -138,7 +145,7 @@ def fingerprint(params: list[Tensor], states: list, keys: tuple[str, ...]) -> li
     """What must not change for a cached GroupWork to stay valid: the params (objects and
     storage), their state dicts, and the state tensors in them. Built with C-level ``map`` so
     that checking it costs far less than rebuilding the lists it guards."""
-    storage = [real_view(p) for p in params] if any(map(is_dtensor, params)) else params
+    storage = [real_view(p) for p in params] if any_dtensor(params) else params
     result = [list(map(id, params)), list(map(Tensor.data_ptr, storage))]
     if not keys:
         return result
