@@ -24,11 +24,13 @@ import fused_optim
 from fused_optim.backends import BACKENDS, available_backends, select_backend
 from fused_optim.cli import main
 from fused_optim.testing import (
+    CONFIGS,
     PARAM_NAMES,
     ParityReport,
     adapt_config,
     assert_matches_torch,
     compare_to_torch,
+    config_label,
 )
 
 # What backend=None picks for CPU tensors here ("cpu" when the C++ extension is built).
@@ -248,3 +250,23 @@ def test_example_ci_file_passes():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def _torch_fused(name):
+    def factory(params, **config):
+        return getattr(torch.optim, name)(params, fused=True, **config)
+
+    return factory
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "name,config",
+    [(name, config) for name in CONFIGS for config in CONFIGS[name]],
+    ids=[f"{name}[{config_label(config)}]" for name in CONFIGS for config in CONFIGS[name]],
+)
+def test_torch_fused_passes_the_checker(name, config, dtype):
+    """A checker that fails torch's own fused=True on the machine it runs on is wrong: its
+    fp32 bound must absorb torch's CPU rounding, and torch's own fused-vs-for-loop spread."""
+    report = compare_to_torch(_torch_fused(name), config, reference=name, dtype=dtype)
+    assert report.passed, report.summary()
