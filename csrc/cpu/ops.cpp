@@ -190,26 +190,36 @@ struct Plan {
   std::vector<Chunk> chunks;
   Staging staging;
 
-  // Adds tensor i: arrays[slot] is the slot's tensor (undefined: absent), writes[slot] whether
-  // the kernel stores into it.
-  Task& add(const Tensor* arrays, const bool* writes) {
+  // Adds tensor i: arrays[slot] points to the slot's tensor (nullptr: absent), writes[slot]
+  // whether the kernel stores into it. The common case (every array dense, in the param's
+  // layout) copies no tensor handle: only staged arrays are kept (in `staging`).
+  Task& add(const Tensor* const* arrays, const bool* writes) {
     Task task{};
-    Tensor anchor = arrays[kParam];
-    const int64_t numel = anchor.numel();
+    const Tensor& param = *arrays[kParam];
+    const int64_t numel = param.numel();
     task.numel = numel;
     for (int s = 0; s < kSlots; ++s) {
       task.data[s] = nullptr;
       task.dtype[s] = kNone;
     }
     if (numel > 0) {
-      if (!is_dense(anchor)) anchor = staging.resolve(anchor, anchor, true);
+      const bool param_dense = is_dense(param);
+      const Tensor staged_param = param_dense ? Tensor() : staging.resolve(param, param, true);
+      const Tensor& anchor = param_dense ? param : staged_param;
       for (int s = 0; s < kSlots; ++s) {
-        if (!arrays[s].defined()) continue;
-        TORCH_CHECK(arrays[s].numel() == numel,
+        if (arrays[s] == nullptr || !arrays[s]->defined()) continue;
+        const Tensor& t = *arrays[s];
+        TORCH_CHECK(t.numel() == numel,
                     "fused_optim cpu backend: a tensor's numel differs from its param's");
-        Tensor t = s == kParam ? anchor : staging.resolve(arrays[s], anchor, writes[s]);
-        task.data[s] = t.data_ptr();
-        task.dtype[s] = dtype_code(t, "a tensor");
+        if (s == kParam || (is_dense(t) && same_layout(t, anchor))) {
+          const Tensor& used = s == kParam ? anchor : t;
+          task.data[s] = used.data_ptr();
+          task.dtype[s] = dtype_code(used, "a tensor");
+        } else {
+          const Tensor work = staging.resolve(t, anchor, writes[s]);
+          task.data[s] = work.data_ptr();
+          task.dtype[s] = dtype_code(work, "a tensor");
+        }
       }
       for (int64_t start = 0; start < numel; start += kChunk) {
         chunks.push_back(
@@ -262,11 +272,11 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   for (size_t i = 0; i < count; ++i) {
     check_cpu(params[i], "params");
     check_cpu(grads[i], "grads");
-    Tensor arrays[kSlots];
-    arrays[kParam] = params[i];
-    arrays[kGrad] = grads[i];
-    if (has_momentum) arrays[kState0] = momentum_buffers[i];
-    if (!master_params.empty()) arrays[kMaster] = master_params[i];
+    const Tensor* arrays[kSlots] = {};
+    arrays[kParam] = &params[i];
+    arrays[kGrad] = &grads[i];
+    if (has_momentum) arrays[kState0] = &momentum_buffers[i];
+    if (!master_params.empty()) arrays[kMaster] = &master_params[i];
     Task& task = plan.add(arrays, writes);
     task.new_buffer = has_momentum && i < new_buffer_flags.size() && new_buffer_flags[i] != 0;
     if (stochastic_rounding) {
@@ -327,13 +337,13 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   for (size_t i = 0; i < count; ++i) {
     check_cpu(params[i], "params");
     check_cpu(grads[i], "grads");
-    Tensor arrays[kSlots];
-    arrays[kParam] = params[i];
-    arrays[kGrad] = grads[i];
-    arrays[kState0] = exp_avgs[i];
-    arrays[kState1] = exp_avg_sqs[i];
-    if (amsgrad) arrays[kState2] = max_exp_avg_sqs[i];
-    if (!master_params.empty()) arrays[kMaster] = master_params[i];
+    const Tensor* arrays[kSlots] = {};
+    arrays[kParam] = &params[i];
+    arrays[kGrad] = &grads[i];
+    arrays[kState0] = &exp_avgs[i];
+    arrays[kState1] = &exp_avg_sqs[i];
+    if (amsgrad) arrays[kState2] = &max_exp_avg_sqs[i];
+    if (!master_params.empty()) arrays[kMaster] = &master_params[i];
     Task& task = plan.add(arrays, writes);
     const double step = scalar_value(steps[i]);
     if (!(step == cached_step)) {
