@@ -28,7 +28,10 @@ launch plans in.
 State tensors may have another dtype than their params (fp32 or bf16 states); each backend
 reads and writes them in their own dtype. The math here runs in fp32 for fp16/bf16 tensors
 (fp64 for fp64 tensors) and rounds once at the store, which is what the fused kernels do, with
-torch.optim's for-loop order of operations. The stochastic-rounding bits are the kernels' bits,
+torch.optim's for-loop order of operations. Every fp32 operation is correctly rounded on every
+CPU (``correctly_rounded``: torch's own fp32 CPU sqrt is not, and whether its lerp, addcmul and
+add(alpha=) fuse depends on the instruction set), so the kernels' fp32 results equal this
+backend's bit for bit anywhere. The stochastic-rounding bits are the kernels' bits,
 so both backends round the same fp32 value the same way.
 """
 
@@ -144,7 +147,7 @@ def _write_param(write, param, master, p, stochastic_rounding, seed, step, index
     write(param, p)
 
 
-def _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i, write) -> Tensor:
+def _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i) -> Tensor:
     """Sparse gradients keep torch.optim's own sparse arithmetic (weight decay is refused
     before this, as torch.optim refuses it)."""
     if momentum != 0:
@@ -196,7 +199,7 @@ def sgd(
         if maximize:
             g = -g
         if g.is_sparse:
-            p = _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i, write)
+            p = _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i)
         else:
             if weight_decay != 0:
                 g = cr.fma(p, weight_decay, g)
