@@ -142,6 +142,9 @@ WORKLOADS: dict[str, Workload] = {
         Workload("flat", "one tensor of 64M elements", ((64 << 20,),)),
         Workload("gpt2-small", "GPT-2 small's parameter shapes", gpt2_small_shapes()),
         Workload("many-small", "2000 tensors of 4096 elements", ((4096,),) * 2000),
+        # 2000 tensors of 16 elements: the update is next to nothing, so this times the host
+        # work of a step (benchmarks/host_overhead.py breaks it down further).
+        Workload("host-2000", "2000 tensors of 16 elements (host cost)", ((16,),) * 2000),
     )
 }
 
