@@ -229,6 +229,21 @@ struct Plan {
     tasks.push_back(task);
     return tasks.back();
   }
+
+  // Runs the kernel build in use over every chunk, then writes the staged arrays back.
+  template <typename Args>
+  using Kernel = void (*)(const Task*, const Chunk*, int64_t, const Args&);
+
+  template <typename Args>
+  void run(const Args& args, Kernel<Args> base, Kernel<Args> avx2, Kernel<Args> avx512) {
+    const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+    if (num_chunks > 0) {
+      const Isa isa = isa_in_use();
+      const Kernel<Args> kernel = isa == Isa::kAvx512 ? avx512 : isa == Isa::kAvx2 ? avx2 : base;
+      kernel(tasks.data(), chunks.data(), num_chunks, args);
+    }
+    staging.finish();
+  }
 };
 
 bool skipped(const std::optional<Tensor>& found_inf) {
@@ -283,20 +298,7 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
       task.sr_key = sr_key(seed, step_value(steps, i), param_index(param_indices, i));
     }
   }
-  const int64_t num_chunks = static_cast<int64_t>(plan.chunks.size());
-  if (num_chunks > 0) {
-    switch (isa_in_use()) {
-      case Isa::kAvx512:
-        sgd_avx512(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-        break;
-      case Isa::kAvx2:
-        sgd_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-        break;
-      default:
-        sgd_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-    }
-  }
-  plan.staging.finish();
+  plan.run(args, sgd_base, sgd_avx2, sgd_avx512);
 }
 
 void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -366,20 +368,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
     task.scalar[2] = decay;
     if (stochastic_rounding) task.sr_key = sr_key(seed, step, param_index(param_indices, i));
   }
-  const int64_t num_chunks = static_cast<int64_t>(plan.chunks.size());
-  if (num_chunks > 0) {
-    switch (isa_in_use()) {
-      case Isa::kAvx512:
-        adam_avx512(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-        break;
-      case Isa::kAvx2:
-        adam_avx2(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-        break;
-      default:
-        adam_base(plan.tasks.data(), plan.chunks.data(), num_chunks, args);
-    }
-  }
-  plan.staging.finish();
+  plan.run(args, adam_base, adam_avx2, adam_avx512);
 }
 
 }  // namespace
