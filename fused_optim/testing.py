@@ -359,13 +359,13 @@ def _cr_lerp(self, end, weight):
 def _cr_addcmul(self, tensor1, tensor2, *, value=1, out=None):
     if out is not None:
         return NotImplemented
-    return cr.fma(cr.mul(value, tensor1), tensor2, self)  # ATen: self + (value * t1) * t2
+    return cr.fma(tensor1 * value, tensor2, self)  # ATen: self + (value * t1) * t2
 
 
 def _cr_addcdiv(self, tensor1, tensor2, *, value=1, out=None):
     if out is not None:
         return NotImplemented
-    return cr.add(self, cr.div(cr.mul(value, tensor1), tensor2))  # self + (value * t1) / t2
+    return self + (tensor1 * value) / tensor2  # ATen: self + (value * t1) / t2
 
 
 def _handlers() -> dict[Any, tuple[Callable, bool]]:

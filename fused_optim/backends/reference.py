@@ -210,7 +210,7 @@ def sgd(
                     momentum_buffers[i] = buf.to(new_buffer_dtype or grad.dtype)
                 else:
                     buf = buf_store.to(ctype)
-                    buf = cr.fma(g, 1 - dampening, cr.mul(buf, momentum))
+                    buf = cr.fma(g, 1 - dampening, buf * momentum)
                     write(buf_store, buf)
                 g = cr.fma(buf, momentum, g) if nesterov else buf
             if isinstance(lr, Tensor):
@@ -260,11 +260,11 @@ def adam(
         if weight_decay != 0:
             if decoupled_weight_decay:
                 # With a tensor lr, torch.optim computes this in the lr tensor's dtype.
-                p = cr.mul(p, 1 - lr * weight_decay)
+                p = p * (1 - lr * weight_decay)
             else:
                 g = cr.fma(p, weight_decay, g)
         m = cr.lerp(m, g, 1 - beta1)
-        v = cr.fma(cr.mul(1 - beta2, g), g, cr.mul(v, beta2))
+        v = cr.fma(g * (1 - beta2), g, v * beta2)
         step = steps[i]
         if capturable or found_inf is not None or step.device.type != "cpu":
             step_f64 = step.to(device=param.device, dtype=torch.float64)
@@ -280,12 +280,12 @@ def adam(
         if amsgrad:
             vmax = torch.maximum(max_exp_avg_sqs[i].to(ctype), v)
             write(max_exp_avg_sqs[i], vmax)
-            denom = cr.add(cr.div(cr.sqrt(vmax), bc2_sqrt), eps)
+            denom = cr.sqrt(vmax) / bc2_sqrt + eps
         else:
-            denom = cr.add(cr.div(cr.sqrt(v), bc2_sqrt), eps)
+            denom = cr.sqrt(v) / bc2_sqrt + eps
         neg_step_size = -step_size.to(ctype) if isinstance(step_size, Tensor) else -step_size
         # torch.optim: p.addcdiv_(m, denom, value=-step_size), i.e. p + (-step_size * m) / denom
-        p = cr.add(p, cr.div(cr.mul(m, neg_step_size), denom))
+        p = p + (m * neg_step_size) / denom
         write(exp_avgs[i], m)
         write(exp_avg_sqs[i], v)
         index = param_indices[i] if param_indices else 0
