@@ -29,20 +29,7 @@ namespace {
 #include "kernel_impl.h"
 }  // namespace
 
-namespace fused_optim {
-namespace cpu {
-
-void sgd_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args) {
-  sgd_dispatch(tasks, chunks, num_chunks, args);
-}
-
-void adam_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
-                 const AdamArgs& args) {
-  adam_dispatch(tasks, chunks, num_chunks, args);
-}
-
-}  // namespace cpu
-}  // namespace fused_optim
+FUSED_OPTIM_CPU_ENTRY_POINTS(avx512)
 
 #ifdef FUSED_OPTIM_HAVE_AVX512
 #pragma GCC pop_options

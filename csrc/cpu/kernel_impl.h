@@ -637,3 +637,18 @@ inline void sgd_dispatch(const Task* tasks, const Chunk* chunks, int64_t num_chu
   const int index = (a.has_momentum ? 4 : 0) + (a.nesterov ? 2 : 0) + (a.maximize ? 1 : 0);
   table[index](tasks, chunks, num_chunks, a);
 }
+
+// The two entry points a per-ISA translation unit exports (kernel_api.h declares them), written
+// once: each unit includes this file in its anonymous namespace under its own target flags, then
+// says FUSED_OPTIM_CPU_ENTRY_POINTS(base), (avx2) or (avx512) at file scope.
+#define FUSED_OPTIM_CPU_ENTRY_POINTS(SUFFIX)                                                   \
+  namespace fused_optim {                                                                      \
+  namespace cpu {                                                                              \
+  void sgd_##SUFFIX(const Task* tasks, const Chunk* chunks, int64_t n, const SgdArgs& args) {  \
+    sgd_dispatch(tasks, chunks, n, args);                                                      \
+  }                                                                                            \
+  void adam_##SUFFIX(const Task* tasks, const Chunk* chunks, int64_t n, const AdamArgs& args) { \
+    adam_dispatch(tasks, chunks, n, args);                                                     \
+  }                                                                                            \
+  }                                                                                            \
+  }
