@@ -12,9 +12,9 @@ The kernel walks every tensor in its param's memory order in 16K-element chunks,
 all tensors in one parallel loop; the update math runs in fp32 (fp64 for fp64 params) and rounds
 once at the store, with torch.optim's operation order, like the Triton kernels. AVX-512 and
 AVX2+FMA builds of the kernels are chosen at run time on CPUs that have them (``cpu_isa()`` says
-which runs,
-``supported_isas()`` which could; ``FUSED_OPTIM_CPU_ISA=base`` forces the baseline build). Every
-build gives the same bits: IEEE operations, each correctly rounded, with the fmas spelled out.
+which runs, ``supported_isas()`` which could; ``FUSED_OPTIM_CPU_ISA=base|avx2|avx512`` forces
+one). Every build gives the same bits: IEEE operations, each correctly rounded, with the fmas
+spelled out.
 """
 
 from __future__ import annotations

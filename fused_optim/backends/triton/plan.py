@@ -142,7 +142,7 @@ def plan_for(
     state_dtype: torch.dtype,
 ) -> LaunchPlan:
     """The cached plan for these tensors, rebuilt when any of them changed its address, dtype,
-    shape or strides (see ``_tables.signature``), or ``extra`` changed.
+    shape or strides (see ``_tables.signatures``), or ``extra`` changed.
 
     ``extra`` (int64, on the CPU, one row per tensor) holds the table's last columns: the step
     offset or step address, the new-momentum-buffer flag and the param's index.
