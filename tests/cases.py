@@ -39,3 +39,16 @@ SHAPES = [(0,), (), (1,), (7,), (BLOCK - 1,), (BLOCK,), (BLOCK + 1,), (4097,), (
 # What backend=None picks for CPU tensors here: the fused C++ "cpu" backend when it is built,
 # else Triton in its interpreter (the tests run with TRITON_INTERPRET=1).
 AUTO_CPU = select_backend(None, torch.device("cpu")).NAME
+
+
+# Hyperparameters of three param groups (tests of one launch across groups).
+ADAM_GROUPS = [
+    dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0),
+    dict(lr=0.003, beta1=0.8, beta2=0.95, eps=1e-8, weight_decay=0.1),
+    dict(lr=0.1, beta1=0.5, beta2=0.999, eps=1e-4, weight_decay=0.01),
+]
+SGD_GROUPS = [
+    dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0),
+    dict(lr=0.2, momentum=0.5, dampening=0.3, weight_decay=0.1),
+    dict(lr=0.01, momentum=0.99, dampening=0.1, weight_decay=0.01),
+]

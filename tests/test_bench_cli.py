@@ -128,10 +128,11 @@ def test_triton_interpreter_is_timed_only_when_asked_for():
 def test_a_wrong_step_is_flagged_and_exits_1(monkeypatch, tmp_path, capsys, fixed_bandwidth):
     original = reference.sgd
 
-    def perturbed(params, *args, **kwargs):
-        original(params, *args, **kwargs)
-        for p in params:
+    def perturbed(work, *args, **kwargs):
+        created = original(work, *args, **kwargs)
+        for p in work.params:
             p.add_(1e-3)
+        return created
 
     monkeypatch.setattr(reference, "sgd", perturbed)
     report_path = tmp_path / "bench.json"

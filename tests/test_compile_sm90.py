@@ -19,10 +19,16 @@ import pytest
 import triton
 import triton.language as tl
 
-POINTERS = ("tensor_table", "grad_table", "block_table")
+POINTERS = {
+    "tensor_table": "*i64",
+    "grad_table": "*i64",
+    "block_table": "*i64",
+    "hyper_table": "*fp64",
+    "hyper_bits": "*i64",
+}
 
 
-def compile_for_sm90(kernel, constants: dict, lr_type: str = "*fp32", step_type: str = "fp64"):
+def compile_for_sm90(kernel, constants: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -31,13 +37,12 @@ def compile_for_sm90(kernel, constants: dict, lr_type: str = "*fp32", step_type:
         if name in constants:
             signature[name] = "constexpr"
         elif name in POINTERS:
-            signature[name] = "*i64"
+            signature[name] = POINTERS[name]
         elif name.endswith("_ptr"):
-            signature[name] = lr_type if name == "lr_ptr" else "*fp32"
-        elif name == "seed":
-            signature[name] = "i64"
+            signature[name] = "*fp32"
         else:
-            signature[name] = step_type if name == "base_step" else "fp64"
+            assert name == "seed", name  # hyperparameters are table data, never arguments
+            signature[name] = "i64"
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     target = GPUTarget("cuda", 90, 32)
@@ -47,7 +52,7 @@ def compile_for_sm90(kernel, constants: dict, lr_type: str = "*fp32", step_type:
 
 COMMON = dict(ALIGNED=True, BLOCK=1024, LR_FROM_POINTER=False, MAXIMIZE=False)
 PLAIN = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=False)
-PLAIN.update(STOCHASTIC_ROUNDING=False, STEP_FROM_POINTER=False, STEP_DTYPE=tl.float32)
+PLAIN.update(STOCHASTIC_ROUNDING=False, STEP_FROM_POINTER=False)
 
 
 def dtypes(param, state=None, compute=tl.float32):
@@ -62,7 +67,6 @@ AMP_AND_PRECISION = dict(
     HAS_MASTER=True,
     STOCHASTIC_ROUNDING=True,
     STEP_FROM_POINTER=True,
-    STEP_DTYPE=tl.float32,
 )
 
 SGD_CASES = {
@@ -127,10 +131,12 @@ def compile_all() -> dict:
     """{case: {"error": message} or {"ptx_v4_loads": bool, "ptx_v4_stores": bool}}."""
     from fused_optim.backends.triton import kernels
 
-    jobs = [
-        ("sgd-" + name, kernels.sgd_kernel, {**COMMON, **flags})
-        for name, flags in SGD_CASES.items()
-    ]
+    jobs = []
+    for name, flags in SGD_CASES.items():
+        constants = {**COMMON, "LR_DTYPE": tl.float64, **flags}
+        if constants["LR_FROM_POINTER"]:
+            constants["LR_DTYPE"] = tl.float32
+        jobs.append(("sgd-" + name, kernels.sgd_kernel, constants))
     for name, flags in ADAM_CASES.items():
         constants = {**COMMON, "LR_DTYPE": tl.float64, **flags}
         if constants["LR_FROM_POINTER"]:

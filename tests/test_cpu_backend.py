@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from fused_optim.backends import BackendUnavailableError, reference, select_backend
+from fused_optim.backends import BackendUnavailableError, contract, reference, select_backend
 from fused_optim.backends import cpu as cpu_backend
 from fused_optim.testing import adapt_config, compare_to_torch
 
@@ -67,12 +67,12 @@ def assert_lists_close(actual, expected, what, exact=False):
 def run_adam(backend, params, grads_per_step, states, steps, **kw):
     for grads in grads_per_step:
         torch._foreach_add_(steps, 1)
-        backend.adam(params, grads, *states, steps, **{**ADAM_KW, **kw}, cache={})
+        contract.run_adam(backend, params, grads, *states, steps, **{**ADAM_KW, **kw})
 
 
 def run_sgd(backend, params, grads_per_step, buffers, **kw):
     for grads in grads_per_step:
-        backend.sgd(params, grads, buffers, **{**SGD_KW, "maximize": False, **kw}, cache={})
+        contract.run_sgd(backend, params, grads, buffers, **{**SGD_KW, "maximize": False, **kw})
 
 
 def adam_both(params0, grads_per_step, state_dtype=None, masters0=None, **kw):
@@ -193,9 +193,9 @@ def test_sgd_on_layouts(layout):
     param = make_param(torch.float32)
     grad = make_grad(param)
     expected = param.clone()
-    reference.sgd([expected], [grad.clone()], [None], **SGD_KW, maximize=False)
+    contract.run_sgd(reference, [expected], [grad.clone()], [None], **SGD_KW, maximize=False)
     buffers = [None]
-    cpu_backend.sgd([param], [grad.clone()], buffers, **SGD_KW, maximize=False)
+    contract.run_sgd(cpu_backend, [param], [grad.clone()], buffers, **SGD_KW, maximize=False)
     torch.testing.assert_close(param, expected)
     assert buffers[0].shape == param.shape
 
@@ -275,7 +275,8 @@ def test_stochastic_rounding_is_bitwise_the_reference(dtype):
         params = [m.to(dtype) for m in masters]
         grads = [torch.ones_like(m) for m in masters]
         for step in (1, 2):
-            backend.sgd(
+            contract.run_sgd(
+                backend,
                 params,
                 grads,
                 [None] * len(params),
@@ -331,7 +332,8 @@ def test_master_weights_and_stochastic_rounding(dtype, stochastic):
             for seed in range(2):
                 generator = torch.Generator().manual_seed(seed)
                 g = randoms([p.shape for p in params], dtype, 0.1, generator)
-                backend.sgd(
+                contract.run_sgd(
+                    backend,
                     params,
                     g,
                     buffers,
@@ -351,7 +353,8 @@ def test_stochastic_rounding_rounds_both_ways():
     param = torch.full((100_000,), 1.0, dtype=torch.bfloat16)
     grad = torch.full((100_000,), 1.0, dtype=torch.bfloat16)
     # 1 - 1e-3 is between two bf16 values: nearest rounding would never move the param.
-    cpu_backend.sgd(
+    contract.run_sgd(
+        cpu_backend,
         [param],
         [grad],
         [None],
@@ -401,20 +404,29 @@ def test_found_inf_touches_nothing(algorithm):
     amp = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
     if algorithm == "adam":
         steps = [torch.tensor(1.0) for _ in params]
-        cpu_backend.adam(
-            params, grads, *states, steps, **ADAM_KW, **ADAM_FLAGS["adam-amsgrad"], **amp
+        contract.run_adam(
+            cpu_backend,
+            params,
+            grads,
+            *states,
+            steps,
+            **ADAM_KW,
+            **ADAM_FLAGS["adam-amsgrad"],
+            **amp,
         )
     else:
-        cpu_backend.sgd(params, grads, states[0], **SGD_KW, maximize=False, **amp)
+        contract.run_sgd(cpu_backend, params, grads, states[0], **SGD_KW, maximize=False, **amp)
     for name, now, then in zip(
         ["param", "grad", "s0", "s1", "s2"], (params, grads, *states), before
     ):
         assert_lists_close(now, then, name, exact=True)
-    # New SGD buffers under a skipped step are created as the reference creates them.
-    buffers, ref_buffers = [None] * len(params), [None] * len(params)
-    cpu_backend.sgd(clone_all(params), clone_all(grads), buffers, **SGD_KW, maximize=False, **amp)
-    reference.sgd(clone_all(params), clone_all(grads), ref_buffers, **SGD_KW, maximize=False, **amp)
-    assert_lists_close(buffers, ref_buffers, "new buffer", exact=True)
+    # New SGD buffers under a skipped step: params and grads stay untouched too (the optimizer
+    # discards the buffers; tests/test_amp.py checks that no state is left).
+    fresh = [clone_all(params), clone_all(grads)]
+    buffers = [None] * len(params)
+    contract.run_sgd(cpu_backend, *fresh, buffers, **SGD_KW, maximize=False, **amp)
+    assert_lists_close(fresh[0], params, "param", exact=True)
+    assert_lists_close(fresh[1], grads, "grad", exact=True)
 
 
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -429,7 +441,8 @@ def test_tensor_lr_and_per_tensor_steps(lr_dtype, capturable):
         states = [clone_all(column) for column in states0]
         # Tensors at different steps (a param frozen for a while, or added later).
         steps = [torch.tensor(float(1 + i % 5)) for i in range(len(params))]
-        backend.adam(
+        contract.run_adam(
+            backend,
             params,
             clone_all(grads),
             *states,
@@ -437,7 +450,6 @@ def test_tensor_lr_and_per_tensor_steps(lr_dtype, capturable):
             **{**ADAM_KW, "lr": torch.tensor(0.01, dtype=lr_dtype)},
             **ADAM_FLAGS["adamw"],
             capturable=capturable,
-            cache={},
         )
         results.append(params)
     assert_lists_close(results[0], results[1], "param")
@@ -463,7 +475,7 @@ def test_thread_count_does_not_change_the_result():
 
 _ISA_SCRIPT = """
 import sys, torch
-from fused_optim.backends import cpu, reference
+from fused_optim.backends import contract, cpu, reference
 g = torch.Generator().manual_seed(3)
 out = {}
 for backend in (cpu, reference):
@@ -474,12 +486,13 @@ for backend in (cpu, reference):
         s = [[torch.zeros_like(x) for x in p] for _ in range(3)]
         for step in range(1, 3):
             gr = [torch.randn(5000, generator=g).to(dtype) for _ in p]
-            backend.adam(p, gr, *s, [torch.tensor(float(step))] * 2, lr=0.01, beta1=0.9,
-                         beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
-                         decoupled_weight_decay=False)
+            steps = [torch.tensor(float(step))] * 2
+            contract.run_adam(backend, p, gr, *s, steps, lr=0.01, beta1=0.9, beta2=0.99,
+                              eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
+                              decoupled_weight_decay=False)
             b = [None, None]
-            backend.sgd(p, gr, b, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.1,
-                        nesterov=True, maximize=False)
+            contract.run_sgd(backend, p, gr, b, lr=0.1, momentum=0.9, dampening=0.0,
+                             weight_decay=0.1, nesterov=True, maximize=False)
         out[backend.NAME].append(p + s[0] + s[1] + s[2])
 torch.save((cpu.cpu_isa(), out), sys.argv[1])
 """
@@ -620,6 +633,7 @@ def test_ops_trace_under_torch_compile():
     grads = randoms([(10,), (0,), (7, 3)], torch.float32)
     states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     steps = [torch.tensor(1.0) for _ in params]
+    hyper = torch.tensor([[0.01, 0.9, 0.99, 1e-8, 0.01, 0, 0, 0, 0]], dtype=torch.float64)
 
     def step(params, grads, exp_avgs, exp_avg_sqs, steps):
         torch.ops.fused_optim.adam_(
@@ -630,12 +644,9 @@ def test_ops_trace_under_torch_compile():
             [],
             steps,
             [],
-            None,
-            0.01,
-            0.9,
-            0.99,
-            1e-8,
-            0.01,
+            hyper,
+            [0] * len(params),
+            False,
             False,
             False,
             True,

@@ -1,4 +1,5 @@
-"""The CUDA C++ backend's sources compile, without a GPU and without a CUDA build of torch.
+"""The CUDA C++ backend's sources compile and its kernels match the reference, without a GPU and
+without a CUDA build of torch.
 
 CI has nvcc but no GPU, and its torch is a CPU build. So:
 
@@ -8,32 +9,52 @@ CI has nvcc but no GPU, and its torch is a CPU build. So:
 * the compute_80 PTX must use 16-byte vector global loads and stores (the ``aligned`` path);
 * ``csrc/cuda/fused_cuda_ops.cpp`` (the torch op binding) is syntax-checked by the host C++
   compiler against torch's headers, the CUDA runtime headers and Python's (a CPU build of torch
-  ships c10's CUDA headers but not their generated config, which the check stands in for).
+  ships c10's CUDA headers but not their generated config, which the check stands in for);
+* ``csrc/plan_layout.h`` spells the table layout of ``fused_optim/backends/plan.py``;
+* the kernels themselves, built by the host C++ compiler with ``FUSED_OPTIM_HOST_EMULATION``
+  (every CUDA thread in turn), run behind the backend's own Python side (``backends.plan``
+  tables, staging, steps, lr) in place of the extension's ops, against the reference backend,
+  eagerly and under torch.compile (through the custom ops).
 
-The backend's Python side needs no compiler: its signatures must be the reference backend's,
-and without the extension it must say why it is unavailable.
+The backend's Python side needs no compiler: it implements ``backends.contract`` and, without
+the extension, says why it is unavailable.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils import cpp_extension
 
+from fused_optim.backends import contract, reference
 from fused_optim.backends import cuda as cuda_backend
-from fused_optim.backends import reference
+from fused_optim.backends import plan as plans
+from fused_optim.backends.contract import (
+    AdamFlags,
+    AdamHyper,
+    SgdFlags,
+    SgdHyper,
+    StepContext,
+    Work,
+)
+
+from cases import ADAM_GROUPS, SGD_GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
+PLAN_LAYOUT = ROOT / "csrc" / "plan_layout.h"
 
 
 def _load_build_module():
@@ -67,7 +88,7 @@ def _cuda_include(nvcc: str) -> Path:
     return Path("/usr/local/cuda/include")
 
 
-def test_backend_signatures_match_the_reference():
+def test_backend_implements_the_contract():
     for name in ("sgd", "adam"):
         assert inspect.signature(getattr(cuda_backend, name)) == inspect.signature(
             getattr(reference, name)
@@ -85,26 +106,66 @@ def test_backend_says_why_it_is_unavailable():
         assert "fused_optim._C_cuda" in reason
 
 
-def test_table_layout_matches_the_header():
+def test_plans_come_from_backends_plan_only():
+    """No second copy of the launch-plan code: the tables are backends.plan's, kept in the
+    bucket's ``work.plan``, and no module-level plan cache remains."""
+    assert cuda_backend.plans is plans
+    for name in ("_Plan", "_Stage", "_resolve", "_plan_for", "_extra_columns", "_plans",
+                 "_group_cache", "COL_PARAM", "TABLE_COLUMNS"):  # fmt: skip
+        assert not hasattr(cuda_backend, name), name
+
+
+def _camel(name: str) -> str:
+    """plan.py's COL_STEP_IS_DOUBLE -> the header's kColStepIsDouble."""
+    return "k" + "".join(word.capitalize() for word in name.split("_"))
+
+
+def test_plan_layout_header_matches_plan_py():
+    """csrc/plan_layout.h states plan.py's layout constants, all of them and nothing else."""
+    text = PLAN_LAYOUT.read_text()
+    pattern = r"constexpr\s+[\w:]+\s+(k\w+)\s*=\s*(\w+)\s*;"
+    header: dict[str, int] = {}
+    for name, value in re.findall(pattern, text):
+        header[name] = int(value) if value.isdigit() else header[value]
+    expected = {_camel(name): value for name, value in plans.LAYOUT.items()}
+    assert header == expected
+    assert set(re.findall(r"#include\s*[<\"]([^>\"]+)[>\"]", text)) == {"cstdint"}
+    # fused_cuda.h takes the layout from there and keeps no copy of its own.
+    cuda_header = (CUDA_DIR / "fused_cuda.h").read_text()
+    assert '#include "../plan_layout.h"' in cuda_header
+    assert not re.search(r"\bk(Col|Hyper)\w*\s*=", cuda_header)
+    assert "kTableColumns =" not in cuda_header
+    assert f"kChunk = {cuda_backend.CHUNK};" in cuda_header
+
+
+def raw_op_schemas() -> dict[str, list[tuple[str, str]]]:
+    """The binding's op schemas (fused_cuda_ops.cpp's m.def strings): name -> [(type, name)]."""
+    text = (CUDA_DIR / "fused_cuda_ops.cpp").read_text()
+    schemas = {}
+    for literals in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', literals))
+        name, arguments = re.fullmatch(r"(\w+)\((.*)\) -> \(\)", schema).groups()
+        schemas[name] = [tuple(a.strip().rsplit(" ", 1)) for a in arguments.split(",")]
+    return schemas
+
+
+def test_raw_ops_take_tables_and_flags_only():
+    """Per-group hyperparameters are hyper-table data: no float argument in the binding's
+    schemas, no scalar hyperparameter in the launch structs (only flags pick code)."""
+    schemas = raw_op_schemas()
+    assert set(schemas) == {"sgd_", "adam_"}
+    for name, arguments in schemas.items():
+        assert arguments[:4] == [
+            ("Tensor", t) for t in ("tensor_table", "grad_table", "block_table", "hyper_table")
+        ]
+        assert not [a for a in arguments if a[0] == "float"], (name, arguments)
     header = (CUDA_DIR / "fused_cuda.h").read_text()
-    assert f"kTableColumns = {cuda_backend.TABLE_COLUMNS}," in header
-    assert f"kChunk = {cuda_backend.CHUNK};" in header
-    for column, value in [
-        ("kColMaster", cuda_backend.COL_MASTER),
-        ("kColNumel", cuda_backend.COL_NUMEL),
-        ("kColStep", cuda_backend.COL_STEP),
-        ("kColNewBuffer", cuda_backend.COL_NEW_BUFFER),
-        ("kColIndex", cuda_backend.COL_INDEX),
-        ("kColStepIsDouble", cuda_backend.COL_STEP_IS_DOUBLE),
-    ]:
-        assert f"{column} = {value}," in header, column
-
-
-def test_step_columns():
-    steps = [torch.tensor(3.0), torch.tensor(2.0), torch.tensor(3.0)]
-    base, extra = cuda_backend._extra_columns(steps, False, [0, 1, 0], [4, 5, 6])
-    assert base == 3.0
-    assert extra.tolist() == [[0, 0, 4, 0], [1, 1, 5, 0], [0, 0, 6, 0]]
+    for struct in ("CommonLaunch", "SgdLaunch", "AdamLaunch"):
+        body = re.search(rf"struct {struct}\b[^{{]*\{{(.*?)\n\}};", header, re.S).group(1)
+        members = re.findall(r"^\s+([\w:<>]+\*?)\s+\**(\w+)", body, re.M)
+        doubles = [m for m in members if m[0].startswith("double")]
+        assert not doubles, (struct, doubles)
+    assert "const double* hyper_table" in header
 
 
 def test_build_flags():
@@ -115,9 +176,20 @@ def test_build_flags():
     assert all((ROOT / source).exists() for source in BUILD.SOURCES)
 
 
+def _work(params, groups=None, **kw) -> Work:
+    return Work(
+        params=list(params),
+        grads=kw.pop("grads", []),
+        states=kw.pop("states", {}),
+        groups=list(groups) if groups is not None else [0] * len(params),
+        **kw,
+    )
+
+
 def test_launch_plan_tables():
-    """The block table covers every element once, in CHUNK-sized blocks; misaligned addresses
-    turn the vector path off; a strided param is staged (work tensor written back)."""
+    """The CUDA backend's plan (backends.plan with CHUNK-sized blocks): the block table covers
+    every element once; misaligned addresses turn the vector path off; a strided param is
+    staged (work tensor written back)."""
     chunk = cuda_backend.CHUNK
     storage = torch.zeros(3 * chunk + 64)
     params = [
@@ -128,20 +200,46 @@ def test_launch_plan_tables():
         torch.zeros(10, 2)[:, 0],  # strided: staged
     ]
     grads = [torch.zeros_like(p) for p in params]
-    extra = torch.zeros(len(params), 4, dtype=torch.int64)
-    plan = cuda_backend._plan_for({}, "sgd", params, [], [], extra, torch.float32)
+    work = _work(params, groups=[0, 1, 0, 2, 1])
+    plan = plans.plan_for(work, cuda_backend.PLAN_NAME, [], torch.float32, chunk)
+    assert work.plan[cuda_backend.PLAN_NAME] is plan
     rows = plan.block_table.tolist()
     assert rows == [[1, 0], [1, chunk], [2, 0], [3, 0], [4, 0]]
-    assert plan.tensor_table.shape == (len(params), cuda_backend.TABLE_COLUMNS)
-    numels = plan.tensor_table[:, cuda_backend.COL_NUMEL].tolist()
+    assert plan.tensor_table.shape == (len(params), plans.TABLE_COLUMNS)
+    numels = plan.tensor_table[:, plans.COL_NUMEL].tolist()
     assert numels == [p.numel() for p in params]
+    assert plan.tensor_table[:, plans.COL_GROUP].tolist() == [0, 1, 0, 2, 1]
     assert len(plan.stages) == 1 and plan.stages[0].source is params[4]
     plan.bind_grads(grads, torch.float32, writes_back=False)
     assert plan.aligned  # torch's allocations are 64-byte aligned; chunk + 8 floats is 16n bytes
-    misaligned = [storage[1 : chunk + 1]]
-    plan = cuda_backend._plan_for({}, "sgd", misaligned, [], [], extra[:1], torch.float32)
+    misaligned = _work([storage[1 : chunk + 1]])
+    plan = plans.plan_for(misaligned, cuda_backend.PLAN_NAME, [], torch.float32, chunk)
     plan.bind_grads([torch.zeros(chunk)], torch.float32, writes_back=False)
     assert not plan.aligned
+
+
+def test_which_steps_the_kernel_reads_from_memory():
+    steps = [torch.tensor(3.0), torch.tensor(2.0)]
+    work = _work([torch.zeros(3), torch.zeros(4)], steps=steps)
+    host = StepContext()
+    assert not cuda_backend._reads_steps_from_device(work, host, False)
+    assert cuda_backend._reads_steps_from_device(work, host, True)  # capturable
+    amp = StepContext(found_inf=torch.zeros(()))
+    assert cuda_backend._reads_steps_from_device(work, amp, False)
+    work.steps = [torch.tensor(3, dtype=torch.int64), torch.tensor(2.0)]
+    with pytest.raises(ValueError, match="float32/float64"):
+        cuda_backend._reads_steps_from_device(work, host, True)
+
+
+def test_one_kind_of_lr_per_launch():
+    cpu = torch.device("cpu")
+    floats = [SgdHyper(0.1, 0.0, 0.0, 0.0), SgdHyper(0.2, 0.0, 0.0, 0.0)]
+    assert cuda_backend._lr_kind(floats, cpu) == (False, torch.float64)
+    tensors = [SgdHyper(torch.tensor(0.1), 0.0, 0.0, 0.0), SgdHyper(torch.tensor(0.2), 0, 0, 0)]
+    assert cuda_backend._lr_kind(tensors, cpu) == (True, torch.float32)
+    assert cuda_backend._lr_kind(tensors, torch.device("cuda")) == (False, torch.float32)
+    with pytest.raises(ValueError, match="one kind of lr"):
+        cuda_backend._lr_kind(floats[:1] + tensors[:1], cpu)
 
 
 def test_cuda_sources_compile(tmp_path):
@@ -216,7 +314,8 @@ def test_cuda_sources_compile(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The kernels themselves, run on the CPU: fused_cuda.cu built by the host compiler with
 # FUSED_OPTIM_HOST_EMULATION (every CUDA thread in turn), called through the backend's own Python
-# side (tables, staging, steps, lr) with the extension's op swapped for the emulation.
+# side (backends.plan tables, staging, steps, lr) with the extension's op swapped for the
+# emulation.
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -241,28 +340,48 @@ def emulated_kernels(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
+def _lr_kind_code(lr_from_pointer: bool, lr_dtype: torch.dtype) -> int:
+    """LrKind of fused_cuda.h, as the binding (fused_cuda_ops.cpp) maps it."""
+    fp32 = lr_dtype == torch.float32
+    if lr_from_pointer:
+        return 1 if fp32 else 2
+    return 3 if fp32 else 0
+
+
+LAUNCHES: list[str] = []
+
+
 def _emulated_op(library, name):
+    """The raw op ``name``, run by the emulation. Its arguments are bound by the names of the
+    binding's schema (fused_cuda_ops.cpp), so the backend must pass them in that order."""
     function = getattr(library, f"fused_optim_emulated_{name.rstrip('_')}")
     function.restype = ctypes.c_int
+    names = [argument for _, argument in raw_op_schemas()[name]]
+    tail_names = (
+        ["momentum", "nesterov"] if name == "sgd_" else ["amsgrad", "decoupled_weight_decay"]
+    )
 
-    def op(tensor_table, grad_table, block_table, param_dtype, state_dtype, lr, lr_value,
-           grad_scale, found_inf, *rest):  # fmt: skip
-        if name == "sgd_":
-            momentum, dampening, wd, nesterov, maximize, master, sr, from_ptr, base, seed, al = rest
-            tail_ints, tail_reals = [int(nesterov)], [momentum, dampening, wd]
-        else:
-            (b1, b2, eps, wd, amsgrad, maximize, decoupled, master, sr, from_ptr, base,
-             bc1, bc2, seed, al) = rest  # fmt: skip
-            tail_ints, tail_reals = [int(amsgrad), int(decoupled)], [b1, b2, eps, wd, bc1, bc2]
-        lr_kind = 0 if lr is None else (1 if lr.dtype == torch.float32 else 2)
-        pointers = [tensor_table, grad_table, block_table, lr, grad_scale, found_inf]
+    def op(*args):
+        a = dict(zip(names, args, strict=True))
+        hyper_table, tensor_table = a["hyper_table"], a["tensor_table"]
+        assert hyper_table.dtype == torch.float64 and hyper_table.is_contiguous()
+        assert hyper_table.shape[1] == plans.HYPER_COLUMNS
+        groups = tensor_table[:, plans.COL_GROUP]
+        assert groups.numel() == 0 or int(groups.max()) < hyper_table.shape[0]
+        pointers = [a[key] for key in ("tensor_table", "grad_table", "block_table", "hyper_table",
+                                       "grad_scale", "found_inf")]  # fmt: skip
         pointers = (ctypes.c_void_p * 6)(*[0 if t is None else t.data_ptr() for t in pointers])
-        ints = [block_table.shape[0], DTYPE_CODES[param_dtype], DTYPE_CODES[state_dtype], lr_kind]
-        ints += [int(maximize), int(master), int(sr), int(from_ptr), seed, int(al), *tail_ints]
+        ints = [
+            a["block_table"].shape[0],
+            DTYPE_CODES[a["param_dtype"]],
+            DTYPE_CODES[a["state_dtype"]],
+            _lr_kind_code(a["lr_from_pointer"], a["lr_dtype"]),
+            *[int(a[key]) for key in ("maximize", "has_master", "stochastic_rounding",
+                                      "step_from_pointer", "seed", "aligned", *tail_names)],
+        ]  # fmt: skip
         ints = (ctypes.c_int64 * len(ints))(*ints)
-        reals = [lr_value, base, *tail_reals]
-        reals = (ctypes.c_double * len(reals))(*reals)
-        assert function(pointers, ints, reals) == 0
+        LAUNCHES.append(name)
+        assert function(pointers, ints) == 0
 
     return op
 
@@ -270,11 +389,12 @@ def _emulated_op(library, name):
 @pytest.fixture
 def emulated_backend(emulated_kernels, monkeypatch):
     """The backend with its raw ops swapped for the emulation, and its custom ops (registered for
-    CUDA only) given their own update functions as CPU kernels, for this test only."""
+    CUDA only) given their own implementations as CPU kernels, for this test only."""
     monkeypatch.setattr(cuda_backend, "_op", lambda name: _emulated_op(emulated_kernels, name))
     library = torch.library.Library("fused_optim", "IMPL")
-    library.impl("cuda_sgd", cuda_backend._sgd_update, "CPU")
-    library.impl("cuda_adam", cuda_backend._adam_update, "CPU")
+    library.impl("cuda_sgd", cuda_backend._sgd_op, "CPU")
+    library.impl("cuda_adam", cuda_backend._adam_op, "CPU")
+    LAUNCHES.clear()
     yield cuda_backend
     library._destroy()
 
@@ -284,9 +404,9 @@ EMU_SGD = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)
 EMU_ADAM = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01)
 
 
-def _tensors(dtype, misaligned=False, scale=1.0):
+def _tensors(dtype, misaligned=False, scale=1.0, shapes=EMU_SHAPES):
     out = []
-    for shape in EMU_SHAPES:
+    for shape in shapes:
         numel = torch.Size(shape).numel()
         flat = (torch.randn(numel + 1, dtype=torch.float64) * scale).to(dtype)
         out.append(flat[1:].view(shape) if misaligned else flat[:numel].view(shape).clone())
@@ -298,26 +418,29 @@ def _clone(tensors):
 
 
 def _close(actual, expected, what, **tolerance):
+    assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected)):
         torch.testing.assert_close(a, e, msg=lambda m, i=i: f"{what}[{i}]: {m}", **tolerance)
 
 
 def _run_both(backend, algorithm, params, grads_per_step, states, steps=None, hyper=None, **kw):
-    """Run the emulated kernels and the reference on copies; return both (params, states)."""
+    """Run the emulated kernels and the reference on copies, through the contract's keyword
+    form, reusing the Work (so the plan) across steps; return both (params, states)."""
     hyper = {**(EMU_SGD if algorithm == "sgd" else EMU_ADAM), **(hyper or {})}
     results = []
     for module in (backend, reference):
         p, st = _clone(params), [_clone(column) for column in states]
         step_list = _clone(steps) if steps is not None else None
-        cache: dict = {}
+        work = None
         for grads in grads_per_step:
             if step_list:
                 torch._foreach_add_(step_list, 1)
             g = _clone(grads)
             if algorithm == "sgd":
-                module.sgd(p, g, st[0], **hyper, cache=cache, steps=step_list, **kw)
+                work = contract.run_sgd(module, p, g, st[0], **hyper, work=work, steps=step_list,
+                                        **kw)  # fmt: skip
             else:
-                module.adam(p, g, *st, step_list, **hyper, cache=cache, **kw)
+                work = contract.run_adam(module, p, g, *st, step_list, **hyper, work=work, **kw)
         results.append((p, st))
     return results
 
@@ -339,6 +462,19 @@ def test_emulated_sgd_matches_reference(emulated_backend, dtype, misaligned, nes
     _close(p, rp, "param")
     _close(st[0], rst[0], "momentum_buffer")
     assert all(not torch.equal(a, b) for a, b in zip(p, params) if a.numel())
+    assert LAUNCHES == ["sgd_"] * 3  # one launch per step for all the tensors
+
+
+def test_emulated_sgd_without_momentum_and_with_a_tensor_lr(emulated_backend):
+    params = _tensors(torch.float32)
+    grads = [_tensors(torch.float32) for _ in range(2)]
+    hyper = dict(lr=torch.tensor(0.05), momentum=0.0, dampening=0.0)
+    (p, st), (rp, _) = _run_both(
+        emulated_backend, "sgd", params, grads, [[None] * len(params)], hyper=hyper,
+        nesterov=False, maximize=False,
+    )  # fmt: skip
+    _close(p, rp, "param")
+    assert all(buf is None for buf in st[0])  # no momentum: no buffers made
 
 
 @pytest.mark.parametrize(
@@ -359,17 +495,14 @@ def test_emulated_sgd_matches_reference(emulated_backend, dtype, misaligned, nes
     ids=["adam-amsgrad", "adamw-maximize"],
 )
 @pytest.mark.parametrize("device_steps", [False, True], ids=["host-steps", "device-steps"])
-def test_emulated_adam_matches_reference(
-    emulated_backend, monkeypatch, dtype, state_dtype, flags, device_steps
-):
-    if not device_steps:
-        monkeypatch.setattr(cuda_backend, "_steps_from_device", lambda steps, device: False)
+def test_emulated_adam_matches_reference(emulated_backend, dtype, state_dtype, flags, device_steps):
     params = _tensors(dtype)
     grads = [_tensors(dtype) for _ in range(3)]
     states = [[torch.zeros_like(p, dtype=state_dtype) for p in params] for _ in range(3)]
     # Steps at different counts: per-tensor bias corrections (offsets or device reads).
     steps = [torch.tensor(float(i % 3)) for i in range(len(params))]
-    # A tensor lr (read by the kernel, its scalar math in fp32) with device steps.
+    # A tensor lr (read by the kernel, its scalar math in fp32) with steps read from memory
+    # (capturable=True: the emulation's "device" is the host).
     hyper = dict(lr=torch.tensor(0.01)) if device_steps else {}
     (p, st), (rp, rst) = _run_both(
         emulated_backend, "adam", params, grads, states, steps, hyper=hyper, **flags,
@@ -379,6 +512,143 @@ def test_emulated_adam_matches_reference(
     for name, a, e in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), st, rst):
         if name != "max_exp_avg_sq" or flags["amsgrad"]:
             _close(a, e, name)
+
+
+@pytest.mark.parametrize("algorithm", ["adam", "sgd"])
+def test_emulated_host_tensor_lr_read_from_the_table(emulated_backend, monkeypatch, algorithm):
+    """A host fp32 tensor lr with CUDA params: the kernel takes its value from the hyper table
+    and computes in fp32, as torch.optim's tensor arithmetic (LrKind kFloat32Value). The
+    emulation's params are host tensors too, so the kind is forced here."""
+    monkeypatch.setattr(cuda_backend, "_lr_kind", lambda hypers, device: (False, torch.float32))
+    params = _tensors(torch.float32)
+    grads = [_tensors(torch.float32) for _ in range(2)]
+    hyper = dict(lr=torch.tensor(0.0123))
+    if algorithm == "adam":
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        steps = [torch.tensor(float(i % 3)) for i in range(len(params))]
+        kw = dict(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads, states, steps,
+                                    hyper=hyper, **kw)  # fmt: skip
+    else:
+        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads,
+                                    [[None] * len(params)], hyper=hyper, nesterov=False,
+                                    maximize=False)  # fmt: skip
+    _close(p, rp, "param", rtol=0, atol=0)
+
+
+# Three groups with their own hyperparameters, their tensors interleaved in one bucket.
+GROUPS = [0, 1, 2, 1, 0, 2, 2, 1, 0]
+
+
+def _hypers(algorithm, step, tensor_lr):
+    """This step's rows: a scheduler scales every group's lr, differently at every step."""
+    out = []
+    for values in ADAM_GROUPS if algorithm == "adam" else SGD_GROUPS:
+        lr = values["lr"] * (1.0 - 0.1 * step)
+        values = {**values, "lr": torch.tensor(lr) if tensor_lr else lr}
+        out.append(AdamHyper(**values) if algorithm == "adam" else SgdHyper(**values))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["adam", "sgd"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_emulated_one_call_updates_three_groups(emulated_backend, algorithm, tensor_lr):
+    """One emulated launch per step updates the tensors of three groups, each with its own lr,
+    weight decay and betas (momentum, dampening) and, for Adam, its own base step, as the
+    reference does with the same Work and hyperparameters; a change of the hyperparameters
+    between steps rebuilds no plan."""
+    params = _tensors(torch.float32)
+    grads = [_tensors(torch.float32) for _ in range(3)]
+    # Steps differ within and across groups: per-group base steps and per-tensor offsets.
+    steps = [torch.tensor(float(i % 4)) for i in range(len(params))]
+    results = []
+    for module in (emulated_backend, reference):
+        LAUNCHES.clear()
+        p, s = _clone(params), _clone(steps)
+        if algorithm == "adam":
+            states = {k: [torch.zeros_like(t) for t in p] for k in ("exp_avg", "exp_avg_sq")}
+        else:
+            states = {"momentum_buffer": [None] * len(p)}
+        work = Work(params=p, grads=[], states=states, groups=list(GROUPS), steps=s,
+                    indices=list(range(len(p))), new_state_dtype=torch.float32)  # fmt: skip
+        plan_objects = []
+        for step, g in enumerate(grads):
+            torch._foreach_add_(s, 1)
+            work.grads = _clone(g)
+            hypers = _hypers(algorithm, step, tensor_lr)
+            if algorithm == "adam":
+                flags = AdamFlags(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+                created = module.adam(work, hypers, flags, StepContext())
+            else:
+                flags = SgdFlags(momentum=True, nesterov=False, maximize=False)
+                created = module.sgd(work, hypers, flags, StepContext())
+            for i, t in enumerate(created):  # as the optimizer keeps created state
+                if t is not None:
+                    work.states["momentum_buffer"][i] = t
+            if module is emulated_backend:
+                plan_objects.append(work.plan[cuda_backend.PLAN_NAME])
+        if module is emulated_backend:
+            assert LAUNCHES == [f"{algorithm}_"] * len(grads)
+            # SGD's first step made the buffers (a new plan); then only hyperparameters moved.
+            assert plan_objects[-1] is plan_objects[-2]
+        results.append((p, [list(column) for column in work.states.values()]))
+    (p, st), (rp, rst) = results
+    _close(p, rp, "param", rtol=0, atol=0)
+    for a, e in zip(st, rst):
+        _close(a, e, "state", rtol=0, atol=0)
+    assert all(not torch.equal(a, b) for a, b in zip(p, params) if a.numel())
+
+
+def test_emulated_three_groups_differ_from_one(emulated_backend):
+    """The groups' rows are really read: the same tensors with every group on group 0's row
+    end elsewhere."""
+    params = _tensors(torch.float32)
+    grads = _tensors(torch.float32)
+    results = []
+    for groups in (GROUPS, [0] * len(GROUPS)):
+        p = _clone(params)
+        work = Work(params=p, grads=_clone(grads), states={}, groups=list(groups))
+        flags = SgdFlags(momentum=False, nesterov=False, maximize=False)
+        emulated_backend.sgd(work, _hypers("sgd", 0, False), flags, StepContext())
+        results.append(p)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b) == (GROUPS[i] == 0 or a.numel() == 0), i
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_emulated_optimizer_with_three_groups(emulated_backend, monkeypatch, name):
+    """The optimizers with backend='cuda' (the emulation standing in for the GPU): three param
+    groups in one launch per step, a scheduler changing lr between steps, bitwise the reference
+    backend's results."""
+    import fused_optim
+
+    monkeypatch.setattr(cuda_backend, "is_available", lambda device: (True, ""))
+    initial = _tensors(torch.float32)
+    if name == "AdamW":
+        options = [{}, dict(lr=0.1, betas=(0.8, 0.95)), dict(weight_decay=0.3, eps=1e-4)]
+    else:
+        options = [dict(momentum=0.9), dict(lr=0.2, momentum=0.5, dampening=0.3),
+                   dict(momentum=0.99, weight_decay=0.01)]  # fmt: skip
+    grads = [_tensors(torch.float32) for _ in range(3)]
+    results = []
+    for backend in ("cuda", "reference"):
+        params = [torch.nn.Parameter(t.clone()) for t in initial]
+        groups = [dict(params=[p for i, p in enumerate(params) if GROUPS[i] == g], **options[g])
+                  for g in range(3)]  # fmt: skip
+        optimizer = getattr(fused_optim, name)(groups, lr=0.01, backend=backend)
+        LAUNCHES.clear()
+        for g in grads:
+            for p, grad in zip(params, g):
+                p.grad = grad.clone()
+            optimizer.step()
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+        if backend == "cuda":
+            assert optimizer.group_backends() == ["cuda"] * 3
+            assert optimizer.launches_per_step() == 1
+            assert len(LAUNCHES) == len(grads)
+        results.append([p.detach() for p in params])
+    _close(results[0], results[1], "param", rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -393,9 +663,11 @@ def test_emulated_master_weights_and_stochastic_rounding(emulated_backend, dtype
     results = []
     for module in (emulated_backend, reference):
         p, m, st, s = _clone(params), _clone(masters), [_clone(c) for c in states], _clone(steps)
+        work = None
         for g in grads:
             torch._foreach_add_(s, 1)
-            module.adam(p, _clone(g), *st, s, **EMU_ADAM, cache={}, master_params=m, **kw)
+            work = contract.run_adam(module, p, _clone(g), *st, s, **EMU_ADAM, work=work,
+                                     master_params=m, **kw)  # fmt: skip
         results.append((p, m))
     (p, m), (rp, rm) = results
     _close(m, rm, "master")
@@ -412,18 +684,55 @@ def test_emulated_grad_scale_and_found_inf(emulated_backend):
     tensors = params + grads + buffers
     before = _clone(tensors)
     kw = dict(**EMU_SGD, nesterov=False, maximize=False, grad_scale=torch.tensor(4.0))
-    emulated_backend.sgd(params, grads, buffers, **kw, found_inf=torch.tensor(1.0), cache={})
+    contract.run_sgd(emulated_backend, params, grads, buffers, **kw, found_inf=torch.tensor(1.0))
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
     expected_p, expected_g, expected_b = _clone(params), _clone(grads), _clone(buffers)
-    reference.sgd(expected_p, expected_g, expected_b, **kw, found_inf=torch.tensor(0.0))
-    emulated_backend.sgd(params, grads, buffers, **kw, found_inf=torch.tensor(0.0), cache={})
+    contract.run_sgd(reference, expected_p, expected_g, expected_b, **kw,
+                     found_inf=torch.tensor(0.0))  # fmt: skip
+    contract.run_sgd(emulated_backend, params, grads, buffers, **kw, found_inf=torch.tensor(0.0))
     _close(grads, expected_g, "grad")
     _close(params, expected_p, "param")
     _close(buffers, expected_b, "buffer")
 
 
+def test_emulated_plans_live_in_the_work_and_stage_odd_layouts(emulated_backend):
+    """The plan is kept in ``work.plan`` (a PlanSlot the Work owns) and reused across steps;
+    staged tensors (a strided param and gradient, fp64 states of fp32 params) are updated; the
+    registry that maps handles to slots keeps nothing alive."""
+    base = torch.randn(9000, 3)
+    params = [base[:, 1], torch.randn(4097), torch.randn(5, 7).t()]
+    states = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(3)]
+    steps = [torch.tensor(0.0) for _ in params]
+    grads = [[torch.randn(p.shape[0], 2)[:, 0] if i == 0 else torch.randn_like(p)
+              for i, p in enumerate(params)] for _ in range(3)]  # fmt: skip
+    flags = dict(amsgrad=True, maximize=False, decoupled_weight_decay=False)
+    (p, st), (rp, rst) = _run_both(
+        emulated_backend, "adam", params, grads, states, steps, **flags, capturable=False
+    )
+    _close(p, rp, "param")
+    for name, a, e in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), st, rst):
+        _close(a, e, name)
+
+    group, group_states, group_steps = _clone(params), [_clone(c) for c in states], _clone(steps)
+    work, built = None, []
+    for _ in range(3):
+        torch._foreach_add_(group_steps, 1)
+        work = contract.run_adam(emulated_backend, group, _clone(grads[0]), *group_states,
+                                 group_steps, **EMU_ADAM, **flags, work=work)  # fmt: skip
+        assert isinstance(work.plan, cuda_backend.PlanSlot)
+        built.append(work.plan[cuda_backend.PLAN_NAME])
+    assert built[0] is built[1] is built[2], "the plan was rebuilt although no tensor moved"
+    assert built[0].stages, "nothing was staged"
+    slot, handle = work.plan, work.plan.handle
+    assert cuda_backend._SLOTS[handle] is slot
+    alive = weakref.ref(slot)
+    del work, slot, built
+    gc.collect()
+    assert alive() is None and handle not in cuda_backend._SLOTS, "the registry keeps a slot"
+
+
 # ----------------------------------------------------------------------------------------------
-# torch.compile: each group's update is a custom op that declares the tensors the kernel writes.
+# torch.compile: each bucket's update is a custom op that declares the tensors the kernel writes.
 
 
 def test_custom_ops_declare_what_the_kernels_write():
@@ -442,15 +751,31 @@ def test_custom_ops_declare_what_the_kernels_write():
                 assert str(argument.type) == "List[Tensor]", (name, argument.name)
         assert not schema.returns, str(schema)
         assert "Tensor(a0!)[] params" in str(schema)
+        names = [argument.name for argument in schema.arguments]
+        assert {"groups", "indices", "hypers", "lrs", "handle"} <= set(names), names
 
 
-def _fake_cuda_step(backend):
+def _compiled_step(backend):
+    """Adam, then SGD on the same params, through the contract's keyword form (one group)."""
+
     def step(params, grads, exp_avgs, exp_avg_sqs, steps):
-        backend.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, **EMU_ADAM,
-                     amsgrad=False, maximize=False, decoupled_weight_decay=True)  # fmt: skip
+        contract.run_adam(backend, params, grads, exp_avgs, exp_avg_sqs, [], steps, **EMU_ADAM,
+                          amsgrad=False, maximize=False, decoupled_weight_decay=True)  # fmt: skip
         buffers = [None] * len(params)
-        backend.sgd(params, grads, buffers, **EMU_SGD, nesterov=False, maximize=False)
+        contract.run_sgd(backend, params, grads, buffers, **EMU_SGD, nesterov=False,
+                         maximize=False)  # fmt: skip
         return buffers
+
+    return step
+
+
+def _multi_group_step(backend):
+    """One SGD call over three groups, each with its own row."""
+
+    def step(params, grads, groups):
+        work = Work(params=params, grads=grads, states={}, groups=groups)
+        flags = SgdFlags(momentum=False, nesterov=False, maximize=False)
+        backend.sgd(work, _hypers("sgd", 0, False), flags, StepContext())
 
     return step
 
@@ -481,7 +806,7 @@ def test_custom_ops_trace_on_fake_cuda_tensors():
         steps = [torch.ones((), device="cuda") for _ in params]
     torch._dynamo.reset()
     compiled = torch.compile(
-        _fake_cuda_step(cuda_backend),
+        _compiled_step(cuda_backend),
         fullgraph=True,
         backend=aot_autograd(fw_compiler=forward_compiler),
     )
@@ -497,12 +822,14 @@ def test_custom_ops_trace_on_fake_cuda_tensors():
     # SGD updates the params Adam wrote (the getitems of its result), not the inputs.
     sgd_bases = updates[1].kwargs["_all_bases"]
     assert all(base.op != "placeholder" for base in sgd_bases)
+    # A Work first seen inside the compiled region has no plan slot: handle 0.
+    assert all(n.kwargs["handle"] == 0 for n in updates)
 
 
 def test_emulated_custom_ops_under_torch_compile(emulated_backend):
     """The compiled step (custom ops functionalized, then run with their writes copied back)
     updates as the eager reference does."""
-    step = _fake_cuda_step(emulated_backend)
+    step = _compiled_step(emulated_backend)
     params = _tensors(torch.float32)
     tensors = [_tensors(torch.float32, scale=0.1).copy() for _ in range(3)]
     tensors[2] = [t.abs() for t in tensors[2]]  # exp_avg_sq >= 0
@@ -510,7 +837,7 @@ def test_emulated_custom_ops_under_torch_compile(emulated_backend):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []
-    for function in (compiled, _fake_cuda_step(reference)):
+    for function in (compiled, _compiled_step(reference)):
         p, t, s = _clone(params), [_clone(c) for c in tensors], _clone(steps)
         buffers = function(p, *t, s)
         results.append((p, t, buffers))
@@ -522,6 +849,66 @@ def test_emulated_custom_ops_under_torch_compile(emulated_backend):
     _close(buffers, rbuffers, "momentum_buffer")
 
 
+def test_emulated_three_groups_under_torch_compile(emulated_backend):
+    params = _tensors(torch.float32)
+    grads = _tensors(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(_multi_group_step(emulated_backend), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    results = []
+    for function in (compiled, _multi_group_step(reference)):
+        p = _clone(params)
+        function(p, _clone(grads), list(GROUPS))
+        results.append(p)
+    torch._dynamo.reset()
+    _close(results[0], results[1], "param")
+
+
+def test_emulated_compiled_step_finds_the_works_plan_slot(emulated_backend, monkeypatch):
+    """A Work whose slot an eager step made: the compiled step passes its handle; the op reuses
+    the slot's plan for the Work's own tensors, and keeps none it built for copies."""
+    looked_up = []
+
+    class Registry(weakref.WeakValueDictionary):
+        def get(self, key, default=None):
+            looked_up.append(key)
+            return super().get(key, default)
+
+    monkeypatch.setattr(cuda_backend, "_SLOTS", Registry())
+    params = _tensors(torch.float32)
+    work = Work(params=params, grads=_tensors(torch.float32), states={}, groups=list(GROUPS))
+    flags = SgdFlags(momentum=False, nesterov=False, maximize=False)
+    hypers = _hypers("sgd", 0, False)
+    expected = Work(params=_clone(params), grads=_clone(work.grads), states={},
+                    groups=list(GROUPS))  # fmt: skip
+    for step in range(3):
+        reference.sgd(expected, _hypers("sgd", step, False), flags, StepContext())
+    emulated_backend.sgd(work, hypers, flags, StepContext())  # eager: makes the slot
+    slot = work.plan
+    eager_plan = slot[cuda_backend.PLAN_NAME]
+
+    def step(work):
+        emulated_backend.sgd(work, _hypers("sgd", 1, False), flags, StepContext())
+
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(work)
+    torch._dynamo.reset()
+    assert looked_up == [slot.handle]
+    assert work.plan is slot and slot[cuda_backend.PLAN_NAME] is eager_plan
+    assert all(a is b for a, b in zip(eager_plan.anchors, params)), "a copy stayed in the slot"
+
+    # What a compiled step runs when the compiler lets the op write the Work's tensors in place.
+    hypers = _hypers("sgd", 2, False)
+    rows = [v for h in hypers for v in (h.lr, h.momentum, h.dampening, h.weight_decay)]
+    args = (params, work.grads, [], [], [], work.groups, [], [], rows, [], None, None,
+            False, False, False, False, 0, slot.handle)  # fmt: skip
+    torch.ops.fused_optim.cuda_sgd(*args)
+    # The slot's plan ran it: it holds this call's hyperparameter rows.
+    assert slot[cuda_backend.PLAN_NAME] is eager_plan
+    assert eager_plan.hyper_key[0] == plans.hyper_rows(hypers, [0.0] * 3)[0]
+    _close(params, expected.params, "param", rtol=0, atol=0)
+
+
 def test_emulated_custom_ops_opcheck(emulated_backend):
     """torch.library.opcheck: the declared mutations are the kernels' (schema check), the fake
     implementations agree, and AOT dispatch works."""
@@ -529,51 +916,14 @@ def test_emulated_custom_ops_opcheck(emulated_backend):
     grads = _tensors(torch.float32)[3:6]
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     steps = [torch.tensor(2.0) for _ in params]
+    groups, indices = [0, 1, 0], [0, 1, 2]
     scale = (torch.tensor(2.0), torch.tensor(0.0))  # grads are unscaled in place
-    args = (params, grads, *states, [], steps, None, 0.01, *scale, 0.9, 0.99, 1e-6, 0.01,
-            True, False, True, False, 0, None)  # fmt: skip
+    adam_rows = [0.01, 0.9, 0.99, 1e-6, 0.01, 0.002, 0.8, 0.9, 1e-8, 0.1]
+    args = (params, grads, *states, [], steps, groups, indices, adam_rows, [], *scale,
+            True, False, True, False, False, 0, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.fused_optim.cuda_adam.default, args)
     buffers = [torch.empty_like(p) for p in params]
-    args = (params, grads, buffers, [], [], None, 0.05, None, None, 0.9, 0.0, 0.01, False, False,
-            False, 0, None, [1] * len(params))  # fmt: skip
+    sgd_rows = [0.05, 0.9, 0.0, 0.01, 0.1, 0.5, 0.1, 0.0]
+    args = (params, grads, buffers, [], [], groups, indices, [1] * len(params), sgd_rows, [],
+            None, None, True, False, False, False, 0, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.fused_optim.cuda_sgd.default, args)
-
-
-def test_emulated_cached_plans_stage_and_hold_no_tensors(emulated_backend):
-    """Plans are cached per group across steps (the custom ops cannot take the optimizer's
-    cache): staged tensors (a strided param and gradient, fp64 states of fp32 params) are
-    re-attached on every step, and between steps a cached plan keeps none of them alive."""
-    import gc
-    import weakref
-
-    base = torch.randn(9000, 3)
-    params = [base[:, 1], torch.randn(4097), torch.randn(5, 7).t()]
-    states = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(3)]
-    steps = [torch.tensor(0.0) for _ in params]
-    grads = [[torch.randn(p.shape[0], 2)[:, 0] if i == 0 else torch.randn_like(p)
-              for i, p in enumerate(params)] for _ in range(3)]  # fmt: skip
-    flags = dict(amsgrad=True, maximize=False, decoupled_weight_decay=False)
-    (p, st), (rp, rst) = _run_both(
-        emulated_backend, "adam", params, grads, states, steps, **flags, capturable=False
-    )
-    _close(p, rp, "param")
-    for name, a, e in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), st, rst):
-        _close(a, e, name)
-
-    group, group_states, group_steps = _clone(params), [_clone(c) for c in states], _clone(steps)
-    plans_before = dict(emulated_backend._plans)
-    built = []
-    for _ in range(3):
-        emulated_backend.adam(group, _clone(grads[0]), *group_states, group_steps,
-                              **EMU_ADAM, **flags)  # fmt: skip
-        new = [cache for key, cache in emulated_backend._plans.items() if key not in plans_before]
-        assert len(new) == 1 and "adam" in new[0]
-        built.append(new[0]["adam"])
-    assert built[0] is built[1] is built[2], "the plan was rebuilt although no tensor moved"
-    plan = built[0]
-    assert plan.stages and all(stage.source is None for stage in plan.stages + plan.grad_stages)
-    assert not plan.anchors
-    alive = [weakref.ref(t) for t in group]
-    del group
-    gc.collect()
-    assert all(ref() is None for ref in alive), "a cached plan keeps params alive"

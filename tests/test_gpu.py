@@ -9,12 +9,15 @@ built):
 
 * parity with the pure-torch reference (same math) and with torch's own fused optimizers, for
   SGD, Adam and AdamW on fp32 and bf16, many tensors in one launch, aligned and misaligned;
+* one launch over the tensors of three param groups, each with its own hyperparameters (float
+  lrs, and device tensor lrs the kernels read), equal to the reference with the same Work;
 * a tensor of more than 2^31 elements: the elements past 2^31 get the reference's update,
   stochastic-rounding bits included (64-bit indexing end to end);
 * GradScaler's skip: with found_inf set, params, states and grads stay bitwise the same;
 * capture and replay of ``opt.step()`` in a CUDA graph with capturable=True match eager steps.
 
-Sized to run in well under two minutes on an H100/H200.
+Backends are driven through ``backends.contract`` (``run_sgd``/``run_adam``, the keyword form,
+or typed calls on a ``Work``). Sized to run in well under two minutes on an H100/H200.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.backends import BACKENDS, reference
+from fused_optim.backends import BACKENDS, contract, reference
+from fused_optim.backends.contract import (
+    AdamFlags,
+    AdamHyper,
+    SgdFlags,
+    SgdHyper,
+    StepContext,
+    Work,
+)
+
+from cases import ADAM_GROUPS, SGD_GROUPS
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
@@ -108,28 +121,31 @@ def make_tensors(dtype, misaligned: bool, count_steps: int = 3, seed: int = 0):
 
 
 def run_backend(module, algorithm, params, grads_per_step, **extra):
+    """Steps of one group through the contract's keyword form, reusing the Work (its plan)."""
     params = [p.clone() for p in params]
-    cache: dict = {}
+    work = None
     if algorithm == "sgd":
         buffers = [None] * len(params)
         for grads in grads_per_step:
-            module.sgd(
-                params, [g.clone() for g in grads], buffers, **SGD_KW, maximize=False, cache=cache
-            )
+            work = contract.run_sgd(
+                module, params, [g.clone() for g in grads], buffers, **SGD_KW, maximize=False,
+                work=work,
+            )  # fmt: skip
         return params, buffers
     flags = ALGORITHMS[algorithm]
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     steps = [torch.tensor(0.0) for _ in params]
     for grads in grads_per_step:
         torch._foreach_add_(steps, 1)
-        module.adam(
+        work = contract.run_adam(
+            module,
             params,
             [g.clone() for g in grads],
             *states,
             steps,
             **ADAM_KW,
             **flags,
-            cache=cache,
+            work=work,
             **extra,
         )
     return params, states[0] + states[1]
@@ -181,6 +197,51 @@ def test_parity_with_reference_and_torch_fused(module, algorithm, dtype, misalig
     assert_lists_close(params, run_torch_fused(algorithm, params0, grads), "param vs torch fused")
 
 
+# Three groups with their own hyperparameters, their tensors interleaved in one bucket.
+GROUPS = [0, 1, 2, 1, 0, 2, 2, 1, 0, 1]
+
+
+def run_groups(module, algorithm, params0, grads_per_step, tensor_lr):
+    """Typed calls on one Work spanning three groups; lrs change every step (a scheduler)."""
+    params = [p.clone() for p in params0]
+    steps = [torch.tensor(float(i % 4)) for i in range(len(params))]  # per-group base steps
+    if algorithm == "sgd":
+        states = {"momentum_buffer": [None] * len(params)}
+    else:
+        states = {k: [torch.zeros_like(p) for p in params] for k in ("exp_avg", "exp_avg_sq")}
+    work = Work(params=params, grads=[], states=states, groups=list(GROUPS), steps=steps,
+                indices=list(range(len(params))), new_state_dtype=params[0].dtype)  # fmt: skip
+    for step, grads in enumerate(grads_per_step):
+        torch._foreach_add_(steps, 1)
+        work.grads = [g.clone() for g in grads]
+        hypers = []
+        for values in ADAM_GROUPS if algorithm == "adam" else SGD_GROUPS:
+            lr = values["lr"] * (1.0 - 0.1 * step)
+            values = {**values, "lr": torch.tensor(lr, device=DEVICE) if tensor_lr else lr}
+            hypers.append(AdamHyper(**values) if algorithm == "adam" else SgdHyper(**values))
+        if algorithm == "adam":
+            flags = AdamFlags(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+            module.adam(work, hypers, flags, StepContext())
+        else:
+            flags = SgdFlags(momentum=True, nesterov=False, maximize=False)
+            created = module.sgd(work, hypers, flags, StepContext())
+            for i, t in enumerate(created):
+                if t is not None:
+                    work.states["momentum_buffer"][i] = t
+    return params, [t for column in work.states.values() for t in column]
+
+
+@pytest.mark.parametrize("module", backend_params())
+@pytest.mark.parametrize("algorithm", ["sgd", "adam"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "device-tensor-lr"])
+def test_one_launch_updates_three_groups(module, algorithm, tensor_lr):
+    params0, grads = make_tensors(torch.float32, False)
+    params, states = run_groups(module, algorithm, params0, grads, tensor_lr)
+    expected_params, expected_states = run_groups(reference, algorithm, params0, grads, tensor_lr)
+    assert_lists_close(params, expected_params, "param")
+    assert_lists_close(states, expected_states, "state")
+
+
 def test_backends_agree_with_each_other():
     modules = [m for m, _ in (_triton_backend(), _cuda_backend()) if m is not None]
     if len(modules) < 2:
@@ -226,15 +287,15 @@ def test_tensor_of_more_than_2_to_the_31_elements(module):
             for where in ("tail", "head")
         }
         step = torch.tensor(3.0)
-        module.adam(
-            [param], [grad], [exp_avg], [exp_avg_sq], [], [step],
-            **ADAM_KW, amsgrad=False, maximize=False, decoupled_weight_decay=True, cache={},
+        contract.run_adam(
+            module, [param], [grad], [exp_avg], [exp_avg_sq], [], [step],
+            **ADAM_KW, amsgrad=False, maximize=False, decoupled_weight_decay=True,
         )  # fmt: skip
         for where, index in (("tail", tail), ("head", head)):
             p, g, m, v = saved[where]
-            reference.adam(
-                [p], [g], [m], [v], [], [torch.tensor(3.0)],
-                **ADAM_KW, amsgrad=False, maximize=False, decoupled_weight_decay=True, cache={},
+            contract.run_adam(
+                reference, [p], [g], [m], [v], [], [torch.tensor(3.0)],
+                **ADAM_KW, amsgrad=False, maximize=False, decoupled_weight_decay=True,
             )  # fmt: skip
             torch.testing.assert_close(param[index], p, msg=lambda m, w=where: f"{w}: {m}")
             torch.testing.assert_close(exp_avg[index], m)
@@ -243,10 +304,11 @@ def test_tensor_of_more_than_2_to_the_31_elements(module):
         # SGD with stochastic rounding: the random bits hash the 64-bit element index.
         seed, index, step_value = 1234, 3, 7
         p_tail, g_tail = param[tail].clone(), grad[tail].clone()
-        module.sgd(
-            [param], [grad], [None], lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.0,
-            nesterov=False, maximize=False, cache={}, steps=[torch.tensor(float(step_value))],
-            stochastic_rounding=True, seed=seed, param_indices=[index],
+        contract.run_sgd(
+            module, [param], [grad], [None], lr=0.05, momentum=0.0, dampening=0.0,
+            weight_decay=0.0, nesterov=False, maximize=False,
+            steps=[torch.tensor(float(step_value))], stochastic_rounding=True, seed=seed,
+            param_indices=[index],
         )  # fmt: skip
         # The kernels' fp32 fma(g, -lr, p), from the exact fp64 product (48 significant bits).
         neg_lr = torch.tensor(-0.05, dtype=torch.float32).item()
@@ -269,14 +331,15 @@ def test_found_inf_stores_nothing(module, algorithm):
     params, grads_per_step = make_tensors(torch.float32, False, count_steps=1)
     grads = grads_per_step[0]
     grad_scale = torch.tensor(4.0, device=DEVICE)
-    cache: dict = {}
+    work = None
     if algorithm == "sgd":
         buffers = [torch.randn_like(p) for p in params]
         tensors = params + grads + buffers
 
         def step(found_inf):
-            module.sgd(
-                params, grads, buffers, **SGD_KW, maximize=False, cache=cache,
+            nonlocal work
+            work = contract.run_sgd(
+                module, params, grads, buffers, **SGD_KW, maximize=False, work=work,
                 grad_scale=grad_scale, found_inf=found_inf,
             )  # fmt: skip
     else:
@@ -285,9 +348,10 @@ def test_found_inf_stores_nothing(module, algorithm):
         tensors = params + grads + states[0] + states[1] + states[2] + steps
 
         def step(found_inf):
-            module.adam(
-                params, grads, *states, steps, **ADAM_KW, **ALGORITHMS[algorithm],
-                capturable=True, cache=cache, grad_scale=grad_scale, found_inf=found_inf,
+            nonlocal work
+            work = contract.run_adam(
+                module, params, grads, *states, steps, **ADAM_KW, **ALGORITHMS[algorithm],
+                capturable=True, work=work, grad_scale=grad_scale, found_inf=found_inf,
             )  # fmt: skip
 
     before = [t.clone() for t in tensors]

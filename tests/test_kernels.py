@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.backends import BackendUnavailableError, reference, select_backend
+from fused_optim.backends import BackendUnavailableError, contract, reference, select_backend
 from fused_optim.backends import triton as triton_backend
-from fused_optim.backends.triton import kernels, plan
+from fused_optim.backends.triton import kernels
 
 from cases import AUTO_CPU, BLOCK, DTYPES, SHAPES
 
@@ -25,7 +25,7 @@ ADAM_KW = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01)
 
 
 def test_block_size_matches_the_cases():
-    assert plan.BLOCK == BLOCK
+    assert triton_backend.BLOCK == BLOCK
 
 
 def random_like_list(shapes, dtype, scale=1.0):
@@ -37,17 +37,18 @@ def clone_all(tensors):
 
 
 def run_adam(backend, params, grads_per_step, states, steps, **flags):
-    cache: dict = {}
+    work = None
     for grads in grads_per_step:
         torch._foreach_add_(steps, 1)
-        backend.adam(params, grads, *states, steps, **ADAM_KW, **flags, cache=cache)
+        work = contract.run_adam(backend, params, grads, *states, steps, **ADAM_KW, **flags,
+                                 work=work)  # fmt: skip
 
 
 def run_sgd(backend, params, grads_per_step, buffers, nesterov=False):
-    cache: dict = {}
+    work = None
     kw = {**SGD_KW, "nesterov": nesterov, "dampening": 0.0 if nesterov else 0.1}
     for grads in grads_per_step:
-        backend.sgd(params, grads, buffers, **kw, maximize=False, cache=cache)
+        work = contract.run_sgd(backend, params, grads, buffers, **kw, maximize=False, work=work)
 
 
 def assert_lists_close(actual, expected, what):
@@ -220,19 +221,19 @@ def test_plan_is_cached_and_rebuilt_only_when_tensors_move():
     for p in params:
         p.grad = torch.randn(100)
     opt.step()
-    work = opt._group_work[0]
-    first = work.buckets[0].cache["adam"]
+    step_plan = opt._plan
+    first = step_plan.buckets[0].work.plan["triton"]
     # New gradient tensors and a new lr: same work, same plan, grads re-bound.
     for p in params:
         p.grad = torch.randn(100)
     opt.param_groups[0]["lr"] = 0.02
     opt.step()
-    assert opt._group_work[0] is work and work.buckets[0].cache["adam"] is first
+    assert opt._plan is step_plan and step_plan.buckets[0].work.plan["triton"] is first
     # A param whose storage moved (as module.to() does): rebuilt, and the new storage is updated.
     params[1].data = torch.randn(100)
     moved = params[1].detach().clone()
     opt.step()
-    assert work.buckets[0].cache["adam"] is not first or opt._group_work[0] is not work
+    assert opt._plan is not step_plan or step_plan.buckets[0].work.plan["triton"] is not first
     assert not torch.equal(params[1].detach(), moved)
     # A state tensor replaced by hand (as offloading code does): the new one is updated.
     new_exp_avg = opt.state[params[2]]["exp_avg"].clone()

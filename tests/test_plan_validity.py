@@ -1,5 +1,5 @@
 """A cached launch plan is valid only while every tensor it addresses keeps its address, dtype,
-shape and strides; anything else rebuilds it (fused_optim.backends._tables.signature).
+shape and strides; anything else rebuilds it (fused_optim.backends.plan.signatures).
 
 Two silent-corruption reproductions: a param whose ``.data`` is replaced by a shorter view at
 the same address (a stale plan walked the old extent and wrote outside the param), and a

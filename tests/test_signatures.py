@@ -32,24 +32,19 @@ def test_signature_is_torch_plus_backend_and_precision_modes(name):
         assert ours[key].default is default or ours[key].default == default, key
 
 
-@pytest.mark.parametrize(
-    "kernel,hyperparameters",
-    [
-        (kernels.sgd_kernel, ["lr", "momentum", "dampening", "weight_decay"]),
-        (
-            kernels.adam_kernel,
-            ["lr", "beta1", "beta2", "eps", "weight_decay", "base_step"],
-        ),
-    ],
-    ids=["sgd", "adam"],
-)
-def test_hyperparameters_are_runtime_fp64_and_flags_constexpr(kernel, hyperparameters):
+@pytest.mark.parametrize("kernel", [kernels.sgd_kernel, kernels.adam_kernel], ids=["sgd", "adam"])
+def test_hyperparameters_are_table_data_and_flags_constexpr(kernel):
     # A constexpr (or specialised) hyperparameter would recompile the kernel whenever an LR
-    # scheduler changes it.
+    # scheduler changes it: hyperparameters come from the per-group table, never as arguments.
     annotations = {
         name: param.annotation for name, param in inspect.signature(kernel.fn).parameters.items()
     }
-    for name in hyperparameters:
-        assert str(annotations[name]).endswith("fp64"), (name, annotations[name])
+    runtime = [name for name in annotations if not name.isupper()]
+    assert runtime == [
+        "tensor_table", "grad_table", "block_table", "hyper_table", "hyper_bits",
+        "grad_scale_ptr", "found_inf_ptr", "seed",
+    ]  # fmt: skip
     flags = [name for name in annotations if name.isupper()]
     assert flags and all("constexpr" in str(annotations[name]) for name in flags)
+    hyperparameters = {"LR", "BETA1", "BETA2", "EPS", "WEIGHT_DECAY", "MOMENTUM", "DAMPENING"}
+    assert not hyperparameters & set(flags)

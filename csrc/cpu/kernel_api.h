@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "../plan_layout.h"
+
 namespace fused_optim {
 namespace cpu {
 
@@ -18,6 +20,8 @@ struct Task {
   void* data[kSlots];     // base addresses (nullptr: absent)
   int8_t dtype[kSlots];   // DType of each array
   int64_t numel;
+  // The tensor's group's row of the hyperparameter table (kHyper* columns of plan_layout.h).
+  const double* hyper;
   // Adam: neg_step_size, bias_correction2_sqrt, decay (fp64, computed on the host).
   double scalar[3];
   uint32_t sr_key;        // stochastic rounding key (seed, step, param index), see ops.cpp
@@ -31,8 +35,8 @@ struct Chunk {
   int64_t length;
 };
 
+// Per-launch flags; the hyperparameters are per group (Task::hyper).
 struct SgdArgs {
-  double lr, momentum, dampening, weight_decay;
   bool has_momentum, nesterov, maximize;
   bool has_grad_scale;
   double grad_scale;
@@ -40,7 +44,6 @@ struct SgdArgs {
 };
 
 struct AdamArgs {
-  double beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled_weight_decay;
   bool has_grad_scale;
   double grad_scale;

@@ -503,11 +503,12 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
   fmath::AdamScalars<T> s;
   s.neg_step_size = static_cast<T>(task.scalar[0]);
   s.bias_correction2_sqrt = static_cast<T>(task.scalar[1]);
-  s.one_minus_beta1 = static_cast<T>(1.0 - args.beta1);
-  s.beta2 = static_cast<T>(args.beta2);
-  s.one_minus_beta2 = static_cast<T>(1.0 - args.beta2);
-  s.eps = static_cast<T>(args.eps);
-  s.weight_decay = static_cast<T>(args.weight_decay);
+  const double* hyper = task.hyper;
+  s.one_minus_beta1 = static_cast<T>(1.0 - hyper[::fused_optim::kHyperBeta1]);
+  s.beta2 = static_cast<T>(hyper[::fused_optim::kHyperBeta2]);
+  s.one_minus_beta2 = static_cast<T>(1.0 - hyper[::fused_optim::kHyperBeta2]);
+  s.eps = static_cast<T>(hyper[::fused_optim::kHyperEps]);
+  s.weight_decay = static_cast<T>(hyper[::fused_optim::kHyperWeightDecay]);
   s.decay = static_cast<T>(task.scalar[2]);
 #ifdef FUSED_OPTIM_HAVE_AVX2
   if (adam_fast_chunk<T, kAmsgrad, kMaximize, kDecoupled>(task, chunk, args, s)) return;
@@ -579,10 +580,11 @@ inline void sgd_loop(T* __restrict p, const T* __restrict g, T* __restrict buf, 
 template <typename T, bool kMomentum, bool kNesterov, bool kMaximize>
 void sgd_chunk(const Task& task, const Chunk& chunk, const SgdArgs& args) {
   fmath::SgdScalars<T> s;
-  s.lr = static_cast<T>(args.lr);
-  s.momentum = static_cast<T>(args.momentum);
-  s.one_minus_dampening = static_cast<T>(1.0 - args.dampening);
-  s.weight_decay = static_cast<T>(args.weight_decay);
+  const double* hyper = task.hyper;
+  s.lr = static_cast<T>(hyper[::fused_optim::kHyperLr]);
+  s.momentum = static_cast<T>(hyper[::fused_optim::kHyperMomentum]);
+  s.one_minus_dampening = static_cast<T>(1.0 - hyper[::fused_optim::kHyperDampening]);
+  s.weight_decay = static_cast<T>(hyper[::fused_optim::kHyperWeightDecay]);
   const T scale = static_cast<T>(args.grad_scale);
   const int p_slot = task.data[fcpu::kMaster] != nullptr ? fcpu::kMaster : fcpu::kParam;
   alignas(64) T pb[kBlock], gb[kBlock], bb[kBlock];

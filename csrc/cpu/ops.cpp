@@ -1,14 +1,18 @@
 // Host side of the fused CPU backend: the fused_optim::sgd_ / fused_optim::adam_ operators.
 //
-// One call updates every tensor of a group: the host turns the tensor lists into a task per
+// One call updates every tensor of a bucket, across param groups (each tensor's group indexes
+// the hyperparameter table, laid out as csrc/plan_layout.h says): the host turns the tensor lists into a task per
 // tensor (addresses, dtypes, per-tensor scalars computed in fp64 as backends/reference.py does)
 // and a chunk list over ALL tensors (kChunk elements each); the kernel runs one OpenMP parallel
 // region over the chunk list. Tensors the kernel cannot walk in the param's memory order (a
 // strided param, or a grad/state/master of another layout) are staged through a dense copy.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
 
 #include <cmath>
 #include <atomic>
+#include <memory>
 #include <cstdlib>
 #include <optional>
 #include <cstdint>
@@ -258,23 +262,33 @@ int64_t param_index(at::IntArrayRef indices, size_t i) {
   return i < indices.size() ? indices[i] : 0;
 }
 
+// The rows of the hyperparameter table (float64, kHyperColumns per group, on the CPU).
+const double* hyper_rows(const Tensor& hyper, at::IntArrayRef groups) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble &&
+                  hyper.is_contiguous() && hyper.dim() == 2 && hyper.size(1) == kHyperColumns,
+              "fused_optim cpu backend: the hyperparameter table must be a contiguous CPU "
+              "float64 tensor of ", kHyperColumns, " columns");
+  for (int64_t g : groups) {
+    TORCH_CHECK(g >= 0 && g < hyper.size(0), "fused_optim cpu backend: group ", g,
+                " has no row in the hyperparameter table");
+  }
+  return hyper.const_data_ptr<double>();
+}
+
 void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
           at::IntArrayRef new_buffer_flags, TensorList steps, TensorList master_params,
-          const std::optional<Tensor>& lr_tensor, double lr, double momentum, double dampening,
-          double weight_decay, bool nesterov, bool maximize,
-          const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
-          bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
+          const Tensor& hyper, at::IntArrayRef groups, bool has_momentum, bool nesterov,
+          bool maximize, const std::optional<Tensor>& grad_scale,
+          const std::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t seed,
+          at::IntArrayRef param_indices) {
   const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count, "fused_optim::sgd_: grads and params differ in length");
-  const bool has_momentum = momentum != 0.0;
+  TORCH_CHECK(grads.size() == count && groups.size() == count,
+              "fused_optim::sgd_: grads, groups and params differ in length");
   TORCH_CHECK(!has_momentum || momentum_buffers.size() == count,
               "fused_optim::sgd_: momentum_buffers and params differ in length");
   if (count == 0 || skipped(found_inf)) return;
+  const double* rows = hyper_rows(hyper, groups);
   SgdArgs args{};
-  args.lr = lr_tensor.has_value() && lr_tensor->defined() ? scalar_value(*lr_tensor) : lr;
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
   args.has_momentum = has_momentum;
   args.nesterov = nesterov;
   args.maximize = maximize;
@@ -293,6 +307,7 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
     if (has_momentum) arrays[kState0] = &momentum_buffers[i];
     if (!master_params.empty()) arrays[kMaster] = &master_params[i];
     Task& task = plan.add(arrays, writes);
+    task.hyper = rows + groups[i] * kHyperColumns;
     task.new_buffer = has_momentum && i < new_buffer_flags.size() && new_buffer_flags[i] != 0;
     if (stochastic_rounding) {
       task.sr_key = sr_key(seed, step_value(steps, i), param_index(param_indices, i));
@@ -301,58 +316,25 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   plan.run(args, sgd_base, sgd_avx2, sgd_avx512);
 }
 
-void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-           TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params,
-           const std::optional<Tensor>& lr_tensor, double lr, double beta1, double beta2,
-           double eps, double weight_decay, bool amsgrad, bool maximize,
-           bool decoupled_weight_decay, bool tensor_bias_corrections,
-           const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
-           bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
-  const size_t count = params.size();
-  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
-                  exp_avg_sqs.size() == count && steps.size() == count,
-              "fused_optim::adam_: tensor lists differ in length");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == count,
-              "fused_optim::adam_: max_exp_avg_sqs and params differ in length");
-  if (count == 0 || skipped(found_inf)) return;
-  AdamArgs args{};
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.decoupled_weight_decay = decoupled_weight_decay;
-  args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
-  args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
-  args.stochastic_rounding = stochastic_rounding;
-  // The scalar math around lr runs in fp64 for a float lr (torch.optim's host arithmetic) and
-  // in the lr tensor's dtype for a tensor lr (torch.optim's tensor arithmetic).
-  const bool lr_is_tensor = lr_tensor.has_value() && lr_tensor->defined();
-  const bool lr_in_float = lr_is_tensor && lr_tensor->scalar_type() != at::kDouble;
-  const double lr_value = lr_is_tensor ? scalar_value(*lr_tensor) : lr;
-  Plan plan;
-  plan.tasks.reserve(count);
-  const bool writes[kSlots] = {true, args.has_grad_scale, true, true, true, true};
-  double cached_step = std::nan("");
+// Adam's per-tensor scalars from its group's row of the hyperparameter table and its step,
+// as backends/reference.py computes them: bias corrections in fp64 (Python's float ** is C's
+// pow); the scalar math around lr in fp64 for a float lr (torch.optim's host arithmetic) and in
+// fp32 for an fp32 tensor lr (torch.optim's tensor arithmetic). Consecutive tensors of one group
+// at one step share the computation.
+struct AdamScalarCache {
+  double step = std::nan("");
+  const double* row = nullptr;
   double neg_step_size = 0.0, bias_correction2_sqrt = 1.0, decay = 1.0;
-  for (size_t i = 0; i < count; ++i) {
-    check_cpu(params[i], "params");
-    check_cpu(grads[i], "grads");
-    const Tensor* arrays[kSlots] = {};
-    arrays[kParam] = &params[i];
-    arrays[kGrad] = &grads[i];
-    arrays[kState0] = &exp_avgs[i];
-    arrays[kState1] = &exp_avg_sqs[i];
-    if (amsgrad) arrays[kState2] = &max_exp_avg_sqs[i];
-    if (!master_params.empty()) arrays[kMaster] = &master_params[i];
-    Task& task = plan.add(arrays, writes);
-    const double step = scalar_value(steps[i]);
-    if (!(step == cached_step)) {
-      // As backends/reference.py: bias corrections in fp64 (Python's float ** is C's pow).
-      cached_step = step;
-      const double bias_correction1 = 1.0 - std::pow(beta1, step);
-      const double bc2 = 1.0 - std::pow(beta2, step);
+
+  void fill(Task& task, const double* group_row, double task_step, bool lr_in_float,
+            bool tensor_bias_corrections) {
+    task.hyper = group_row;
+    if (!(task_step == step) || group_row != row) {
+      step = task_step;
+      row = group_row;
+      const double lr_value = row[kHyperLr], weight_decay = row[kHyperWeightDecay];
+      const double bias_correction1 = 1.0 - std::pow(row[kHyperBeta1], step);
+      const double bc2 = 1.0 - std::pow(row[kHyperBeta2], step);
       bias_correction2_sqrt = tensor_bias_corrections ? std::sqrt(bc2) : std::pow(bc2, 0.5);
       if (lr_in_float) {
         const float lr_f = static_cast<float>(lr_value);
@@ -366,9 +348,269 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
     task.scalar[0] = neg_step_size;
     task.scalar[1] = bias_correction2_sqrt;
     task.scalar[2] = decay;
+  }
+};
+
+void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+           TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params,
+           const Tensor& hyper, at::IntArrayRef groups, bool lr_in_float, bool amsgrad,
+           bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections,
+           const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+           bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
+  const size_t count = params.size();
+  TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
+                  exp_avg_sqs.size() == count && steps.size() == count && groups.size() == count,
+              "fused_optim::adam_: tensor lists differ in length");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == count,
+              "fused_optim::adam_: max_exp_avg_sqs and params differ in length");
+  if (count == 0 || skipped(found_inf)) return;
+  const double* rows = hyper_rows(hyper, groups);
+  AdamArgs args{};
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.decoupled_weight_decay = decoupled_weight_decay;
+  args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
+  args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
+  args.stochastic_rounding = stochastic_rounding;
+  Plan plan;
+  plan.tasks.reserve(count);
+  const bool writes[kSlots] = {true, args.has_grad_scale, true, true, true, true};
+  AdamScalarCache scalars;
+  for (size_t i = 0; i < count; ++i) {
+    check_cpu(params[i], "params");
+    check_cpu(grads[i], "grads");
+    const Tensor* arrays[kSlots] = {};
+    arrays[kParam] = &params[i];
+    arrays[kGrad] = &grads[i];
+    arrays[kState0] = &exp_avgs[i];
+    arrays[kState1] = &exp_avg_sqs[i];
+    if (amsgrad) arrays[kState2] = &max_exp_avg_sqs[i];
+    if (!master_params.empty()) arrays[kMaster] = &master_params[i];
+    Task& task = plan.add(arrays, writes);
+    const double step = scalar_value(steps[i]);
+    scalars.fill(task, rows + groups[i] * kHyperColumns, step, lr_in_float,
+                 tensor_bias_corrections);
     if (stochastic_rounding) task.sr_key = sr_key(seed, step, param_index(param_indices, i));
   }
   plan.run(args, adam_base, adam_avx2, adam_avx512);
+}
+
+// ------------------------------------------------------------------------------------------
+// The host plan: a bucket's tasks and chunks, built once and reused while every tensor keeps its
+// address, shape, strides and dtype. Each run reads the grads from the params themselves (no
+// tensor lists cross from Python), checks every tensor before touching any, and returns false,
+// changing nothing, when a tensor moved or lost its grad (Python then rebuilds). Only buckets
+// whose params, states and masters are dense in the param's layout get one; grads of any layout
+// are staged per run.
+
+struct Signature {
+  const void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+  std::vector<int64_t> sizes, strides;
+
+  explicit Signature(const Tensor& t)
+      : data(t.data_ptr()), numel(t.numel()), dtype(t.scalar_type()),
+        sizes(t.sizes().vec()), strides(t.strides().vec()) {}
+
+  bool holds(const Tensor& t) const {
+    return t.data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype &&
+           t.sizes().equals(sizes) && t.strides().equals(strides);
+  }
+};
+
+class HostPlan {
+ public:
+  static std::shared_ptr<HostPlan> create(
+      std::vector<Tensor> params, std::vector<std::vector<Tensor>> states,
+      std::vector<Tensor> masters, std::vector<Tensor> steps, std::vector<int64_t> groups,
+      std::vector<int64_t> indices, bool adam, bool amsgrad_or_momentum, bool maximize,
+      bool decoupled_or_nesterov, bool tensor_bias_corrections, bool lr_in_float,
+      bool stochastic_rounding, int64_t seed) {
+    auto plan = std::shared_ptr<HostPlan>(new HostPlan());
+    HostPlan& h = *plan;
+    const size_t count = params.size();
+    if (groups.size() != count || (!steps.empty() && steps.size() != count) ||
+        (!masters.empty() && masters.size() != count))
+      return nullptr;
+    for (const auto& column : states)
+      if (column.size() != count) return nullptr;
+    h.adam_ = adam;
+    h.lr_in_float_ = lr_in_float;
+    h.tensor_bias_corrections_ = tensor_bias_corrections;
+    h.seed_ = seed;
+    h.stochastic_rounding_ = stochastic_rounding;
+    h.adam_args_ = AdamArgs{};
+    h.adam_args_.amsgrad = amsgrad_or_momentum;
+    h.adam_args_.maximize = maximize;
+    h.adam_args_.decoupled_weight_decay = decoupled_or_nesterov;
+    h.adam_args_.stochastic_rounding = stochastic_rounding;
+    h.sgd_args_ = SgdArgs{};
+    h.sgd_args_.has_momentum = amsgrad_or_momentum;
+    h.sgd_args_.nesterov = decoupled_or_nesterov;
+    h.sgd_args_.maximize = maximize;
+    h.sgd_args_.stochastic_rounding = stochastic_rounding;
+    h.plan_.tasks.reserve(count);
+    const bool writes[kSlots] = {true, false, true, true, true, true};
+    for (size_t i = 0; i < count; ++i) {
+      const Tensor& p = params[i];
+      if (!p.device().is_cpu() || p.is_sparse() || !is_dense(p)) return nullptr;
+      const Tensor* arrays[kSlots] = {};
+      arrays[kParam] = &p;
+      for (size_t s = 0; s < states.size(); ++s) {
+        const Tensor& t = states[s][i];
+        if (!t.defined() || !is_dense(t) || !same_layout(t, p)) return nullptr;
+        arrays[kState0 + s] = &t;
+      }
+      if (!masters.empty()) {
+        if (!is_dense(masters[i]) || !same_layout(masters[i], p)) return nullptr;
+        arrays[kMaster] = &masters[i];
+      }
+      for (int s = 0; s < kSlots; ++s) {
+        if (arrays[s] != nullptr) dtype_code(*arrays[s], "a tensor");  // throws if unsupported
+      }
+      h.plan_.add(arrays, writes);
+      h.signatures_.emplace_back(p);
+      for (const auto& column : states) h.held_.push_back(column[i]);
+      if (!masters.empty()) h.held_.push_back(masters[i]);
+    }
+    for (const Tensor& t : h.held_) h.held_signatures_.emplace_back(t);
+    h.params_ = std::move(params);
+    h.steps_ = std::move(steps);
+    h.groups_ = std::move(groups);
+    h.indices_ = std::move(indices);
+    return plan;
+  }
+
+  // Whether the plan still holds: every param and state keeps its signature and every param has
+  // a dense CPU grad of its size. Changes nothing.
+  bool check() const {
+    const size_t count = params_.size();
+    for (size_t i = 0; i < count; ++i) {
+      const Tensor& p = params_[i];
+      if (!signatures_[i].holds(p)) return false;
+      const Tensor& g = p.grad();
+      if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.numel() != p.numel())
+        return false;
+      if (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble &&
+          g.scalar_type() != at::kBFloat16 && g.scalar_type() != at::kHalf)
+        return false;
+    }
+    for (size_t k = 0; k < held_.size(); ++k) {
+      if (!held_signatures_[k].holds(held_[k])) return false;
+    }
+    return true;
+  }
+
+  // One step of the bucket (after check() said the plan holds).
+  void run(const Tensor& hyper, const std::optional<Tensor>& grad_scale,
+           const std::optional<Tensor>& found_inf) {
+    const size_t count = params_.size();
+    const double* rows = hyper_rows(hyper, groups_);
+    if (skipped(found_inf)) return;
+    const bool has_grad_scale = grad_scale.has_value() && grad_scale->defined();
+    const double scale = has_grad_scale ? scalar_value(*grad_scale) : 1.0;
+    Staging& staging = plan_.staging;
+    AdamScalarCache scalars;
+    for (size_t i = 0; i < count; ++i) {
+      Task& task = plan_.tasks[i];
+      if (task.numel == 0) continue;
+      const Tensor& p = params_[i];
+      const Tensor& g = p.grad();
+      const bool direct = is_dense(g) && same_layout(g, p);
+      const Tensor& used = direct ? g : staging.resolve(g, p, has_grad_scale);
+      task.data[kGrad] = used.data_ptr();
+      task.dtype[kGrad] = dtype_code(used, "a grad");
+      const double* row = rows + groups_[i] * kHyperColumns;
+      const double step = steps_.empty() ? 0.0 : scalar_value(steps_[i]);
+      if (adam_) {
+        scalars.fill(task, row, step, lr_in_float_, tensor_bias_corrections_);
+      } else {
+        task.hyper = row;
+      }
+      if (stochastic_rounding_) {
+        task.sr_key = sr_key(seed_, step, i < indices_.size() ? indices_[i] : 0);
+      }
+    }
+    if (adam_) {
+      AdamArgs args = adam_args_;
+      args.has_grad_scale = has_grad_scale;
+      args.grad_scale = scale;
+      plan_.run(args, adam_base, adam_avx2, adam_avx512);
+    } else {
+      SgdArgs args = sgd_args_;
+      args.has_grad_scale = has_grad_scale;
+      args.grad_scale = scale;
+      plan_.run(args, sgd_base, sgd_avx2, sgd_avx512);
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(params_.size()); }
+
+ private:
+  HostPlan() = default;
+  Plan plan_;
+  std::vector<Tensor> params_, steps_, held_;
+  std::vector<Signature> signatures_, held_signatures_;
+  std::vector<int64_t> groups_, indices_;
+  AdamArgs adam_args_{};
+  SgdArgs sgd_args_{};
+  bool adam_ = true, lr_in_float_ = false, tensor_bias_corrections_ = false;
+  bool stochastic_rounding_ = false;
+  int64_t seed_ = 0;
+};
+
+// Whether the optimizer's state still holds what a step plan was built from: the same state
+// dicts (in insertion order) and, under `keys`, the same tensors in the dicts the plan uses.
+// Identity checks on PyObject pointers: no Tensor.__hash__ (a Python method) is called.
+bool state_unchanged(const pybind11::dict& state, const std::vector<intptr_t>& dict_ids,
+                     const pybind11::list& dicts, const std::vector<std::string>& keys,
+                     const std::vector<intptr_t>& entry_ids) {
+  if (static_cast<size_t>(PyDict_Size(state.ptr())) != dict_ids.size()) return false;
+  Py_ssize_t position = 0;
+  PyObject *key = nullptr, *value = nullptr;
+  size_t k = 0;
+  while (PyDict_Next(state.ptr(), &position, &key, &value)) {
+    if (reinterpret_cast<intptr_t>(value) != dict_ids[k++]) return false;
+  }
+  std::vector<PyObject*> names;
+  for (const auto& name : keys) names.push_back(PyUnicode_InternFromString(name.c_str()));
+  const Py_ssize_t count = PyList_GET_SIZE(dicts.ptr());
+  if (static_cast<size_t>(count) * keys.size() != entry_ids.size()) return false;
+  bool same = true;
+  size_t e = 0;
+  for (Py_ssize_t i = 0; i < count && same; ++i) {
+    PyObject* entries = PyList_GET_ITEM(dicts.ptr(), i);
+    for (PyObject* name : names) {
+      PyObject* entry = PyDict_Check(entries) ? PyDict_GetItem(entries, name) : nullptr;
+      if (reinterpret_cast<intptr_t>(entry) != entry_ids[e++]) {
+        same = false;
+        break;
+      }
+    }
+  }
+  for (PyObject* name : names) Py_DECREF(name);
+  return same;
+}
+
+// Whether the param groups still list the same params (`ids`, flat over the groups) and
+// exactly those of `with_grad` have a grad.
+bool params_unchanged(const pybind11::list& group_params, const std::vector<intptr_t>& ids,
+                      const std::vector<bool>& with_grad) {
+  size_t k = 0;
+  const Py_ssize_t groups = PyList_GET_SIZE(group_params.ptr());
+  for (Py_ssize_t g = 0; g < groups; ++g) {
+    PyObject* params = PyList_GET_ITEM(group_params.ptr(), g);
+    if (!PyList_Check(params)) return false;
+    const Py_ssize_t n = PyList_GET_SIZE(params);
+    for (Py_ssize_t i = 0; i < n; ++i, ++k) {
+      PyObject* p = PyList_GET_ITEM(params, i);
+      if (k >= ids.size() || reinterpret_cast<intptr_t>(p) != ids[k]) return false;
+      if (!THPVariable_Check(p)) return false;
+      if (THPVariable_Unpack(p).grad().defined() != with_grad[k]) return false;
+    }
+  }
+  return k == ids.size();
 }
 
 }  // namespace
@@ -379,17 +621,16 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
-      "int[] new_buffer_flags, Tensor[] steps, Tensor(d!)[] master_params, Tensor? lr_tensor, "
-      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, "
-      "int seed, int[] param_indices) -> ()");
+      "int[] new_buffer_flags, Tensor[] steps, Tensor(d!)[] master_params, Tensor hyper, "
+      "int[] groups, bool has_momentum, bool nesterov, bool maximize, Tensor? grad_scale, "
+      "Tensor? found_inf, bool stochastic_rounding, int seed, int[] param_indices) -> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] steps, "
-      "Tensor(f!)[] master_params, Tensor? lr_tensor, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay, bool tensor_bias_corrections, Tensor? grad_scale, "
-      "Tensor? found_inf, bool stochastic_rounding, int seed, int[] param_indices) -> ()");
+      "Tensor(f!)[] master_params, Tensor hyper, int[] groups, bool lr_in_float, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections, "
+      "Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, int seed, "
+      "int[] param_indices) -> ()");
   m.def("cpu_isa() -> str", [] { return fused_optim::cpu::isa(); });
   m.def("cpu_set_isa(str isa) -> str",
         [](std::string isa) { return fused_optim::cpu::set_isa(isa); });
@@ -403,8 +644,16 @@ TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("adam_", &fused_optim::cpu::adam_);
 }
 
-// The Python module only loads the library (the operators live in torch.ops.fused_optim).
-static struct PyModuleDef fused_optim_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr,
-                                                     -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C_cpu(void) { return PyModule_Create(&fused_optim_cpu_module); }
+// The Python module: loading it registers the operators (torch.ops.fused_optim); it also holds
+// the host plan and the step checks of the optimizer's compiled fast path.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using fused_optim::cpu::HostPlan;
+  py::class_<HostPlan, std::shared_ptr<HostPlan>>(m, "HostPlan")
+      .def_static("create", &HostPlan::create)
+      .def("check", &HostPlan::check)
+      .def("run", &HostPlan::run)
+      .def("__len__", &HostPlan::size);
+  m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
+  m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
+}

@@ -1,9 +1,11 @@
-// Multi-tensor SGD and Adam/AdamW kernels: one launch per (device, param dtype, state dtype)
-// group and step, no host synchronisation.
+// Multi-tensor SGD and Adam/AdamW kernels: one launch per bucket (every tensor of all the param
+// groups that share a device, param dtype, state dtype and code flags) and step, no host
+// synchronisation. Each block reads its tensor's group's hyperparameters from the hyper table.
 //
 // The per-element math is csrc/math/update.h (shared with the CPU backend); this file loads,
-// unscales, stores, rounds and walks the launch tables described in fused_cuda.h. It needs only
-// the CUDA runtime (no torch headers), so CI compiles it without a CUDA build of torch.
+// unscales, stores, rounds and walks the launch tables described in fused_cuda.h (layout:
+// csrc/plan_layout.h). It needs only the CUDA runtime (no torch headers), so CI compiles it
+// without a CUDA build of torch.
 //
 // Compile with --fmad=false: update.h spells out torch.optim's fused multiply-adds and no
 // others may appear.
@@ -53,6 +55,11 @@ inline float __uint_as_float(uint32_t bits) {
   return x;
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline long long __double_as_longlong(double x) {
+  long long bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_optim
@@ -250,10 +257,11 @@ __device__ __forceinline__ void store_rounded(S* base, int64_t i, const T (&valu
 }
 
 // ---------------------------------------------------------------------------------------------
-// What every block reads first: its tensor, its range, its step.
+// What every block reads first: its tensor, its range, its group's hyperparameters, its step.
 
 struct Block {
-  const int64_t* row;
+  const int64_t* row;    // the tensor's tensor_table row
+  const double* hyper;   // its group's hyper_table row
   int64_t tensor;
   int64_t start;
   int64_t end;  // one past the block's last element
@@ -266,6 +274,7 @@ __device__ __forceinline__ Block locate(const CommonLaunch& a) {
   b.tensor = a.block_table[2 * pid];
   b.start = a.block_table[2 * pid + 1];
   b.row = a.tensor_table + b.tensor * kTableColumns;
+  b.hyper = a.hyper_table + b.row[kColGroup] * kHyperColumns;
   b.numel = b.row[kColNumel];
   b.end = b.start + kChunk < b.numel ? b.start + kChunk : b.numel;
   return b;
@@ -276,23 +285,41 @@ __device__ __forceinline__ bool skipped(const CommonLaunch& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;
 }
 
-__device__ __forceinline__ double step_of(const CommonLaunch& a, const int64_t* row) {
+// The tensor's step: read from its step tensor, or its offset below its group's base step.
+__device__ __forceinline__ double step_of(const CommonLaunch& a, const Block& b) {
   if (a.step_from_pointer) {
-    const void* address = reinterpret_cast<const void*>(row[kColStep]);
-    return row[kColStepIsDouble] ? *static_cast<const double*>(address)
-                                 : static_cast<double>(*static_cast<const float*>(address));
+    const void* address = reinterpret_cast<const void*>(b.row[kColStep]);
+    return b.row[kColStepIsDouble] ? *static_cast<const double*>(address)
+                                   : static_cast<double>(*static_cast<const float*>(address));
   }
-  return a.base_step - static_cast<double>(row[kColStep]);
+  return b.hyper[kHyperBaseStep] - static_cast<double>(b.row[kColStep]);
 }
 
-__device__ __forceinline__ double lr_as_double(const CommonLaunch& a) {
+// The device lr tensor whose address the group's row holds (pointer kinds of LrKind).
+__device__ __forceinline__ const void* lr_address(const double* hyper) {
+  return reinterpret_cast<const void*>(
+      static_cast<intptr_t>(__double_as_longlong(hyper[kHyperLrAddress])));
+}
+
+// Whether the scalar math around lr runs in fp32 (an fp32 tensor lr), else in fp64.
+__device__ __forceinline__ bool lr_is_float32(const CommonLaunch& a) {
+  return a.lr_kind == LrKind::kFloat32Pointer || a.lr_kind == LrKind::kFloat32Value;
+}
+
+__device__ __forceinline__ float lr_as_float(const CommonLaunch& a, const double* hyper) {
+  if (a.lr_kind == LrKind::kFloat32Pointer) return *static_cast<const float*>(lr_address(hyper));
+  return static_cast<float>(hyper[kHyperLr]);
+}
+
+__device__ __forceinline__ double lr_as_double(const CommonLaunch& a, const double* hyper) {
   switch (a.lr_kind) {
     case LrKind::kFloat32Pointer:
-      return static_cast<double>(*static_cast<const float*>(a.lr_ptr));
+    case LrKind::kFloat32Value:
+      return static_cast<double>(lr_as_float(a, hyper));
     case LrKind::kFloat64Pointer:
-      return *static_cast<const double*>(a.lr_ptr);
+      return *static_cast<const double*>(lr_address(hyper));
     default:
-      return a.lr_value;
+      return hyper[kHyperLr];
   }
 }
 
@@ -381,13 +408,14 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
   if (skipped(a)) return;
   const Block b = locate(a);
   if (b.start >= b.end) return;
+  // The group's scalars, computed in fp64 and cast (torch.optim's host arithmetic).
   math::SgdScalars<T> s;
-  s.lr = static_cast<T>(lr_as_double(a));
-  s.momentum = static_cast<T>(a.momentum);
-  s.one_minus_dampening = static_cast<T>(1.0 - a.dampening);
-  s.weight_decay = static_cast<T>(a.weight_decay);
+  s.lr = static_cast<T>(lr_as_double(a, b.hyper));
+  s.momentum = static_cast<T>(b.hyper[kHyperMomentum]);
+  s.one_minus_dampening = static_cast<T>(1.0 - b.hyper[kHyperDampening]);
+  s.weight_decay = static_cast<T>(b.hyper[kHyperWeightDecay]);
   uint32_t key = 0;
-  if (a.stochastic_rounding) key = tensor_key(a.seed, step_of(a, b.row), b.row[kColIndex]);
+  if (a.stochastic_rounding) key = tensor_key(a.seed, step_of(a, b), b.row[kColIndex]);
   const SgdBody<PT, ST, kMomentum, kNesterov> body{
       s,
       a.maximize,
@@ -406,21 +434,25 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
 // ---------------------------------------------------------------------------------------------
 // Adam / AdamW.
 
-// The per-tensor scalars in fp64 (torch.optim's host arithmetic), the lr-dependent ones in the
-// lr's dtype L (fp64 for a Python float lr, the tensor's dtype for a tensor lr).
+// The per-tensor scalars from its group's row, in fp64 (torch.optim's host arithmetic), the
+// lr-dependent ones in the lr's dtype L (fp64 for a Python float lr, the tensor's dtype for a
+// tensor lr).
 template <typename T, typename L>
 __device__ __forceinline__ math::AdamScalars<T> adam_scalars(
-    const AdamLaunch& a, L lr, double bias_correction1, double bias_correction2_sqrt) {
+    const double* hyper, L lr, double bias_correction1, double bias_correction2_sqrt) {
   math::AdamScalars<T> s;
+  const double beta1 = hyper[kHyperBeta1];
+  const double beta2 = hyper[kHyperBeta2];
+  const double weight_decay = hyper[kHyperWeightDecay];
   const double neg_step_size = static_cast<double>(-(lr / static_cast<L>(bias_correction1)));
-  const double decay = static_cast<double>(L(1) - lr * static_cast<L>(a.weight_decay));
+  const double decay = static_cast<double>(L(1) - lr * static_cast<L>(weight_decay));
   s.neg_step_size = static_cast<T>(neg_step_size);
   s.bias_correction2_sqrt = static_cast<T>(bias_correction2_sqrt);
-  s.one_minus_beta1 = static_cast<T>(1.0 - a.beta1);
-  s.beta2 = static_cast<T>(a.beta2);
-  s.one_minus_beta2 = static_cast<T>(1.0 - a.beta2);
-  s.eps = static_cast<T>(a.eps);
-  s.weight_decay = static_cast<T>(a.weight_decay);
+  s.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+  s.beta2 = static_cast<T>(beta2);
+  s.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  s.eps = static_cast<T>(hyper[kHyperEps]);
+  s.weight_decay = static_cast<T>(weight_decay);
   s.decay = static_cast<T>(decay);
   return s;
 }
@@ -488,21 +520,22 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
   if (skipped(a)) return;
   const Block b = locate(a);
   if (b.start >= b.end) return;
-  // Bias corrections: torch.optim's host values for tensors at the launch's base step, fp64
+  // Bias corrections: torch.optim's host values for tensors at their group's base step, fp64
   // pow() on the device for the others and for steps read from device memory (capturable).
-  const double step = step_of(a, b.row);
-  double bias_correction1 = a.base_bias_correction1;
-  double bias_correction2_sqrt = a.base_bias_correction2_sqrt;
+  const double step = step_of(a, b);
+  double bias_correction1 = b.hyper[kHyperBiasCorrection1];
+  double bias_correction2_sqrt = b.hyper[kHyperBiasCorrection2Sqrt];
   if (a.step_from_pointer || b.row[kColStep] != 0) {
-    bias_correction1 = 1.0 - pow(a.beta1, step);
-    bias_correction2_sqrt = sqrt(1.0 - pow(a.beta2, step));
+    bias_correction1 = 1.0 - pow(b.hyper[kHyperBeta1], step);
+    bias_correction2_sqrt = sqrt(1.0 - pow(b.hyper[kHyperBeta2], step));
   }
   math::AdamScalars<T> s;
-  if (a.lr_kind == LrKind::kFloat32Pointer) {
-    s = adam_scalars<T, float>(a, *static_cast<const float*>(a.lr_ptr), bias_correction1,
+  if (lr_is_float32(a)) {
+    s = adam_scalars<T, float>(b.hyper, lr_as_float(a, b.hyper), bias_correction1,
                                bias_correction2_sqrt);
   } else {
-    s = adam_scalars<T, double>(a, lr_as_double(a), bias_correction1, bias_correction2_sqrt);
+    s = adam_scalars<T, double>(b.hyper, lr_as_double(a, b.hyper), bias_correction1,
+                                bias_correction2_sqrt);
   }
   const uint32_t key =
       a.stochastic_rounding ? tensor_key(a.seed, step, b.row[kColIndex]) : uint32_t(0);
@@ -566,7 +599,7 @@ cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream) {
   if (launch.num_blocks <= 0) return cudaSuccess;
   if (launch.num_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned int>(launch.num_blocks));
-  const bool momentum = launch.momentum != 0.0;
+  const bool momentum = launch.momentum;
   // Without momentum the state dtype plays no part: use the param's.
   const DType state = momentum ? launch.state_dtype : launch.param_dtype;
   const bool ok = dispatch_dtypes(launch.param_dtype, state, [&](auto p, auto st) {
@@ -617,19 +650,17 @@ cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream) {
 
 #if defined(FUSED_OPTIM_HOST_EMULATION)
 // C entry points of the emulation, for ctypes. pointers: tensor_table, grad_table, block_table,
-// lr, grad_scale, found_inf. ints: num_blocks, param_dtype, state_dtype, lr_kind, maximize,
-// has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD: nesterov;
-// Adam: amsgrad, decoupled_weight_decay. reals: lr_value, base_step, then SGD: momentum,
-// dampening, weight_decay; Adam: beta1, beta2, eps, weight_decay, base_bias_correction1,
-// base_bias_correction2_sqrt.
+// hyper_table, grad_scale, found_inf. ints: num_blocks, param_dtype, state_dtype, lr_kind,
+// maximize, has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD:
+// momentum, nesterov; Adam: amsgrad, decoupled_weight_decay.
 namespace {
 void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* pointers,
-                   const int64_t* ints, const double* reals) {
+                   const int64_t* ints) {
   using namespace fused_optim::cuda;
   launch.tensor_table = static_cast<const int64_t*>(pointers[0]);
   launch.grad_table = static_cast<const int64_t*>(pointers[1]);
   launch.block_table = static_cast<const int64_t*>(pointers[2]);
-  launch.lr_ptr = pointers[3];
+  launch.hyper_table = static_cast<const double*>(pointers[3]);
   launch.grad_scale = static_cast<const float*>(pointers[4]);
   launch.found_inf = static_cast<const float*>(pointers[5]);
   launch.num_blocks = ints[0];
@@ -642,34 +673,22 @@ void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* p
   launch.step_from_pointer = ints[7] != 0;
   launch.seed = static_cast<uint32_t>(ints[8]);
   launch.aligned = ints[9] != 0;
-  launch.lr_value = reals[0];
-  launch.base_step = reals[1];
 }
 }  // namespace
 
-extern "C" int fused_optim_emulated_sgd(const void* const* pointers, const int64_t* ints,
-                                        const double* reals) {
+extern "C" int fused_optim_emulated_sgd(const void* const* pointers, const int64_t* ints) {
   fused_optim::cuda::SgdLaunch launch;
-  fill_emulated(launch, pointers, ints, reals);
-  launch.nesterov = ints[10] != 0;
-  launch.momentum = reals[2];
-  launch.dampening = reals[3];
-  launch.weight_decay = reals[4];
+  fill_emulated(launch, pointers, ints);
+  launch.momentum = ints[10] != 0;
+  launch.nesterov = ints[11] != 0;
   return static_cast<int>(fused_optim::cuda::launch_sgd(launch, nullptr));
 }
 
-extern "C" int fused_optim_emulated_adam(const void* const* pointers, const int64_t* ints,
-                                         const double* reals) {
+extern "C" int fused_optim_emulated_adam(const void* const* pointers, const int64_t* ints) {
   fused_optim::cuda::AdamLaunch launch;
-  fill_emulated(launch, pointers, ints, reals);
+  fill_emulated(launch, pointers, ints);
   launch.amsgrad = ints[10] != 0;
   launch.decoupled_weight_decay = ints[11] != 0;
-  launch.beta1 = reals[2];
-  launch.beta2 = reals[3];
-  launch.eps = reals[4];
-  launch.weight_decay = reals[5];
-  launch.base_bias_correction1 = reals[6];
-  launch.base_bias_correction2_sqrt = reals[7];
   return static_cast<int>(fused_optim::cuda::launch_adam(launch, nullptr));
 }
 #endif  // FUSED_OPTIM_HOST_EMULATION

@@ -4,39 +4,33 @@
 // structs from the op's arguments, and the kernels' translation unit can be compiled (and
 // compile-checked in CI) without torch's CUDA headers.
 //
-// One launch updates every tensor of a (device, param dtype, state dtype) group. It walks:
+// One launch updates every tensor of a bucket (fused_optim/backends/contract.py): the tensors of
+// all param groups that share a device, param dtype, state dtype and code flags. It walks the
+// tables of fused_optim/backends/plan.py, whose column layout is csrc/plan_layout.h:
 //
-// * tensor_table: int64, kTableColumns per tensor (column layout below): data pointers of the
-//   param, up to three state tensors and the fp32 master weight, the element count, the step
-//   (an offset below base_step, or the address of a step tensor), the new-momentum-buffer flag
-//   (SGD), the param's index (stochastic-rounding key) and whether the step tensor is fp64.
+// * tensor_table: int64, kTableColumns per tensor: data pointers of the param, up to three state
+//   tensors and the fp32 master weight, the element count, the step (an offset below its group's
+//   base step, or the address of a step tensor), the new-momentum-buffer flag (SGD), the param's
+//   index (stochastic-rounding key), whether the step tensor is fp64, and its group.
 // * grad_table: int64, one gradient data pointer per tensor (same dtype as the param).
 // * block_table: int64 pairs (tensor, first element), one per CUDA block; every block covers
 //   kChunk elements of one tensor (fewer at a tensor's end). Starts are multiples of kChunk.
+// * hyper_table: float64, kHyperColumns per group: lr, beta1 (SGD: momentum), beta2 (SGD:
+//   dampening), eps, weight decay, the group's base step, torch.optim's bias corrections at it,
+//   and the int64 bits of a device lr tensor's address (read when lr_kind is a pointer kind).
 //
-// All tables live in device memory; nothing is read back to the host.
+// All tables live in device memory; nothing is read back to the host. Per-group values are data
+// (a scheduler changing one between steps recompiles nothing); only the flags below pick code.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "../plan_layout.h"
+
 namespace fused_optim {
 namespace cuda {
-
-enum TableColumn : int {
-  kColParam = 0,
-  kColState0 = 1,
-  kColState1 = 2,
-  kColState2 = 3,
-  kColMaster = 4,
-  kColNumel = 5,
-  kColStep = 6,
-  kColNewBuffer = 7,
-  kColIndex = 8,
-  kColStepIsDouble = 9,
-  kTableColumns = 10,
-};
 
 // Elements per block-table entry and threads per block. kChunk is a multiple of every vector
 // width times kThreads, and divides 2^32 (the stochastic-rounding hash splits the index there).
@@ -46,48 +40,48 @@ constexpr int64_t kChunk = 4096;
 // Storage dtypes (the torch binding maps c10::ScalarType onto these).
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// How the learning rate reaches the kernel.
-enum class LrKind : int { kValue = 0, kFloat32Pointer = 1, kFloat64Pointer = 2 };
+// Where each group's learning rate comes from and the dtype of the scalar math around it (fp64
+// for a Python float lr, the tensor's dtype for a tensor lr, as torch.optim computes it). One
+// kind holds for the whole launch (the optimizer buckets groups by the kind of their lr).
+enum class LrKind : int {
+  kValue = 0,           // hyper_table[kHyperLr], fp64 math
+  kFloat32Pointer = 1,  // the fp32 scalar at hyper_table[kHyperLrAddress] (device tensor lr)
+  kFloat64Pointer = 2,  // the fp64 scalar at hyper_table[kHyperLrAddress] (device tensor lr)
+  kFloat32Value = 3,    // hyper_table[kHyperLr] rounded to fp32, fp32 math (host fp32 tensor lr)
+};
 
 struct CommonLaunch {
   const int64_t* tensor_table = nullptr;
   const int64_t* grad_table = nullptr;
   const int64_t* block_table = nullptr;
+  const double* hyper_table = nullptr;  // kHyperColumns per group (see above)
   int64_t num_blocks = 0;
   DType param_dtype = DType::kFloat32;
   DType state_dtype = DType::kFloat32;
   LrKind lr_kind = LrKind::kValue;
-  const void* lr_ptr = nullptr;       // device scalar (fp32/fp64) when lr_kind != kValue
-  double lr_value = 0.0;              // the lr when lr_kind == kValue
   const float* grad_scale = nullptr;  // GradScaler's scale (fp32, device), or null
   const float* found_inf = nullptr;   // GradScaler's found_inf (fp32, device), or null
   bool maximize = false;
   bool has_master = false;            // column kColMaster holds fp32 master weights
   bool stochastic_rounding = false;   // only acted on for bf16/fp16 params
-  bool step_from_pointer = false;     // kColStep holds step tensor addresses
-  double base_step = 0.0;             // otherwise step = base_step - kColStep
+  bool step_from_pointer = false;     // kColStep holds step tensor addresses, else
+                                      // step = hyper_table[kHyperBaseStep] - kColStep
   uint32_t seed = 0;
   bool aligned = false;               // every table address is 16-byte aligned
 };
 
+// Flags only: momentum, dampening, weight decay and lr are per-group rows of hyper_table.
 struct SgdLaunch : CommonLaunch {
-  double momentum = 0.0;
-  double dampening = 0.0;
-  double weight_decay = 0.0;
+  bool momentum = false;  // the bucket's groups have momentum (kColState0: the buffers)
   bool nesterov = false;
 };
 
+// Flags only: betas, eps, weight decay, lr and the bias corrections at each group's base step
+// (torch.optim's host fp64 values, used by tensors at that step when steps are not read from
+// device memory) are per-group rows of hyper_table.
 struct AdamLaunch : CommonLaunch {
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.0;
   bool amsgrad = false;
   bool decoupled_weight_decay = false;
-  // torch.optim's host-side bias corrections at base_step (used by tensors at that step when
-  // steps are not read from device memory): 1 - beta1^t and sqrt(1 - beta2^t).
-  double base_bias_correction1 = 1.0;
-  double base_bias_correction2_sqrt = 1.0;
 };
 
 // Enqueue one launch on `stream`. Returns cudaErrorInvalidValue for an unsupported

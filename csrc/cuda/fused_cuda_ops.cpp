@@ -2,13 +2,14 @@
 // fused_optim_cuda::adam_, and the Python module fused_optim._C_cuda whose import registers them.
 //
 // Built only by setup.py against a CUDA build of torch (it needs c10's CUDA headers and links
-// fused_cuda.cu). The ops take the launch tables that fused_optim/backends/cuda.py builds and
+// fused_cuda.cu). The ops take the launch tables of one bucket that fused_optim/backends/plan.py
+// builds (tensor, grad, block and hyperparameter tables; layout in csrc/plan_layout.h) and
 // enqueue one kernel on the current stream; they never synchronise with the host, so they can
 // be captured in a CUDA graph.
 //
 // The tables hold raw addresses of the tensors the kernel writes: the schemas cannot name those
-// tensors, so these ops are for eager use and CUDA graphs (as the optimizers call them), not for
-// torch.compile tracing.
+// tensors, so these ops are for eager use and CUDA graphs, not for torch.compile tracing (which
+// goes through the custom ops torch.ops.fused_optim.cuda_sgd / cuda_adam of backends/cuda.py).
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -49,14 +50,23 @@ const float* float_scalar(const std::optional<at::Tensor>& t, const at::Tensor& 
   return t->const_data_ptr<float>();
 }
 
+// The kind of the bucket's lr: a device tensor whose address the hyper table holds
+// (lr_from_pointer), else the table's value, with the scalar math in lr_dtype.
+LrKind to_lr_kind(bool lr_from_pointer, c10::ScalarType lr_dtype) {
+  TORCH_CHECK(lr_dtype == c10::ScalarType::Float || lr_dtype == c10::ScalarType::Double,
+              "fused_optim_cuda: the lr dtype must be float32 or float64, got ", lr_dtype);
+  const bool fp32 = lr_dtype == c10::ScalarType::Float;
+  if (lr_from_pointer) return fp32 ? LrKind::kFloat32Pointer : LrKind::kFloat64Pointer;
+  return fp32 ? LrKind::kFloat32Value : LrKind::kValue;
+}
+
 void fill_common(CommonLaunch& launch, const at::Tensor& tensor_table,
                  const at::Tensor& grad_table, const at::Tensor& block_table,
-                 c10::ScalarType param_dtype, c10::ScalarType state_dtype,
-                 const std::optional<at::Tensor>& lr, double lr_value,
+                 const at::Tensor& hyper_table, c10::ScalarType param_dtype,
+                 c10::ScalarType state_dtype, bool lr_from_pointer, c10::ScalarType lr_dtype,
                  const std::optional<at::Tensor>& grad_scale,
                  const std::optional<at::Tensor>& found_inf, bool maximize, bool has_master,
-                 bool stochastic_rounding, bool step_from_pointer, double base_step, int64_t seed,
-                 bool aligned) {
+                 bool stochastic_rounding, bool step_from_pointer, int64_t seed, bool aligned) {
   for (const at::Tensor* table : {&tensor_table, &grad_table, &block_table}) {
     TORCH_CHECK(table->is_cuda() && table->scalar_type() == c10::ScalarType::Long &&
                     table->is_contiguous(),
@@ -65,60 +75,52 @@ void fill_common(CommonLaunch& launch, const at::Tensor& tensor_table,
                 "fused_optim_cuda: launch tables on different devices");
   }
   TORCH_CHECK(tensor_table.dim() == 2 && tensor_table.size(1) == kTableColumns,
-              "fused_optim_cuda: tensor_table must have ", int(kTableColumns), " columns");
+              "fused_optim_cuda: tensor_table must have ", kTableColumns, " columns");
   TORCH_CHECK(grad_table.numel() == tensor_table.size(0),
               "fused_optim_cuda: one gradient pointer per tensor expected");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(1) == 2,
               "fused_optim_cuda: block_table must hold (tensor, start) pairs");
+  // The group column is not read back (that would sync): the plan that built both tables
+  // numbers groups by the rows of the hyper table.
+  TORCH_CHECK(hyper_table.device() == tensor_table.device() &&
+                  hyper_table.scalar_type() == c10::ScalarType::Double &&
+                  hyper_table.is_contiguous() && hyper_table.dim() == 2 &&
+                  hyper_table.size(1) == kHyperColumns && hyper_table.size(0) > 0,
+              "fused_optim_cuda: hyper_table must be a contiguous float64 tensor of ",
+              kHyperColumns, " columns on the tables' device");
   launch.tensor_table = tensor_table.const_data_ptr<int64_t>();
   launch.grad_table = grad_table.const_data_ptr<int64_t>();
   launch.block_table = block_table.const_data_ptr<int64_t>();
+  launch.hyper_table = hyper_table.const_data_ptr<double>();
   launch.num_blocks = block_table.size(0);
   launch.param_dtype = to_dtype(param_dtype);
   launch.state_dtype = to_dtype(state_dtype);
   TORCH_CHECK(supports_dtypes(launch.param_dtype, launch.state_dtype),
               "fused_optim_cuda: states of dtype ", state_dtype, " with params of dtype ",
               param_dtype, " are not supported (states must be the param's dtype, fp32 or bf16)");
-  if (lr.has_value() && lr->defined()) {
-    TORCH_CHECK(lr->device() == tensor_table.device() && lr->numel() == 1,
-                "fused_optim_cuda: a tensor lr must be one element on the tables' device");
-    if (lr->scalar_type() == c10::ScalarType::Float) {
-      launch.lr_kind = LrKind::kFloat32Pointer;
-    } else {
-      TORCH_CHECK(lr->scalar_type() == c10::ScalarType::Double,
-                  "fused_optim_cuda: a tensor lr must be float32 or float64");
-      launch.lr_kind = LrKind::kFloat64Pointer;
-    }
-    launch.lr_ptr = lr->const_data_ptr();
-  } else {
-    launch.lr_kind = LrKind::kValue;
-    launch.lr_value = lr_value;
-  }
+  launch.lr_kind = to_lr_kind(lr_from_pointer, lr_dtype);
   launch.grad_scale = float_scalar(grad_scale, tensor_table, "grad_scale");
   launch.found_inf = float_scalar(found_inf, tensor_table, "found_inf");
   launch.maximize = maximize;
   launch.has_master = has_master;
   launch.stochastic_rounding = stochastic_rounding;
   launch.step_from_pointer = step_from_pointer;
-  launch.base_step = base_step;
   launch.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull);
   launch.aligned = aligned;
 }
 
 void sgd_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
-          const at::Tensor& block_table, c10::ScalarType param_dtype,
-          c10::ScalarType state_dtype, const std::optional<at::Tensor>& lr, double lr_value,
-          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-          bool has_master, bool stochastic_rounding, bool step_from_pointer, double base_step,
+          const at::Tensor& block_table, const at::Tensor& hyper_table,
+          c10::ScalarType param_dtype, c10::ScalarType state_dtype, bool lr_from_pointer,
+          c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
+          const std::optional<at::Tensor>& found_inf, bool momentum, bool nesterov,
+          bool maximize, bool has_master, bool stochastic_rounding, bool step_from_pointer,
           int64_t seed, bool aligned) {
   SgdLaunch launch;
-  fill_common(launch, tensor_table, grad_table, block_table, param_dtype, state_dtype, lr,
-              lr_value, grad_scale, found_inf, maximize, has_master, stochastic_rounding,
-              step_from_pointer, base_step, seed, aligned);
+  fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
+              state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
+              has_master, stochastic_rounding, step_from_pointer, seed, aligned);
   launch.momentum = momentum;
-  launch.dampening = dampening;
-  launch.weight_decay = weight_decay;
   launch.nesterov = nesterov;
   const c10::cuda::CUDAGuard guard(tensor_table.device());
   const cudaError_t error = launch_sgd(launch, c10::cuda::getCurrentCUDAStream().stream());
@@ -127,25 +129,18 @@ void sgd_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
 }
 
 void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
-           const at::Tensor& block_table, c10::ScalarType param_dtype,
-           c10::ScalarType state_dtype, const std::optional<at::Tensor>& lr, double lr_value,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-           bool maximize, bool decoupled_weight_decay, bool has_master, bool stochastic_rounding,
-           bool step_from_pointer, double base_step, double base_bias_correction1,
-           double base_bias_correction2_sqrt, int64_t seed, bool aligned) {
+           const at::Tensor& block_table, const at::Tensor& hyper_table,
+           c10::ScalarType param_dtype, c10::ScalarType state_dtype, bool lr_from_pointer,
+           c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& found_inf, bool amsgrad, bool maximize,
+           bool decoupled_weight_decay, bool has_master, bool stochastic_rounding,
+           bool step_from_pointer, int64_t seed, bool aligned) {
   AdamLaunch launch;
-  fill_common(launch, tensor_table, grad_table, block_table, param_dtype, state_dtype, lr,
-              lr_value, grad_scale, found_inf, maximize, has_master, stochastic_rounding,
-              step_from_pointer, base_step, seed, aligned);
-  launch.beta1 = beta1;
-  launch.beta2 = beta2;
-  launch.eps = eps;
-  launch.weight_decay = weight_decay;
+  fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
+              state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
+              has_master, stochastic_rounding, step_from_pointer, seed, aligned);
   launch.amsgrad = amsgrad;
   launch.decoupled_weight_decay = decoupled_weight_decay;
-  launch.base_bias_correction1 = base_bias_correction1;
-  launch.base_bias_correction2_sqrt = base_bias_correction2_sqrt;
   const c10::cuda::CUDAGuard guard(tensor_table.device());
   const cudaError_t error = launch_adam(launch, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::adam_ launch failed: ",
@@ -158,20 +153,17 @@ void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
 
 TORCH_LIBRARY(fused_optim_cuda, m) {
   m.def(
-      "sgd_(Tensor tensor_table, Tensor grad_table, Tensor block_table, "
-      "ScalarType param_dtype, ScalarType state_dtype, Tensor? lr, float lr_value, "
-      "Tensor? grad_scale, Tensor? found_inf, float momentum, float dampening, "
-      "float weight_decay, bool nesterov, bool maximize, bool has_master, "
-      "bool stochastic_rounding, bool step_from_pointer, float base_step, int seed, "
-      "bool aligned) -> ()");
+      "sgd_(Tensor tensor_table, Tensor grad_table, Tensor block_table, Tensor hyper_table, "
+      "ScalarType param_dtype, ScalarType state_dtype, bool lr_from_pointer, "
+      "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool momentum, "
+      "bool nesterov, bool maximize, bool has_master, bool stochastic_rounding, "
+      "bool step_from_pointer, int seed, bool aligned) -> ()");
   m.def(
-      "adam_(Tensor tensor_table, Tensor grad_table, Tensor block_table, "
-      "ScalarType param_dtype, ScalarType state_dtype, Tensor? lr, float lr_value, "
-      "Tensor? grad_scale, Tensor? found_inf, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
-      "bool has_master, bool stochastic_rounding, bool step_from_pointer, float base_step, "
-      "float base_bias_correction1, float base_bias_correction2_sqrt, int seed, "
-      "bool aligned) -> ()");
+      "adam_(Tensor tensor_table, Tensor grad_table, Tensor block_table, Tensor hyper_table, "
+      "ScalarType param_dtype, ScalarType state_dtype, bool lr_from_pointer, "
+      "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, bool has_master, bool stochastic_rounding, "
+      "bool step_from_pointer, int seed, bool aligned) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim_cuda, CUDA, m) {

@@ -69,6 +69,13 @@ def select_backend(
     return backend
 
 
+def host_checks():
+    """The compiled step checks of the C++ extension (``params_unchanged``, ``state_unchanged``),
+    or None when it is not built: the optimizer's fast path needs them."""
+    cpu_backend = _module("cpu")
+    return None if cpu_backend._IMPORT_ERROR is not None else cpu_backend._C_cpu
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device`` on this machine."""
     device = torch.device(device)

@@ -1,7 +1,9 @@
-"""Fused C++ CPU backend: one call per (dtype) group and step, one OpenMP parallel region.
+"""Fused C++ CPU backend: one call per bucket and step, one OpenMP parallel region.
 
-Same entry points and signatures as ``backends.reference``. The kernels are the compiled
-extension ``fused_optim._C_cpu`` (csrc/cpu, with the per-element math of csrc/math/update.h),
+Implements the contract of ``backends.contract``: one call covers a bucket's tensors across
+param groups (each tensor's group indexes the hyperparameter table of ``backends.plan``). The
+kernels are the compiled extension ``fused_optim._C_cpu`` (csrc/cpu, with the per-element math
+of csrc/math/update.h),
 registered as the operators ``torch.ops.fused_optim.sgd_`` and ``torch.ops.fused_optim.adam_``
 (mutable tensor-list schemas with fake implementations, so that torch.compile can trace them).
 The package builds it when torch is importable at install time
@@ -22,11 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import plan as plans
+from .contract import AdamFlags, SgdFlags, StepContext, Work
+
 NAME = "cpu"
 SUPPORTS_SPARSE = False
 
 try:
-    from .. import _C_cpu  # noqa: F401  (loading it registers the operators)
+    from .. import _C_cpu
 
     _IMPORT_ERROR: BaseException | None = None
 except ImportError as error:  # pragma: no cover - depends on the build
@@ -91,143 +96,134 @@ if _IMPORT_ERROR is None:
         return None
 
 
-def _lr_args(lr: float | Tensor) -> tuple[Tensor | None, float]:
-    if isinstance(lr, Tensor):
-        return lr, 0.0
-    return None, float(lr)
+class _HostStep:
+    """The compiled per-step path of one bucket (``contract.HostStep``): the extension's
+    ``HostPlan`` holds the bucket's tensors and tasks; each step it reads the grads from the
+    params, checks every tensor's signature, and runs the kernel. No tensor list crosses from
+    Python."""
+
+    def __init__(self, host):
+        self.host = host
+        self.rows: list | None = None
+        self.table: Tensor | None = None
+        self.check = host.check
+
+    def run(self, hypers, context: StepContext) -> None:
+        rows, lr_tensors = plans.hyper_rows(hypers, [0.0] * len(hypers))
+        if rows != self.rows or any(t is not None for t in lr_tensors):
+            self.table = torch.tensor(rows, dtype=torch.float64)
+            self.rows = rows
+        self.host.run(self.table, context.grad_scale, context.found_inf)
+
+
+def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | None:
+    """The bucket's compiled host path, or None where it does not apply (views, new momentum
+    buffers, params or states the kernel cannot walk in place)."""
+    if _IMPORT_ERROR is not None or not work.own_params:
+        return None
+    adam = isinstance(flags, AdamFlags)
+    if adam:
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if flags.amsgrad else 2]
+    else:
+        keys = ("momentum_buffer",) if flags.momentum else ()
+    states = [list(work.states[key]) for key in keys]
+    if any(t is None for column in states for t in column):
+        return None
+    lr = hypers[0].lr  # the optimizer buckets groups by the kind of their lr
+    host = _C_cpu.HostPlan.create(
+        work.params,
+        states,
+        work.masters,
+        work.steps if adam or context.stochastic_rounding else [],
+        work.groups,
+        work.indices,
+        adam,
+        flags.amsgrad if adam else flags.momentum,
+        flags.maximize,
+        flags.decoupled_weight_decay if adam else flags.nesterov,
+        flags.tensor_bias_corrections if adam else False,
+        isinstance(lr, Tensor) and lr.dtype != torch.float64,
+        context.stochastic_rounding,
+        _seed(context.seed),
+    )
+    return None if host is None else _HostStep(host)
+
+
+def _hyper_table(hypers) -> Tensor:
+    """The bucket's hyperparameter table (``backends.plan`` layout; a tensor lr is read here,
+    as a CPU tensor it costs no sync)."""
+    rows, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _seed(seed: int) -> int:
     return int(seed) & 0xFFFFFFFF
 
 
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    cache: dict | None = None,
-    steps: list[Tensor] | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-    new_buffer_dtype: torch.dtype | None = None,
-) -> None:
+def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
+    """SGD on every tensor of ``work`` in one call (see ``backends.contract``)."""
+    params = work.params
+    created: list[Tensor | None] = [None] * len(params)
     if not params:
-        return
-    has_momentum = momentum != 0
+        return created
     new_flags = [0] * len(params)
     buffers: list[Tensor] = []
-    if has_momentum:
-        missing = [i for i, buf in enumerate(momentum_buffers) if buf is None]
-        if missing and found_inf is not None and bool(found_inf.item()):
-            # A skipped step still creates the buffers (as the reference does) and nothing else.
-            from . import reference
-
-            reference.sgd(
-                params,
-                grads,
-                momentum_buffers,
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                weight_decay=weight_decay,
-                nesterov=nesterov,
-                maximize=maximize,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                new_buffer_dtype=new_buffer_dtype,
-            )
-            return
-        for i in missing:
-            dtype = new_buffer_dtype or grads[i].dtype
-            momentum_buffers[i] = torch.empty_like(params[i], dtype=dtype)
-            new_flags[i] = 1
-        buffers = momentum_buffers  # type: ignore[assignment]
-    lr_tensor, lr_value = _lr_args(lr)
+    if flags.momentum:
+        buffers = list(work.column("momentum_buffer"))
+        for i, buf in enumerate(buffers):
+            if buf is None:
+                dtype = work.new_state_dtype or params[i].dtype
+                created[i] = buffers[i] = torch.empty_like(params[i], dtype=dtype)
+                new_flags[i] = 1
+        if any(new_flags) and context.found_inf is not None and bool(context.found_inf):
+            return created  # a skipped step: the new buffers are discarded by the optimizer
     torch.ops.fused_optim.sgd_(
         params,
-        grads,
+        work.grads,
         buffers,
         new_flags,
-        list(steps) if steps and stochastic_rounding else [],
-        list(master_params) if master_params else [],
-        lr_tensor,
-        lr_value,
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(maximize),
-        grad_scale,
-        found_inf,
-        bool(stochastic_rounding),
-        _seed(seed),
-        list(param_indices) if param_indices else [],
+        work.steps if context.stochastic_rounding else [],
+        work.masters,
+        _hyper_table(hypers),
+        work.groups,
+        flags.momentum,
+        flags.nesterov,
+        flags.maximize,
+        context.grad_scale,
+        context.found_inf,
+        context.stochastic_rounding,
+        _seed(context.seed),
+        work.indices,
     )
+    return created
 
 
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    capturable: bool = False,
-    cache: dict | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-) -> None:
+def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Tensor | None]:
+    """Adam/AdamW on every tensor of ``work`` in one call (see ``backends.contract``)."""
+    params = work.params
     if not params:
-        return
-    lr_tensor, lr_value = _lr_args(lr)
-    # As the reference: with capturable=True or under GradScaler, torch.optim computes the bias
-    # corrections with tensor arithmetic (sqrt instead of ** 0.5).
-    tensor_bias_corrections = bool(capturable) or found_inf is not None
+        return []
+    lr = hypers[0].lr  # the optimizer buckets groups by the kind of their lr
+    lr_in_float = isinstance(lr, Tensor) and lr.dtype != torch.float64
     torch.ops.fused_optim.adam_(
         params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs if amsgrad else [],
-        steps,
-        list(master_params) if master_params else [],
-        lr_tensor,
-        lr_value,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-        bool(decoupled_weight_decay),
-        tensor_bias_corrections,
-        grad_scale,
-        found_inf,
-        bool(stochastic_rounding),
-        _seed(seed),
-        list(param_indices) if param_indices else [],
+        work.grads,
+        work.states["exp_avg"],
+        work.states["exp_avg_sq"],
+        work.states["max_exp_avg_sq"] if flags.amsgrad else [],
+        work.steps,
+        work.masters,
+        _hyper_table(hypers),
+        work.groups,
+        lr_in_float,
+        flags.amsgrad,
+        flags.maximize,
+        flags.decoupled_weight_decay,
+        flags.tensor_bias_corrections,
+        context.grad_scale,
+        context.found_inf,
+        context.stochastic_rounding,
+        _seed(context.seed),
+        work.indices,
     )
+    return [None] * len(params)

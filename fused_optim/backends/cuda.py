@@ -1,38 +1,55 @@
-"""CUDA C++ backend: the multi-tensor kernels of ``csrc/cuda``, one launch per (device, dtype)
-group and step, no host synchronisation.
+"""CUDA C++ backend: the multi-tensor kernels of ``csrc/cuda``, one launch per bucket and step, no
+host synchronisation.
 
-Same entry points and signatures as ``backends.reference``. The kernels live in the compiled
-extension ``fused_optim._C_cuda`` (built by setup.py when torch has CUDA), whose import registers
-the ops ``torch.ops.fused_optim_cuda.sgd_`` and ``adam_``. Each op walks device tables that this
-module builds and caches per parameter group (see ``csrc/cuda/fused_cuda.h``):
+Implements the contract of ``backends.contract``: one call updates every tensor of a bucket, all
+param groups included, each tensor with its own group's hyperparameters. The kernels live in the
+compiled extension ``fused_optim._C_cuda`` (built by setup.py when torch has CUDA), whose import
+registers the raw ops ``torch.ops.fused_optim_cuda.sgd_`` and ``adam_``. They walk the tables of
+``backends.plan`` (tensor, grad, block and hyperparameter tables; C++ layout in
+``csrc/plan_layout.h``), kept between steps in ``work.plan``, which the optimizer owns. A step
+binds this step's gradients and hyperparameters to the bucket's plan (uploading only what
+changed) and enqueues one kernel, so under CUDA-graph capture it enqueues nothing else.
 
-* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): addresses of the param, up to three
-  states and the fp32 master weight, the element count, the step (an offset below the launch's
-  base step, or the address of a step tensor), the new-momentum-buffer flag, the param's index and
-  whether the step tensor is fp64;
-* ``grad_table`` (int64): gradient addresses, re-uploaded only when a gradient moves;
-* ``block_table`` (int64 pairs): (tensor, first element) for every CUDA block of ``CHUNK``
-  elements.
+torch.compile
+-------------
+The raw ops take only pointer tables: a compiler could neither see what they write nor keep
+their writes in order. A compiled step therefore goes through the Python custom ops
+``torch.ops.fused_optim.cuda_sgd`` / ``cuda_adam``: their schemas declare every tensor list the
+kernel writes (params, grads, which are unscaled in place under GradScaler, states, master
+weights), their fake implementations do nothing, and their real implementations run the eager
+code of this module (plans, staging, launch) on the tensors they are given. Everything else a
+step needs is schema data: the bucket's group and index columns (``int[]``), the groups'
+hyperparameters (``float[]``, one row per group; tensor lrs as ``Tensor[]``), the flags.
 
-Tables are uploaded once through pinned memory with ``non_blocking=True`` and reused while no
-tensor moves, so a step enqueues one kernel and, under CUDA-graph capture, nothing else.
+A schema cannot carry ``work.plan``, so the ops take an int ``handle`` instead. ``work.plan`` of a
+bucket this backend updates is a ``PlanSlot``: the dict of launch plans ``backends.plan`` keeps,
+plus the handle. The Work (so the optimizer) owns the slot; the module's registry only maps
+handles to slots, through weak references, so it keeps nothing alive, and a slot dropped with its
+bucket disappears from it. An op reuses the slot's plan when it is valid for the tensors the op
+was given (the Work's own, when the compiler let the op write them in place) and otherwise builds
+one for the call, which it does not keep: functionalized copies of the bucket's tensors must not
+stay alive in the optimizer's slot, nor push out the plan of its own tensors. Slots are made in
+eager steps (a registry write cannot be traced): a Work first seen inside a compiled region
+passes handle 0, and its op builds its plans per call.
 
-For torch.compile, each group's whole update (tables, staging, launch) runs inside the custom ops
-``torch.ops.fused_optim.cuda_sgd`` and ``cuda_adam``, whose schemas declare every tensor list the
-kernel writes and whose fake implementations do nothing; plans are then cached in this module
-(``_group_cache``), not in the optimizer's ``cache`` dict, which cannot pass through an op.
-Tensors the kernel cannot walk as one dense span in the param's memory order (strided params,
-gradients or states of another layout or dtype) are staged through dense work tensors.
+Eager steps (``torch.compiler.is_compiling()`` is False) run the same code directly on the Work:
+no dispatcher round trip through lists of thousands of tensors, and no registry look-up. This was
+chosen over dropping the custom ops (raw op + plan only), which would leave compiled steps with
+graph breaks and untracked writes, and over passing a prebuilt hyperparameter table through the
+schema, which would need a plan (tensor addresses) while tracing on fake tensors.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ._tables import is_dense, same_layout, signatures, step_offsets, upload
+from . import plan as plans
+from .contract import AdamFlags, AdamHyper, SgdFlags, SgdHyper, StepContext, Work
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
@@ -44,27 +61,16 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = error
 
-__all__ = ["CHUNK", "NAME", "SUPPORTS_SPARSE", "adam", "is_available", "sgd"]
+__all__ = ["CHUNK", "NAME", "SUPPORTS_SPARSE", "PlanSlot", "adam", "is_available", "sgd"]
 
-# Column layout of tensor_table: must match csrc/cuda/fused_cuda.h.
-(
-    COL_PARAM,
-    COL_STATE0,
-    COL_STATE1,
-    COL_STATE2,
-    COL_MASTER,
-    COL_NUMEL,
-    COL_STEP,
-    COL_NEW_BUFFER,
-    COL_INDEX,
-    COL_STEP_IS_DOUBLE,
-) = range(10)
-TABLE_COLUMNS = 10
-# Elements per CUDA block (kChunk in fused_cuda.h).
+# Elements per CUDA block (kChunk in csrc/cuda/fused_cuda.h).
 CHUNK = 4096
+# The name of this backend's plan in the bucket's plan dict (``backends.plan.plan_for``).
+PLAN_NAME = "cuda"
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STEP_DTYPES = (torch.float32, torch.float64)
+LR_DTYPES = (torch.float32, torch.float64)
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -83,6 +89,60 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# ----------------------------------------------------------------------------------------------
+# The plan slot and its handle.
+
+
+class PlanSlot(dict):
+    """``work.plan`` of a bucket this backend updates: the launch plans ``backends.plan`` keeps
+    (by name), plus the ``handle`` under which the custom ops find them (see the module doc)."""
+
+    __slots__ = ("__weakref__", "handle")
+
+
+_SLOTS: weakref.WeakValueDictionary[int, PlanSlot] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def _slot(work: Work) -> PlanSlot:
+    """The Work's plan slot, made (and registered) on its first eager step."""
+    slot = work.plan
+    if type(slot) is not PlanSlot:
+        slot = PlanSlot(slot if isinstance(slot, dict) else {})
+        slot.handle = next(_HANDLES)
+        _SLOTS[slot.handle] = slot
+        work.plan = slot
+    return slot
+
+
+def _handle(work: Work) -> int:
+    """The handle of the Work's plan slot, 0 when it has none yet (traceable: reads only)."""
+    slot = work.plan
+    return slot.handle if type(slot) is PlanSlot else 0
+
+
+def _op_work(handle, params, grads, states, groups, steps, masters, indices) -> Work:
+    """The Work a custom op runs on: its own tensors, and a copy of the plan dict of the slot
+    ``handle`` (empty for handle 0, or once the slot is gone). ``plan_for`` reuses a plan of the
+    slot that is valid for these tensors; one it builds goes into the copy, so the slot keeps
+    its own (see the module doc)."""
+    slot = _SLOTS.get(handle) if handle else None
+    return Work(
+        params=list(params),
+        grads=list(grads),
+        states=states,
+        groups=list(groups),
+        steps=list(steps),
+        masters=list(masters),
+        indices=list(indices),
+        plan=dict(slot) if slot is not None else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps, lr, dtypes and GradScaler's tensors.
+
+
 def _state_dtype_for(param_dtype: torch.dtype, wanted: torch.dtype) -> torch.dtype:
     """The state dtype the kernel reads and writes: the states' own when it supports the pair
     (the param's, fp32 or bf16), otherwise the compute dtype (states are staged through it)."""
@@ -91,176 +151,19 @@ def _state_dtype_for(param_dtype: torch.dtype, wanted: torch.dtype) -> torch.dty
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch plans.
-
-
-class _Stage:
-    """A dense work tensor standing in for a tensor the kernel cannot address directly.
-
-    ``where`` says which of the step's tensors ``source`` is, so that a cached plan holds the
-    caller's tensor only while a step runs (see ``_Plan.attach``)."""
-
-    __slots__ = ("source", "where", "work", "writes_back")
-
-    def __init__(self, source, like: Tensor, dtype: torch.dtype, writes_back: bool, where):
-        self.source: Tensor | None = source
-        self.where = where
-        self.work = torch.empty_like(like, dtype=dtype)
-        self.writes_back = writes_back
-
-
-def _resolve(t, anchor, dtype: torch.dtype, writes_back: bool, stages: list, where=None):
-    if t.dtype == dtype and is_dense(t) and same_layout(t, anchor):
-        return t
-    stage = _Stage(t, anchor, dtype, writes_back, where)
-    stages.append(stage)
-    return stage.work
-
-
-class _Plan:
-    """Device tables for one group of tensors, plus the stages its odd layouts need."""
-
-    def __init__(self, params, states, masters, extra: Tensor, state_dtype, key):
-        self.key = key
-        self.extra = extra
-        self.device = params[0].device
-        self.state_dtype = state_dtype
-        self.stages: list[_Stage] = []
-        self.grad_stages: list[_Stage] = []
-        self.anchors: list[Tensor] = []
-        self.param_work: list[Tensor | None] = []
-        self.grad_key: tuple | None = None
-        self.grad_table: Tensor | None = None
-        self.grads_aligned = False
-        rows = []
-        for i, p in enumerate(params):
-            dense = is_dense(p)
-            anchor = p if dense else _resolve(p, p, p.dtype, True, self.stages, ("param", i))
-            self.anchors.append(anchor)
-            self.param_work.append(None if dense else anchor)
-            row = [anchor.data_ptr()]
-            for j, column in enumerate(states):
-                state = _resolve(column[i], anchor, state_dtype, True, self.stages, ("state", j, i))
-                row.append(state.data_ptr())
-            row += [0] * (COL_MASTER - len(row))
-            master = masters[i] if masters else None
-            if master is not None:
-                master = _resolve(master, anchor, torch.float32, True, self.stages, ("master", i))
-            row.append(0 if master is None else master.data_ptr())
-            row.append(p.numel())
-            row += extra[i].tolist()
-            rows.append(row)
-        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
-        self.tensor_table = upload(host, self.device)
-        # 16-byte aligned addresses let the kernel use 16-byte vector accesses.
-        self.tensors_aligned = not bool((host[:, :COL_NUMEL] % 16).any())
-        numels = host[:, COL_NUMEL]
-        blocks_per_tensor = (numels + CHUNK - 1) // CHUNK
-        tensor_index = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
-        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
-        block_in_tensor = torch.arange(int(blocks_per_tensor.sum())) - first_block[tensor_index]
-        block_host = torch.stack([tensor_index, block_in_tensor * CHUNK], dim=1).contiguous()
-        self.block_table = upload(block_host, self.device)
-        self.num_blocks = block_host.shape[0]
-
-    def attach(self, params, states, masters) -> None:
-        """Point the stages and anchors at this step's tensors (those the plan was built for, or
-        new ones with the same signatures)."""
-        for stage in self.stages:
-            kind, *index = stage.where
-            if kind == "param":
-                stage.source = params[index[0]]
-            elif kind == "state":
-                stage.source = states[index[0]][index[1]]
-            else:
-                stage.source = masters[index[0]]
-        self.anchors = [p if work is None else work for p, work in zip(params, self.param_work)]
-
-    def detach(self) -> None:
-        """Drop the references to the caller's tensors (a cached plan must not keep them alive)."""
-        for stage in self.stages + self.grad_stages:
-            stage.source = None
-        self.anchors = []
-
-    def bind_grads(self, grads: list[Tensor], dtype: torch.dtype, writes_back: bool) -> None:
-        """Point the grad table at this step's gradients (re-uploaded only when they moved)."""
-        key = (signatures(grads), writes_back)
-        if key == self.grad_key:
-            for stage in self.grad_stages:
-                stage.source = grads[stage.where]
-            return
-        self.grad_stages = []
-        pointers = [
-            _resolve(g, anchor, dtype, writes_back, self.grad_stages, i).data_ptr()
-            for i, (g, anchor) in enumerate(zip(grads, self.anchors))
-        ]
-        self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
-        self.grads_aligned = not any(pointer % 16 for pointer in pointers)
-        self.grad_key = key
-
-    @property
-    def aligned(self) -> bool:
-        return self.tensors_aligned and self.grads_aligned
-
-    def stage_in(self) -> None:
-        for stage in self.stages + self.grad_stages:
-            stage.work.copy_(stage.source)
-
-    def stage_out(self) -> None:
-        for stage in self.stages + self.grad_stages:
-            if stage.writes_back:
-                stage.source.copy_(stage.work)
-
-
-def _plan_for(cache, name, params, states, masters, extra, state_dtype) -> _Plan:
-    key = (
-        signatures(params),
-        [signatures(column) for column in states],
-        signatures(masters),
-        state_dtype,
-    )
-    if cache is None:
-        cache = {}
-    plan = cache.get(name)
-    if plan is None or plan.key != key or not torch.equal(plan.extra, extra):
-        plan = _Plan(params, states, masters, extra, state_dtype, key)
-        cache[name] = plan
-    else:
-        plan.attach(params, states, masters)
-    return plan
-
-
-# ----------------------------------------------------------------------------------------------
-# Steps, lr and GradScaler's tensors.
-
-
-def _extra_columns(
-    steps: list[Tensor],
-    from_pointer: bool,
-    new_buffers: list[int],
-    indices: list[int] | None,
-) -> tuple[float, Tensor]:
-    """The launch's base step and the (step, new buffer, index, step is fp64) columns."""
-    count = len(new_buffers)
-    is_double = torch.zeros(count, dtype=torch.int64)
+def _reads_steps_from_device(work: Work, context: StepContext, tensor_bias_corrections: bool):
+    """Whether the kernel reads each step from its tensor (the table's step column then holds
+    their addresses). Steps on the params' CUDA device must be read there (capturable=True,
+    GradScaler: reading them here would sync); host steps are read here, as torch.optim does.
+    Where the params' device is the host (the kernels' host emulation), the steps are read
+    from memory when the step asks for tensor arithmetic (capturable, GradScaler)."""
+    steps = work.steps
     if not steps:
-        base_step, step_column = 0.0, torch.zeros(count, dtype=torch.int64)
-    elif from_pointer:
-        base_step = 1.0
-        step_column = torch.tensor(list(map(Tensor.data_ptr, steps)), dtype=torch.int64)
-        is_double = torch.tensor([s.dtype == torch.float64 for s in steps], dtype=torch.int64)
-    else:
-        base_step, step_column = step_offsets(steps)
-    index_column = torch.tensor(indices if indices is not None else [0] * count, dtype=torch.int64)
-    new_column = torch.tensor(new_buffers, dtype=torch.int64)
-    return base_step, torch.stack([step_column, new_column, index_column, is_double], dim=1)
-
-
-def _steps_from_device(steps: list[Tensor], device: torch.device) -> bool:
-    """Whether the kernel reads the step counts from the params' device memory (they are there
-    with capturable=True and under GradScaler); host steps are read here, as torch.optim does."""
-    if not steps or steps[0].device != device:
+        return False
+    device = work.device
+    if steps[0].device != device:
+        return False
+    if device.type == "cpu" and not (tensor_bias_corrections or context.found_inf is not None):
         return False
     for s in steps:
         if s.device != device or s.dtype not in STEP_DTYPES or s.numel() != 1:
@@ -271,18 +174,29 @@ def _steps_from_device(steps: list[Tensor], device: torch.device) -> bool:
     return True
 
 
-def _lr_arguments(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
-    """(device lr tensor or None, float lr). A CPU tensor lr is copied to the device (outside
-    of CUDA-graph capture), so that the scalar math runs in its dtype, as in torch.optim."""
-    if not isinstance(lr, Tensor):
-        return None, float(lr)
-    if lr.dtype not in (torch.float32, torch.float64):
-        return None, float(lr)
-    if lr.device == device:
-        return lr.reshape(()), 0.0
-    if torch.cuda.is_current_stream_capturing():
-        return None, float(lr)
-    return lr.reshape(()).to(device, non_blocking=True), 0.0
+def _lr_kind(hypers: Sequence, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(the kernel reads every group's lr from its tensor on the params' device, the dtype of the
+    scalar math around lr). The optimizer buckets groups by the kind of their lr, so one kind
+    holds for the whole launch: fp64 math for Python floats, the tensors' dtype for tensors (an
+    lr tensor of another dtype than fp32/fp64 is used as a value, with fp64 math)."""
+    lrs = [hyper.lr for hyper in hypers]
+    tensors = [lr for lr in lrs if isinstance(lr, Tensor)]
+    if not tensors:
+        return False, torch.float64
+    first = tensors[0]
+    if len(tensors) != len(lrs) or any(
+        t.dtype != first.dtype or t.device != first.device for t in tensors
+    ):
+        raise ValueError(
+            "backend='cuda' updates the groups of one launch with one kind of lr: every group's "
+            "a Python float, or every group's a tensor of one dtype on one device"
+        )
+    if first.dtype not in LR_DTYPES:
+        return False, torch.float64
+    on_device = first.device == device
+    if on_device and any(t.numel() != 1 for t in tensors):
+        raise ValueError("backend='cuda' reads a tensor lr as a one-element tensor")
+    return on_device, first.dtype
 
 
 def _amp_tensor(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -299,125 +213,156 @@ def _check_params(params: list[Tensor]) -> None:
         )
 
 
-def _uses_stochastic_rounding(params: list[Tensor], stochastic_rounding: bool) -> bool:
-    return bool(stochastic_rounding) and params[0].dtype in (torch.bfloat16, torch.float16)
-
-
 def _op(name: str):
-    """The extension's op (the tests swap in the kernels' host emulation)."""
+    """The extension's raw op (the tests swap in the kernels' host emulation)."""
     return getattr(torch.ops.fused_optim_cuda, name)
 
 
-def _run(op, plan: _Plan, grads, grad_scale, found_inf, *args) -> None:
-    try:
-        plan.bind_grads(grads, plan.anchors[0].dtype, writes_back=grad_scale is not None)
-        if plan.num_blocks == 0:
-            return
-        plan.stage_in()
-        op(plan.tensor_table, plan.grad_table, plan.block_table, *args, plan.aligned)
-        plan.stage_out()
-    finally:
-        plan.detach()
+# ----------------------------------------------------------------------------------------------
+# One launch per bucket.
+
+
+def _launch(
+    name: str,
+    work: Work,
+    states: list[list[Tensor]],
+    state_dtype: torch.dtype,
+    hypers: Sequence,
+    context: StepContext,
+    uses_steps: bool,
+    step_pointers: bool,
+    new_buffers: list[int] | None,
+    algorithm_flags: tuple[bool, ...],
+) -> None:
+    """Bind this step's grads and hyperparameters to the bucket's plan and launch once."""
+    params = work.params
+    device, dtype = work.device, params[0].dtype
+    if uses_steps and work.steps:
+        base_steps, step_column = plans.step_columns(work, step_pointers)
+    else:
+        base_steps, step_column = [0.0] * len(hypers), None
+    plan = plans.plan_for(work, PLAN_NAME, states, state_dtype, CHUNK, new_buffers, step_column)
+    lr_from_pointer, lr_dtype = _lr_kind(hypers, device)
+    rows, lr_tensors = plans.hyper_rows(hypers, base_steps, lr_from_pointer)
+    if not lr_from_pointer:
+        lr_tensors = [None] * len(rows)
+    hyper_table = plan.bind_hypers(rows, lr_tensors)
+    grad_scale = context.grad_scale
+    plan.bind_grads(work.grads, dtype, writes_back=grad_scale is not None)
+    if plan.num_blocks == 0:
+        return
+    stochastic = context.stochastic_rounding and dtype in (torch.bfloat16, torch.float16)
+    plan.stage_in()
+    _op(name)(
+        plan.tensor_table,
+        plan.grad_table,
+        plan.block_table,
+        hyper_table,
+        dtype,
+        state_dtype,
+        lr_from_pointer,
+        lr_dtype,
+        _amp_tensor(grad_scale, device),
+        _amp_tensor(context.found_inf, device),
+        *algorithm_flags,
+        bool(work.masters),
+        stochastic,
+        step_pointers,
+        int(context.seed) & 0xFFFFFFFF,
+        plan.aligned,
+    )
+    plan.stage_out()
+
+
+def _run_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: StepContext) -> None:
+    """SGD on ``work`` with ``buffers`` (every one allocated; ``new_buffers`` flags those made
+    for this step) as the momentum column."""
+    dtype = work.params[0].dtype
+    states = [buffers] if flags.momentum else []
+    state_dtype = _state_dtype_for(dtype, buffers[0].dtype) if states else dtype
+    # Steps only key the stochastic-rounding bits.
+    stochastic = context.stochastic_rounding and dtype in (torch.bfloat16, torch.float16)
+    step_pointers = stochastic and _reads_steps_from_device(work, context, False)
+    _launch(
+        "sgd_", work, states, state_dtype, hypers, context, stochastic, step_pointers,
+        new_buffers, (flags.momentum, flags.nesterov, flags.maximize),
+    )  # fmt: skip
+
+
+def _run_adam(work, states, hypers, flags: AdamFlags, context: StepContext) -> None:
+    dtype = work.params[0].dtype
+    state_dtype = _state_dtype_for(dtype, states[0][0].dtype)
+    step_pointers = _reads_steps_from_device(work, context, flags.tensor_bias_corrections)
+    _launch(
+        "adam_", work, states, state_dtype, hypers, context, True, step_pointers, None,
+        (flags.amsgrad, flags.maximize, flags.decoupled_weight_decay),
+    )  # fmt: skip
+
+
+def _adam_states(work: Work, amsgrad: bool) -> list[list[Tensor]]:
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if amsgrad else 2]
+    return [list(work.states[key]) for key in keys]
 
 
 # ----------------------------------------------------------------------------------------------
-# The updates as custom ops: torch.compile sees which tensors a step writes.
-#
-# The raw ops take only pointer tables, so a compiler could neither see their writes nor keep them
-# in order. Each group's whole update (table building, staging, launch) therefore runs inside a
-# Python custom op whose schema declares every tensor list the kernel writes (params, grads, which
-# are unscaled in place under GradScaler, states, master weights) and whose fake implementation
-# does nothing. Its arguments are schema types, so the optimizer's ``cache`` dict cannot be passed
-# through: plans are kept here, per (algorithm, param addresses), least recently used dropped
-# (enough entries for every group of a model, so that steps, CUDA-graph capture included, reuse
-# their tables and upload nothing).
-
-PLAN_CACHE_SIZE = 32
-_plans: OrderedDict[tuple, dict] = OrderedDict()
+# The updates as custom ops, for torch.compile (see the module doc).
 
 
-def _group_cache(name: str, params: list[Tensor]) -> dict:
-    """The plan cache of one group of params. Between steps a plan holds its tables and work
-    tensors only, none of the caller's tensors; ``_plan_for`` checks every tensor's address,
-    dtype, shape and strides before reusing it."""
-    key = (name, tuple(map(Tensor.data_ptr, params)))
-    cache = _plans.get(key)
-    if cache is None:
-        cache = _plans[key] = {}
-        while len(_plans) > PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
-    return cache
+def _lr_tensors(hypers: Sequence) -> list[Tensor]:
+    """The groups' tensor lrs (all or none: ``_lr_kind`` checks), as a ``Tensor[]`` argument."""
+    return [hyper.lr for hyper in hypers if isinstance(hyper.lr, Tensor)]
 
 
-def _lr_input(lr: float | Tensor) -> tuple[Tensor | None, float]:
-    if isinstance(lr, Tensor):
-        return lr, 0.0
-    return None, float(lr)
+def _lr_float(lr: float | Tensor) -> float:
+    return 0.0 if isinstance(lr, Tensor) else float(lr)
 
 
-def _sgd_update(
+def _lr_of(lrs: list[Tensor], group: int, value: float) -> float | Tensor:
+    return lrs[group] if lrs else value
+
+
+SGD_HYPER_FIELDS = 4  # lr, momentum, dampening, weight_decay
+ADAM_HYPER_FIELDS = 5  # lr, beta1, beta2, eps, weight_decay
+
+
+def _sgd_op(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     master_params: list[Tensor],
     steps: list[Tensor],
-    lr: Tensor | None,
-    lr_value: float,
+    groups: list[int],
+    indices: list[int],
+    new_buffers: list[int],
+    hypers: list[float],
+    lrs: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
+    momentum: bool,
     nesterov: bool,
     maximize: bool,
     stochastic_rounding: bool,
     seed: int,
-    param_indices: list[int] | None,
-    new_buffers: list[int],
+    handle: int,
 ) -> None:
-    """One group's SGD step (``momentum_buffers`` empty without momentum, all allocated with
-    it; ``new_buffers`` flags those allocated for this step)."""
+    """One bucket's SGD step (``momentum_buffers`` empty without momentum, all allocated with
+    it; ``new_buffers`` flags those allocated for this step). ``hypers``: SGD_HYPER_FIELDS per
+    group, lr 0.0 where ``lrs`` holds the groups' tensor lrs."""
     if not params:
         return
-    dtype, device = params[0].dtype, params[0].device
-    states = [momentum_buffers] if momentum_buffers else []
-    state_dtype = _state_dtype_for(dtype, momentum_buffers[0].dtype) if states else dtype
-    stochastic = _uses_stochastic_rounding(params, stochastic_rounding)
-    from_pointer = stochastic and _steps_from_device(steps, device)
-    base_step, extra = _extra_columns(
-        steps if stochastic else [], from_pointer, list(new_buffers), param_indices
-    )
-    cache = _group_cache("sgd", params)
-    plan = _plan_for(cache, "sgd", params, states, master_params, extra, state_dtype)
-    lr_tensor, lr_value = _lr_arguments(lr if lr is not None else lr_value, device)
-    _run(
-        _op("sgd_"),
-        plan,
-        grads,
-        grad_scale,
-        found_inf,
-        dtype,
-        state_dtype,
-        lr_tensor,
-        lr_value,
-        _amp_tensor(grad_scale, device),
-        _amp_tensor(found_inf, device),
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(maximize),
-        bool(master_params),
-        stochastic,
-        from_pointer,
-        base_step,
-        int(seed) & 0xFFFFFFFF,
-    )
+    n = SGD_HYPER_FIELDS
+    rows = [hypers[g : g + n] for g in range(0, len(hypers), n)]
+    hyper = [SgdHyper(_lr_of(lrs, g, r[0]), r[1], r[2], r[3]) for g, r in enumerate(rows)]
+    states = {"momentum_buffer": list(momentum_buffers)} if momentum else {}
+    work = _op_work(handle, params, grads, states, groups, steps, master_params, indices)
+    _run_sgd(
+        work, list(momentum_buffers), list(new_buffers) or None, hyper,
+        SgdFlags(momentum, nesterov, maximize),
+        StepContext(grad_scale, found_inf, stochastic_rounding, seed),
+    )  # fmt: skip
 
 
-def _adam_update(
+def _adam_op(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -425,72 +370,43 @@ def _adam_update(
     max_exp_avg_sqs: list[Tensor],
     master_params: list[Tensor],
     steps: list[Tensor],
-    lr: Tensor | None,
-    lr_value: float,
+    groups: list[int],
+    indices: list[int],
+    hypers: list[float],
+    lrs: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    tensor_bias_corrections: bool,
     stochastic_rounding: bool,
     seed: int,
-    param_indices: list[int] | None,
+    handle: int,
 ) -> None:
-    """One group's Adam/AdamW step."""
+    """One bucket's Adam/AdamW step (``max_exp_avg_sqs`` empty without amsgrad). ``hypers``:
+    ADAM_HYPER_FIELDS per group, lr 0.0 where ``lrs`` holds the groups' tensor lrs."""
     if not params:
         return
-    dtype, device = params[0].dtype, params[0].device
-    state_dtype = _state_dtype_for(dtype, exp_avgs[0].dtype)
-    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    from_pointer = _steps_from_device(steps, device)
-    base_step, extra = _extra_columns(steps, from_pointer, [0] * len(params), param_indices)
-    cache = _group_cache("adam", params)
-    plan = _plan_for(cache, "adam", params, states, master_params, extra, state_dtype)
-    lr_tensor, lr_value = _lr_arguments(lr if lr is not None else lr_value, device)
-    _run(
-        _op("adam_"),
-        plan,
-        grads,
-        grad_scale,
-        found_inf,
-        dtype,
-        state_dtype,
-        lr_tensor,
-        lr_value,
-        _amp_tensor(grad_scale, device),
-        _amp_tensor(found_inf, device),
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-        bool(decoupled_weight_decay),
-        bool(master_params),
-        _uses_stochastic_rounding(params, stochastic_rounding),
-        from_pointer,
-        base_step,
-        # torch.optim's host arithmetic at the base step (bitwise its bias corrections).
-        1 - beta1**base_step,
-        (1 - beta2**base_step) ** 0.5,
-        int(seed) & 0xFFFFFFFF,
-    )
+    n = ADAM_HYPER_FIELDS
+    rows = [hypers[g : g + n] for g in range(0, len(hypers), n)]
+    hyper = [AdamHyper(_lr_of(lrs, g, r[0]), *r[1:]) for g, r in enumerate(rows)]
+    states = {"exp_avg": list(exp_avgs), "exp_avg_sq": list(exp_avg_sqs)}
+    if amsgrad:
+        states["max_exp_avg_sq"] = list(max_exp_avg_sqs)
+    work = _op_work(handle, params, grads, states, groups, steps, master_params, indices)
+    flags = AdamFlags(amsgrad, maximize, decoupled_weight_decay, tensor_bias_corrections)
+    context = StepContext(grad_scale, found_inf, stochastic_rounding, seed)
+    _run_adam(work, _adam_states(work, amsgrad), hyper, flags, context)
 
-
-_SGD_OP_NAME = "fused_optim::cuda_sgd"
-_ADAM_OP_NAME = "fused_optim::cuda_adam"
 
 cuda_sgd_op = torch.library.custom_op(
-    _SGD_OP_NAME,
+    "fused_optim::cuda_sgd",
     mutates_args=("params", "grads", "momentum_buffers", "master_params"),
     device_types="cuda",
-)(_sgd_update)
+)(_sgd_op)
 cuda_adam_op = torch.library.custom_op(
-    _ADAM_OP_NAME,
+    "fused_optim::cuda_adam",
     mutates_args=(
         "params",
         "grads",
@@ -500,7 +416,7 @@ cuda_adam_op = torch.library.custom_op(
         "master_params",
     ),
     device_types="cuda",
-)(_adam_update)
+)(_adam_op)
 
 
 @cuda_sgd_op.register_fake
@@ -514,118 +430,98 @@ def _(*args, **kwargs) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry points.
+# Entry points (backends.contract).
 
 
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    cache: dict | None = None,
-    steps: list[Tensor] | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-    new_buffer_dtype: torch.dtype | None = None,
-) -> None:
-    # ``cache`` is not used: plans are cached per group here (see _group_cache).
+def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
+    """SGD on every tensor of ``work`` in one launch (see ``backends.contract``); returns the
+    momentum buffers made for this step."""
+    params = work.params
+    created: list[Tensor | None] = [None] * len(params)
     if not params:
-        return
+        return created
     _check_params(params)
-    new_buffers = [0] * len(params)
-    buffers: list[Tensor] = []
-    if momentum != 0:
-        existing = [buf for buf in momentum_buffers if buf is not None]
-        wanted = existing[0].dtype if existing else (new_buffer_dtype or params[0].dtype)
-        for i, buf in enumerate(momentum_buffers):
+    buffers: list = []
+    new_buffers: list[int] | None = None
+    if flags.momentum:
+        buffers = list(work.column("momentum_buffer")) or [None] * len(params)
+        existing = [buf for buf in buffers if buf is not None]
+        dtype = existing[0].dtype if existing else (work.new_state_dtype or params[0].dtype)
+        new_buffers = [0] * len(params)
+        for i, buf in enumerate(buffers):
             if buf is None:
                 # Same layout as the param, so that the kernel walks both as one span.
-                momentum_buffers[i] = torch.empty_like(params[i], dtype=wanted)
+                created[i] = buffers[i] = torch.empty_like(params[i], dtype=dtype)
                 new_buffers[i] = 1
-        buffers = list(momentum_buffers)  # type: ignore[arg-type]
-    lr_tensor, lr_value = _lr_input(lr)
+    if not torch.compiler.is_compiling():
+        _slot(work)
+        _run_sgd(work, buffers, new_buffers, hypers, flags, context)
+        return created
+    _lr_kind(hypers, work.device)  # one kind of lr per launch
+    row = [
+        value
+        for hyper in hypers
+        for value in (_lr_float(hyper.lr), hyper.momentum, hyper.dampening, hyper.weight_decay)
+    ]
     torch.ops.fused_optim.cuda_sgd(
         params,
-        grads,
+        work.grads,
         buffers,
-        master_params or [],
-        steps or [],
-        lr_tensor,
-        lr_value,
-        grad_scale,
-        found_inf,
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(maximize),
-        bool(stochastic_rounding),
-        int(seed) & 0xFFFFFFFF,
-        param_indices,
-        new_buffers,
+        work.masters,
+        work.steps,
+        work.groups,
+        work.indices,
+        new_buffers or [],
+        row,
+        _lr_tensors(hypers),
+        context.grad_scale,
+        context.found_inf,
+        flags.momentum,
+        flags.nesterov,
+        flags.maximize,
+        context.stochastic_rounding,
+        int(context.seed) & 0xFFFFFFFF,
+        _handle(work),
     )
+    return created
 
 
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    capturable: bool = False,
-    cache: dict | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-) -> None:
-    # ``cache`` is not used: plans are cached per group here (see _group_cache).
+def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Tensor | None]:
+    """Adam/AdamW on every tensor of ``work`` in one launch (see ``backends.contract``)."""
+    params = work.params
     if not params:
-        return
+        return []
     _check_params(params)
-    lr_tensor, lr_value = _lr_input(lr)
+    if not torch.compiler.is_compiling():
+        _slot(work)
+        _run_adam(work, _adam_states(work, flags.amsgrad), hypers, flags, context)
+        return [None] * len(params)
+    _lr_kind(hypers, work.device)  # one kind of lr per launch
+    row = [
+        value
+        for h in hypers
+        for value in (_lr_float(h.lr), h.beta1, h.beta2, h.eps, h.weight_decay)
+    ]
     torch.ops.fused_optim.cuda_adam(
         params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs if amsgrad else [],
-        master_params or [],
-        steps,
-        lr_tensor,
-        lr_value,
-        grad_scale,
-        found_inf,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-        bool(decoupled_weight_decay),
-        bool(stochastic_rounding),
-        int(seed) & 0xFFFFFFFF,
-        param_indices,
+        work.grads,
+        work.states["exp_avg"],
+        work.states["exp_avg_sq"],
+        work.column("max_exp_avg_sq") if flags.amsgrad else [],
+        work.masters,
+        work.steps,
+        work.groups,
+        work.indices,
+        row,
+        _lr_tensors(hypers),
+        context.grad_scale,
+        context.found_inf,
+        flags.amsgrad,
+        flags.maximize,
+        flags.decoupled_weight_decay,
+        flags.tensor_bias_corrections,
+        context.stochastic_rounding,
+        int(context.seed) & 0xFFFFFFFF,
+        _handle(work),
     )
+    return [None] * len(params)

@@ -1,29 +1,7 @@
 """Pure-torch reference backend: the oracle for kernel tests and the last-resort fallback.
 
-Every backend in this package has the same two entry points with the same signatures:
-
-``sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-maximize, cache, **precision_and_amp)``
-
-``adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-weight_decay, amsgrad, maximize, decoupled_weight_decay, capturable, cache,
-**precision_and_amp)``
-
-where the optional ``precision_and_amp`` keywords are ``grad_scale`` and ``found_inf``
-(GradScaler's tensors: unscale the gradients and write them back unscaled; update nothing at all
-when ``found_inf`` is nonzero), ``master_params`` (fp32 master weights: the update reads and
-writes them and stores their rounded value in the param), ``stochastic_rounding`` with ``seed``
-and ``param_indices`` (round the low-precision param write up or down at random, with
-counter-based bits from the seed, the step, the param's index and the element's index),
-``steps`` (SGD, for stochastic rounding only) and ``new_buffer_dtype`` (SGD: dtype of new
-momentum buffers, default the param's).
-
-All lists hold real tensors (complex parameters arrive as ``torch.view_as_real`` views) of one
-device and dtype. ``steps`` have already been incremented for this step. A ``None`` entry in
-``momentum_buffers`` is a buffer that does not exist yet: the backend creates it, initialised to
-the (decayed) gradient exactly as torch.optim does, and puts it into the list. ``lr`` is a Python
-float or a one-element tensor on the parameters' device. ``cache`` is a dict the backend may keep
-launch plans in.
+Implements the contract of ``backends.contract`` (``sgd(work, hypers, flags, context)`` and
+``adam(...)``) one tensor at a time, each tensor with its own group's hyperparameters.
 
 State tensors may have another dtype than their params (fp32 or bf16 states); each backend
 reads and writes them in their own dtype. The math here runs in fp32 for fp16/bf16 tensors
@@ -41,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_optim.backends import correctly_rounded as cr
+from fused_optim.backends.contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "reference"
 SUPPORTS_SPARSE = True
@@ -163,28 +142,23 @@ def _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i) ->
     return p.add_(g, alpha=-lr)
 
 
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    cache: dict | None = None,
-    steps: list[Tensor] | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-    new_buffer_dtype: torch.dtype | None = None,
-) -> None:
+def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
+    """SGD on every tensor of ``work`` (see ``backends.contract``); returns new momentum
+    buffers."""
+    params, grads = work.params, work.grads
+    momentum_buffers = list(work.column("momentum_buffer")) or [None] * len(params)
+    created: list[Tensor | None] = [None] * len(params)
+    master_params, steps, param_indices = work.masters, work.steps, work.indices
+    grad_scale, found_inf = context.grad_scale, context.found_inf
+    stochastic_rounding, seed = context.stochastic_rounding, context.seed
+    nesterov, maximize = flags.nesterov, flags.maximize
+    new_buffer_dtype = work.new_state_dtype
     for i, param in enumerate(params):
+        hyper = hypers[work.groups[i]]
+        lr, momentum, dampening, weight_decay = (
+            hyper.lr, hyper.momentum if flags.momentum else 0.0, hyper.dampening,
+            hyper.weight_decay,
+        )  # fmt: skip
         grad = grads[i]
         write = _Writer(found_inf, param.device)
         ctype = compute_dtype(param.dtype)
@@ -198,8 +172,10 @@ def sgd(
         p = (param if master is None else master).to(ctype, copy=True)
         if maximize:
             g = -g
+        buffer_before = momentum_buffers[i]
         if g.is_sparse:
             p = _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i)
+            created[i] = momentum_buffers[i] if momentum_buffers[i] is not buffer_before else None
         else:
             if weight_decay != 0:
                 g = cr.fma(p, weight_decay, g)
@@ -207,7 +183,7 @@ def sgd(
                 buf_store = momentum_buffers[i]
                 if buf_store is None:
                     buf = g.clone()
-                    momentum_buffers[i] = buf.to(new_buffer_dtype or grad.dtype)
+                    created[i] = buf.to(new_buffer_dtype or grad.dtype)
                 else:
                     buf = buf_store.to(ctype)
                     buf = cr.fma(g, 1 - dampening, buf * momentum)
@@ -220,34 +196,23 @@ def sgd(
         step = steps[i] if steps else 0
         index = param_indices[i] if param_indices else 0
         _write_param(write, param, master, p, stochastic_rounding, seed, step, index)
+    return created
 
 
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    capturable: bool = False,
-    cache: dict | None = None,
-    master_params: list[Tensor] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    seed: int = 0,
-    param_indices: list[int] | None = None,
-) -> None:
+def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Tensor | None]:
+    """Adam/AdamW on every tensor of ``work`` (see ``backends.contract``)."""
+    params, grads, steps = work.params, work.grads, work.steps
+    exp_avgs, exp_avg_sqs = work.column("exp_avg"), work.column("exp_avg_sq")
+    max_exp_avg_sqs = work.column("max_exp_avg_sq")
+    master_params, param_indices = work.masters, work.indices
+    grad_scale, found_inf = context.grad_scale, context.found_inf
+    stochastic_rounding, seed = context.stochastic_rounding, context.seed
+    amsgrad, maximize = flags.amsgrad, flags.maximize
+    decoupled_weight_decay = flags.decoupled_weight_decay
     for i, param in enumerate(params):
+        hyper = hypers[work.groups[i]]
+        lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+        weight_decay = hyper.weight_decay
         write = _Writer(found_inf, param.device)
         ctype = compute_dtype(param.dtype)
         master = master_params[i] if master_params else None
@@ -266,7 +231,7 @@ def adam(
         m = cr.lerp(m, g, 1 - beta1)
         v = cr.fma(g * (1 - beta2), g, v * beta2)
         step = steps[i]
-        if capturable or found_inf is not None or step.device.type != "cpu":
+        if flags.tensor_bias_corrections or step.device.type != "cpu":
             step_f64 = step.to(device=param.device, dtype=torch.float64)
             bias_correction1: float | Tensor = 1 - beta1**step_f64
             bc2_sqrt: float | Tensor = (1 - beta2**step_f64).sqrt().to(ctype)
@@ -290,3 +255,4 @@ def adam(
         write(exp_avg_sqs[i], v)
         index = param_indices[i] if param_indices else 0
         _write_param(write, param, master, p, stochastic_rounding, seed, step, index)
+    return [None] * len(params)

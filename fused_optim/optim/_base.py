@@ -1,212 +1,56 @@
 """What SGD, Adam and AdamW share: backend choice, the step skeleton, pickling, state placement.
 
-No update math lives here: the layer checks arguments, creates state in torch.optim's format,
-splits each param group by (device, dtype) and hands the tensor lists to the backend that
-``backends.select_backend`` chose.
+No update math lives here. ``step()`` checks every group, builds (or reuses) the optimizer's
+``StepPlan`` (``_engine``: buckets across param groups, one backend call each), reads each
+group's hyperparameters into the contract's frozen dataclasses (``backends.contract``) and calls
+the backends. State layout (step buffers, real views of complex and DTensor params, the
+precision modes) lives in ``_state``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from operator import attrgetter, methodcaller
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..backends import select_backend, validate_request
+from ..backends import host_checks, select_backend, validate_request
+from ..backends.contract import StepContext
+from ._engine import (
+    FastPath,
+    StepPlan,
+    fingerprint,
+    flat,
+    grads_of,
+    is_sparse_any,
+    params_with_grads,
+    state_fingerprint,
+)
+from ._state import (
+    MASTER_KEY,
+    Precision,
+    advance_steps,
+    as_state_of,
+    bucket_state_dtype,
+    gather_steps,
+    new_step,
+    real_view,
+)
 
-
-def scalar_dtype() -> torch.dtype:
-    """dtype of a fresh ``step`` tensor, by torch.optim's rule (follows the default dtype)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None
-
-
-def is_dtensor(t: Tensor | None) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def any_dtensor(tensors: list[Tensor]) -> bool:
-    """``any(map(is_dtensor, tensors))`` at C speed: the distinct types are few."""
-    if DTensor is None:
-        return False
-    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
-
-
-def real_view(t: Tensor | None) -> Tensor | None:
-    """What the backends update in place for ``t``: a DTensor's local shard (updated without
-    gathering; it may be empty), and a complex tensor's real view, as torch.optim does."""
-    if is_dtensor(t):
-        t = t.to_local()
-    if t is not None and torch.is_complex(t):
-        return torch.view_as_real(t)
-    return t
-
-
-def scalar_value(value: float | Tensor) -> float:
-    """A hyperparameter as a Python float (a 1-element tensor is read: a sync if on a GPU)."""
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
-def lr_argument(lr: float | Tensor) -> float | Tensor:
-    """A tensor lr stays a tensor: the backends follow torch.optim's tensor arithmetic."""
-    if isinstance(lr, Tensor):
-        return lr.reshape(())
-    return float(lr)
-
-
-def as_state_of(param: Tensor, local: Tensor) -> Tensor:
-    """The inverse of ``real_view`` for a state tensor a backend created: complex again, and a
-    DTensor laid out like ``param`` when ``param`` is one."""
-    if param.is_complex():
-        local = torch.view_as_complex(local)
-    if is_dtensor(param):
-        local = DTensor.from_local(
-            local, param.device_mesh, param.placements, run_check=False,
-            shape=param.shape, stride=param.stride(),
-        )  # fmt: skip
-    return local
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-MASTER_KEY = "master_param"
-# The first state tensor whose dtype tells the dtype of a param's states.
-STATE_DTYPE_KEYS = ("exp_avg", "momentum_buffer")
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The precision modes chosen at construction (all off by default: torch.optim's numbers).
-
-    * ``state_dtype``: dtype of new optimizer states for fp32, bf16 and fp16 params (None: the
-      param's dtype, as torch.optim). fp64 and complex params keep states of their own dtype.
-    * ``master_weights``: bf16/fp16 params get an fp32 master copy in their state
-      (``"master_param"``); the update runs on it and the param receives its rounded value.
-    * ``stochastic_rounding``: bf16/fp16 param writes round up or down at random, with
-      probability proportional to proximity; the bits are a hash of (``seed``, step, the param's
-      index in the optimizer, the element's index), so reruns and resumes give the same result.
-    """
-
-    state_dtype: torch.dtype | None = None
-    master_weights: bool = False
-    stochastic_rounding: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        allowed = (None, torch.float32, torch.bfloat16, torch.float16)
-        if self.state_dtype not in allowed:
-            raise ValueError(
-                f"Invalid state_dtype: {self.state_dtype}; expected None, torch.float32, "
-                "torch.bfloat16 or torch.float16"
-            )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-
-    def state_dtype_for(self, p: Tensor) -> torch.dtype:
-        """dtype of a new state tensor for ``p``."""
-        if self.state_dtype is None or p.is_complex() or p.dtype == torch.float64:
-            return p.dtype
-        return self.state_dtype
-
-    def wants_master(self, p: Tensor) -> bool:
-        return self.master_weights and p.dtype in LOW_PRECISION
-
-
-class Bucket:
-    """The tensors of one param group that share a device, a param dtype, a state dtype and
-    whether they have master weights; and their backend.
-
-    ``columns`` maps a state key to that state's (real-view) tensors for the bucket, in order.
-    """
-
-    __slots__ = ("backend", "cache", "columns", "indices", "params", "whole")
-
-    def __init__(self, backend: ModuleType, indices: list[int], whole: bool):
-        self.backend = backend
-        self.indices = indices
-        self.whole = whole  # the bucket is the whole group, in order
-        self.cache: dict = {}
-        self.params: list[Tensor] = []
-        self.columns: dict[str, list] = {}
-
-    def take(self, values: list) -> list:
-        return values if self.whole else [values[i] for i in self.indices]
-
-
-def fingerprint(params: list[Tensor], states: list, keys: tuple[str, ...]) -> list | None:
-    """What must not change for a cached GroupWork to stay valid: the params (objects and
-    storage), their state dicts, and the state tensors in them. Built with C-level ``map`` so
-    that checking it costs far less than rebuilding the lists it guards."""
-    storage = [real_view(p) for p in params] if any_dtensor(params) else params
-    result = [list(map(id, params)), list(map(Tensor.data_ptr, storage))]
-    if not keys:
-        return result
-    if None in states:
-        return None
-    result.append(list(map(id, states)))
-    for key in keys:
-        result.append(list(map(id, map(methodcaller("get", key), states))))
-    return result
-
-
-class GroupWork:
-    """Everything step() needs for one param group, cached while its tensors stay where they are.
-
-    Holds the params that had gradients, their state dicts, the per-(device, dtype) buckets with
-    their backends and tensor lists, and, for Adam, one buffer whose elements are the params'
-    ``step`` tensors, so that advancing every step count is one tensor operation.
-    """
-
-    def __init__(self, params, states, keys, buckets, sparse, structure, indices):
-        self.params = params
-        self.indices = indices  # each param's index in the optimizer (state_dict numbering)
-        self.states = states
-        self.keys = keys
-        self.buckets = buckets
-        self.sparse = sparse
-        self.structure = structure
-        # Gradients need unwrapping too when params are complex or DTensors.
-        self.has_complex = any(p.is_complex() or is_dtensor(p) for p in params)
-        self.step_buffer: Tensor | None = None
-        self.steps: list[Tensor] = []
-        real_params = [real_view(p) for p in params]
-        for bucket in buckets:
-            bucket.params = bucket.take(real_params)
-            bucket.columns = {
-                key: bucket.take(
-                    [
-                        state.get(key) if key == "step" else real_view(state.get(key))
-                        for state in states
-                    ]
-                )
-                for key in keys
-            }
-        self.fingerprint = fingerprint(params, states, keys)
-
-    def matches(self, params, states, sparse, structure) -> bool:
-        return (
-            sparse == self.sparse
-            and structure == self.structure
-            and fingerprint(params, states, self.keys) == self.fingerprint
-        )
-
-    def real_grads(self, grads: list[Tensor]) -> list[Tensor]:
-        return [real_view(g) for g in grads] if self.has_complex else grads
+__all__ = ["MASTER_KEY", "FusedOptimizerMixin", "Precision"]
 
 
 class FusedOptimizerMixin:
-    """Mixed into subclasses of the torch.optim classes; overrides ``step`` and pickling."""
+    """Mixed into subclasses of the torch.optim classes; overrides ``step`` and pickling.
+
+    Each algorithm provides ``ALGORITHM`` (the backends' entry point), ``_state_keys``,
+    ``_check_group``, ``_init_state``, ``_hyper`` and ``_flags``.
+    """
 
     param_groups: list[dict[str, Any]]
     state: dict
+    ALGORITHM = ""
 
     def _setup_fused(self, backend: str | None, differentiable: bool, precision: Precision) -> None:
         validate_request(backend)
@@ -222,7 +66,8 @@ class FusedOptimizerMixin:
         self._reset_runtime_state()
 
     def _reset_runtime_state(self) -> None:
-        self._group_work: dict[int, GroupWork] = {}
+        self._plan: StepPlan | None = None
+        self._launches = 0
         # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
         self._step_supports_amp_scaling = True
         self._amp: tuple[Tensor | None, Tensor | None] = (None, None)
@@ -258,29 +103,15 @@ class FusedOptimizerMixin:
             names.append("+".join(sorted(chosen)))
         return names
 
+    def launches_per_step(self) -> int:
+        """Backend calls (kernel launches) the last ``step()`` made: one per bucket of (backend,
+        device, param dtype, state dtype, master weights, code flags), whatever the number of
+        param groups."""
+        return self._launches
+
     @staticmethod
     def _sparse(p: Tensor) -> bool:
         return p.grad is not None and p.grad.is_sparse
-
-    def _bucket_key(self, p: Tensor, state: dict | None) -> tuple:
-        """(device, param dtype, state dtype, has master): tensors that share one launch."""
-        dtype = p.dtype.to_real() if p.is_complex() else p.dtype
-        existing = [state[key] for key in STATE_DTYPE_KEYS if state and state.get(key) is not None]
-        state_dtype = existing[0].dtype if existing else self._precision.state_dtype_for(p)
-        if state_dtype.is_complex:
-            state_dtype = state_dtype.to_real()
-        return (p.device, dtype, state_dtype, self._precision.wants_master(p))
-
-    def _buckets(self, params: list[Tensor], sparse: bool) -> list[Bucket]:
-        """Split a group's tensors by ``_bucket_key`` and pick each part's backend."""
-        by_key: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_key.setdefault(self._bucket_key(p, self.state.get(p)), []).append(i)
-        whole = len(by_key) == 1
-        return [
-            Bucket(select_backend(self._backend, key[0], sparse), indices, whole)
-            for key, indices in by_key.items()
-        ]
 
     def _graph_capture_check(self) -> None:
         check = (
@@ -311,35 +142,216 @@ class FusedOptimizerMixin:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._amp = (grad_scale, found_inf)
-        # Check every group before touching any: an error leaves params and state as they were.
-        offsets = [0]
-        for group in self.param_groups[:-1]:
-            offsets.append(offsets[-1] + len(group["params"]))
-        prepared = [
-            self._prepare_group(index, group, offsets[index])
-            for index, group in enumerate(self.param_groups)
-        ]
-        for index, (group, work) in enumerate(zip(self.param_groups, prepared)):
-            if work is not None:
-                self._update_group(index, group, *work)
-        self._amp = (None, None)
+        try:
+            self._step(StepContext(
+                grad_scale, found_inf, self._precision.stochastic_rounding, self._precision.seed
+            ))  # fmt: skip
+        finally:
+            self._amp = (None, None)
         if found_inf is None:
             self.step_skipped = torch.zeros((), dtype=torch.bool)
         else:
             self.step_skipped = found_inf != 0
         return loss
 
+    def _step(self, context: StepContext) -> None:
+        self._launches = 0
+        plan = self._plan
+        if plan is not None and plan.fast is not None and self._fast_step(plan, context):
+            return
+        groups = self.param_groups
+        with_grads = params_with_grads(groups)
+        grads = [grads_of(params) for params in with_grads]
+        # Check every group before touching any: an error leaves params and state as they were.
+        sparse, structure, hypers, keys = [], [], [], []
+        for group, params, group_grads in zip(groups, with_grads, grads):
+            is_sparse = bool(params) and is_sparse_any(group_grads)
+            if params:
+                self._check_group(group, group_grads, is_sparse)
+            sparse.append(is_sparse)
+            structure.append(self._structure(group) if params else None)
+            hypers.append(self._hyper(group) if params else None)
+            keys.append(self._state_keys(group) if params else ())
+        params = flat(with_grads)
+        if not params:
+            return
+        check = self._check_value(with_grads, keys)
+        plan = self._plan
+        if plan is None or not plan.matches(check, structure, sparse):
+            plan = self._plan = self._build_plan(with_grads, keys, structure, sparse)
+        advance_steps(plan.step_buffers, context.found_inf)
+        flat_grads = plan.real_grads(flat(grads))
+        run = self.ALGORITHM
+        created_state = False
+        for bucket in plan.buckets:
+            work = bucket.work
+            work.grads = bucket.take(flat_grads)
+            bucket_hypers = [hypers[g] for g in bucket.group_ids]
+            created = getattr(bucket.backend, run)(work, bucket_hypers, bucket.flags, context)
+            self._launches += 1
+            if any(t is not None for t in created):
+                created_state |= self._keep_created(plan, bucket, created, context.found_inf)
+        if created_state:
+            plan.check = self._check_value(with_grads, keys)
+            plan.fast_tried = False
+        elif not plan.fast_tried:
+            plan.fast_tried = True
+            plan.fast = self._fast_path(plan, hypers, context)
+
+    def _amp_kind(self, context: StepContext) -> tuple[bool, bool]:
+        return (context.grad_scale is None, context.found_inf is None)
+
+    def _fast_path(self, plan: StepPlan, hypers: list, context: StepContext):
+        """The plan's compiled per-step path, or None (no extension, views, a backend without a
+        host step, or a bucket it does not apply to)."""
+        checks = host_checks()
+        if checks is None or plan.views or torch.compiler.is_compiling():
+            return None
+        steps = []
+        for bucket in plan.buckets:
+            factory = getattr(bucket.backend, "host_step", None)
+            bucket_hypers = [hypers[g] for g in bucket.group_ids]
+            step = factory(bucket.work, bucket_hypers, bucket.flags, context) if factory else None
+            if step is None:
+                return None
+            steps.append(step)
+        raw = [tuple(group.values()) for group in self.param_groups]
+        amp = self._amp_kind(context)
+        return FastPath(checks, plan, self.param_groups, self.state, steps, amp, raw, hypers)
+
+    def _fast_step(self, plan: StepPlan, context: StepContext) -> bool:
+        """One step through the plan's compiled path; False (nothing changed) when any check
+        fails, and the full path runs instead."""
+        fast = plan.fast
+        if torch.compiler.is_compiling() or fast.amp != self._amp_kind(context):
+            return False
+        groups = self.param_groups
+        raw = [tuple(group.values()) for group in groups]
+        if raw != fast.raw:
+            # A value changed (a scheduler's lr): read the groups again, check them (raising
+            # torch.optim's errors before anything changes), and keep the plan if no flag did.
+            if len(groups) != len(plan.structure):
+                return False
+            structure = [
+                None if old is None else self._structure(group)
+                for group, old in zip(groups, plan.structure)
+            ]
+            if structure != plan.structure:
+                return False
+            hypers = [self._hyper(g) if s is not None else None for g, s in zip(groups, structure)]
+            for group, s in zip(groups, structure):
+                if s is not None:
+                    self._check_group(group, [], False)
+            fast.raw, fast.hypers = raw, hypers
+            fast.bucket_hypers = [[hypers[g] for g in b.group_ids] for b in plan.buckets]
+        if not fast.holds(groups, self.state):
+            return False
+        advance_steps(plan.step_buffers, context.found_inf)
+        for step, bucket_hypers in zip(fast.steps, fast.bucket_hypers):
+            step.run(bucket_hypers, context)
+        self._launches = len(fast.steps)
+        return True
+
+    def _check_value(self, with_grads: list[list[Tensor]], keys: list[tuple]) -> list:
+        """The fingerprint a plan is valid for: the params with grads, and the state dicts and
+        state tensors of those whose group keeps state."""
+        check = fingerprint(flat(with_grads))
+        stateful = [(ps, k) for ps, k in zip(with_grads, keys) if ps and k]
+        if stateful:
+            params = flat([ps for ps, _ in stateful])
+            state_keys = tuple(sorted({key for _, k in stateful for key in k}))
+            check.append(state_fingerprint(list(map(self.state.get, params)), state_keys))
+        return check
+
+    def _build_plan(self, with_grads, keys, structure, sparse) -> StepPlan:
+        """Choose each bucket's backend (which may refuse: nothing is changed yet), create the
+        states, gather the step counts, and build the buckets."""
+        groups = self.param_groups
+        params, group_of, indices, bucket_keys = [], [], [], []
+        offset = 0
+        for g, (group, group_params) in enumerate(zip(groups, with_grads)):
+            if group_params:
+                flags = self._flags(group)
+                lr = group["lr"]
+                lr_kind = (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
+                for i, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    params.append(p)
+                    group_of.append(g)
+                    indices.append(offset + i)
+                    state = self.state.get(p)
+                    dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+                    bucket_keys.append((
+                        real_view(p).device, flags, sparse[g], dtype,
+                        bucket_state_dtype(self._precision, p, state),
+                        self._precision.wants_master(p), lr_kind,
+                    ))  # fmt: skip
+            offset += len(group["params"])
+        by_key: dict[tuple, list[int]] = {}
+        for i, key in enumerate(bucket_keys):
+            by_key.setdefault(key, []).append(i)
+        # Backends are chosen (and may refuse) here, before anything is changed.
+        backends = {key: select_backend(self._backend, key[0], key[2]) for key in by_key}
+        states = []
+        step_devices = []
+        for group, group_params, group_keys in zip(groups, with_grads, keys):
+            for p in group_params:
+                state = self._init_state(group, p) if group_keys else {}
+                states.append(state)
+                if "step" in state:
+                    step_devices.append((state, self._step_device(group, p)))
+        plan = StepPlan(params, states, group_of, indices, None, structure, sparse)
+        if step_devices:
+            plan.step_buffers = gather_steps(*map(list, zip(*step_devices)))
+        master_key = MASTER_KEY if self._precision.master_weights else None
+        for key, positions in by_key.items():
+            flags = key[1]
+            state_keys = self._bucket_state_keys(flags)
+            plan.add_bucket(backends[key], flags, positions, state_keys, master_key, key[4])
+        plan.check = self._check_value(with_grads, keys)
+        return plan
+
+    def _keep_created(self, plan: StepPlan, bucket, created, found_inf) -> bool:
+        """Put the state tensors a backend created into the state (and the bucket's columns);
+        whether any was kept. Under GradScaler the kernel decided on the device whether the
+        step ran; reading its verdict is a host sync, paid only on the step that creates state.
+        A skipped first step leaves no trace."""
+        keep = found_inf is None or not bool(found_inf != 0)
+        key = self._created_key
+        column = bucket.work.states[key]
+        for j, (position, tensor) in enumerate(zip(bucket.positions, created)):
+            if tensor is None:
+                continue
+            p = plan.params[position]
+            if keep:
+                plan.states[position][key] = as_state_of(p, tensor)
+                column[j] = tensor
+            elif not self.state.get(p):
+                self.state.pop(p, None)
+        return keep
+
     # What each algorithm provides.
+    _created_key = ""
+
     def _state_keys(self, group: dict) -> tuple[str, ...]:
+        """The state keys a group's params have (empty: no state entry at all)."""
+        raise NotImplementedError
+
+    def _bucket_state_keys(self, flags) -> tuple[str, ...]:
+        """The state columns a bucket with these flags hands to its backend."""
         raise NotImplementedError
 
     def _check_group(self, group: dict, grads: list[Tensor], sparse: bool) -> None:
         """Raise torch.optim's error for bad input in this group; change nothing."""
 
-    def _init_states(self, group: dict, params: list[Tensor]) -> list[dict]:
+    def _init_state(self, group: dict, p: Tensor) -> dict:
         raise NotImplementedError
 
-    def _run(self, group: dict, work: GroupWork, grads: list[Tensor]) -> None:
+    def _hyper(self, group: dict):
+        raise NotImplementedError
+
+    def _flags(self, group: dict):
         raise NotImplementedError
 
     def _precision_keys(self, with_step: bool) -> tuple[str, ...]:
@@ -348,52 +360,19 @@ class FusedOptimizerMixin:
         return (*keys, MASTER_KEY) if self._precision.master_weights else keys
 
     def _structure(self, group: dict) -> tuple:
-        """Group settings that change which state exists or where it lives."""
+        """Group settings that change which state exists, where it lives, or the code."""
+        lr = group["lr"]
+        lr_kind = (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
         steps_on_device = group.get("capturable", False) or self._amp[1] is not None
-        return (self._state_keys(group), steps_on_device)
-
-    def _prepare_group(self, index: int, group: dict, offset: int):
-        """(params, grads, cached work or fresh buckets, indices), or None when no param has a
-        grad. ``indices`` are the params' positions in the optimizer."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
-        grads = [p.grad for p in params]
-        sparse = any(map(attrgetter("is_sparse"), grads))
-        self._check_group(group, grads, sparse)
-        work = self._group_work.get(index)
-        states = list(map(self.state.get, params)) if self._state_keys(group) else []
-        if work is not None and work.matches(params, states, sparse, self._structure(group)):
-            return params, grads, work, work.indices
-        indices = [offset + i for i, p in enumerate(group["params"]) if p.grad is not None]
-        # Backends are chosen (and may refuse) here, before anything is changed.
-        return params, grads, self._buckets(params, sparse), indices
-
-    def _update_group(self, index: int, group: dict, params, grads, work, indices) -> None:
-        if not isinstance(work, GroupWork):
-            sparse = any(map(attrgetter("is_sparse"), grads))
-            states = self._init_states(group, params)
-            work = GroupWork(
-                params,
-                states,
-                self._state_keys(group),
-                work,
-                sparse,
-                self._structure(group),
-                indices,
-            )
-            self._group_work[index] = work
-        self._run(group, work, grads)
+        return (self._state_keys(group), steps_on_device, self._flags(group), lr_kind)
 
     # State shared by the algorithms: step counts and master weights.
     def _init_common_state(self, group: dict, p: Tensor, state: dict, with_step: bool) -> None:
         """Create ``step`` (if asked for) and the master weight (if wanted) for ``p``."""
         if with_step and "step" not in state:
-            device = self._step_device(group, p)
-            state["step"] = torch.zeros((), dtype=scalar_dtype(), device=device)
+            state["step"] = new_step(self._step_device(group, p))
         if self._precision.wants_master(p) and state.get(MASTER_KEY) is None:
-            master = torch.empty_like(p, dtype=torch.float32)  # preserves p's layout
-            state[MASTER_KEY] = master.copy_(p)
+            state[MASTER_KEY] = self._precision.new_master(p)
 
     def _step_device(self, group: dict, p: Tensor) -> torch.device:
         """Where ``step`` lives: the CPU as in torch.optim's default path, or the param's
@@ -401,50 +380,6 @@ class FusedOptimizerMixin:
         if group.get("capturable", False) or self._amp[1] is not None:
             return p.device
         return torch.device("cpu")
-
-    def _gather_steps(self, group: dict, params: list[Tensor], states: list[dict]) -> None:
-        """Put every ``step`` where ``_step_device`` says, and, when they share a device and
-        dtype, make them 0-dim views of one buffer: advancing them all is one operation."""
-        for p, state in zip(params, states):
-            device = self._step_device(group, p)
-            if state["step"].device != device:
-                state["step"] = state["step"].to(device)
-        steps = [s["step"] for s in states]
-        if len({(t.device, t.dtype) for t in steps}) == 1:
-            buffer = torch.stack([t.reshape(()) for t in steps])
-            for i, state in enumerate(states):
-                state["step"] = buffer[i]
-
-    def _advance_steps(self, work: GroupWork) -> None:
-        """Add one to every step count of the group; under GradScaler, add ``found_inf == 0``
-        (on the device) instead, so that a skipped step leaves them unchanged."""
-        if work.step_buffer is None:
-            steps_base = work.states[0]["step"]._base
-            if steps_base is not None and steps_base.numel() == len(work.states):
-                work.step_buffer = steps_base
-        targets = [work.step_buffer] if work.step_buffer is not None else None
-        if targets is None:
-            targets = [s["step"] for s in work.states]
-        found_inf = self._amp[1]
-        if found_inf is None:
-            torch._foreach_add_(targets, 1)
-            return
-        for target in targets:
-            target.add_((found_inf.to(target.device, non_blocking=True) == 0).to(target.dtype))
-
-    def _precision_arguments(self, group: dict, work: GroupWork, bucket: Bucket) -> dict:
-        """The backend keywords for GradScaler and the precision modes, for one bucket."""
-        grad_scale, found_inf = self._amp
-        masters = bucket.columns.get(MASTER_KEY)
-        precision = self._precision
-        return dict(
-            master_params=masters if masters and masters[0] is not None else None,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            stochastic_rounding=precision.stochastic_rounding,
-            seed=precision.seed,
-            param_indices=bucket.take(work.indices) if precision.stochastic_rounding else None,
-        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's ``load_state_dict``, except that every state tensor keeps the dtype it
@@ -475,7 +410,7 @@ class FusedOptimizerMixin:
                     dtype = self._precision.state_dtype_for(p)
                 if current.dtype != dtype:
                     state[key] = value.to(device=current.device, dtype=dtype)
-        self._group_work = {}
+        self._plan = None
         self._place_loaded_state()
 
     def _place_loaded_state(self) -> None:
@@ -495,7 +430,7 @@ class FusedOptimizerMixin:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend"] = self._backend
         state["_precision"] = self._precision
-        for key in ("_group_work", "_amp", "step_skipped", "_step_supports_amp_scaling"):
+        for key in ("_plan", "_launches", "_amp", "step_skipped", "_step_supports_amp_scaling"):
             state.pop(key, None)
         return state
 

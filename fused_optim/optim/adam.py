@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, Precision, lr_argument, scalar_value
+from ..backends.contract import ADAM_STATE_KEYS, AdamFlags, AdamHyper, hyper_value, lr_argument
+from ._base import FusedOptimizerMixin, Precision
 
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -111,11 +112,16 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             Precision(state_dtype, master_weights, stochastic_rounding, seed),
         )
 
+    ALGORITHM = "adam"
+
     def _state_keys(self, group):
         keys = ("step", "exp_avg", "exp_avg_sq")
         if group["amsgrad"]:
             keys = (*keys, "max_exp_avg_sq")
         return (*keys, *self._precision_keys(with_step=False))
+
+    def _bucket_state_keys(self, flags: AdamFlags) -> tuple[str, ...]:
+        return ADAM_STATE_KEYS if flags.amsgrad else ADAM_STATE_KEYS[:2]
 
     def _check_group(self, group, grads, sparse):
         if sparse:
@@ -124,11 +130,6 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
-
-    def _init_states(self, group, params):
-        states = [self._init_state(group, p) for p in params]
-        self._gather_steps(group, params, states)
-        return states
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
@@ -141,32 +142,23 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state["exp_avg"].dtype)
         return state
 
-    def _run(self, group, work, grads):
-        self._advance_steps(work)
-        grads = work.real_grads(grads)
-        amsgrad = group["amsgrad"]
+    def _hyper(self, group: dict) -> AdamHyper:
         beta1, beta2 = group["betas"]
-        for bucket in work.buckets:
-            columns = bucket.columns
-            bucket.backend.adam(
-                bucket.params,
-                bucket.take(grads),
-                columns["exp_avg"],
-                columns["exp_avg_sq"],
-                columns["max_exp_avg_sq"] if amsgrad else [],
-                columns["step"],
-                lr=lr_argument(group["lr"]),
-                beta1=scalar_value(beta1),
-                beta2=scalar_value(beta2),
-                eps=scalar_value(group["eps"]),
-                weight_decay=scalar_value(group["weight_decay"]),
-                amsgrad=amsgrad,
-                maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                capturable=group["capturable"],
-                cache=bucket.cache,
-                **self._precision_arguments(group, work, bucket),
-            )
+        return AdamHyper(
+            lr_argument(group["lr"]),
+            hyper_value(beta1),
+            hyper_value(beta2),
+            hyper_value(group["eps"]),
+            hyper_value(group["weight_decay"]),
+        )
+
+    def _flags(self, group: dict) -> AdamFlags:
+        return AdamFlags(
+            bool(group["amsgrad"]),
+            bool(group["maximize"]),
+            bool(group["decoupled_weight_decay"]),
+            bool(group["capturable"]) or self._amp[1] is not None,
+        )
 
 
 class AdamW(Adam, torch.optim.AdamW):

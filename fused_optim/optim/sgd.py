@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import FusedOptimizerMixin, Precision, as_state_of, lr_argument, scalar_value
+from ..backends.contract import SGD_STATE_KEYS, SgdFlags, SgdHyper, hyper_value, lr_argument
+from ._base import FusedOptimizerMixin, Precision
 
 
 class SGD(FusedOptimizerMixin, torch.optim.SGD):
@@ -98,10 +99,16 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             Precision(state_dtype, master_weights, stochastic_rounding, seed),
         )
 
+    ALGORITHM = "sgd"
+    _created_key = "momentum_buffer"
+
     def _state_keys(self, group):
         keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
         # Stochastic rounding needs a step count: the random bits change every step.
         return (*keys, *self._precision_keys(with_step=self._precision.stochastic_rounding))
+
+    def _bucket_state_keys(self, flags: SgdFlags) -> tuple[str, ...]:
+        return SGD_STATE_KEYS if flags.momentum else ()
 
     def _check_group(self, group, grads, sparse):
         if sparse and group["weight_decay"] != 0:
@@ -110,56 +117,20 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
             )
 
-    def _init_states(self, group, params):
+    def _init_state(self, group: dict, p: Tensor) -> dict:
         # As torch.optim: state entries exist only with momentum (or a precision mode that
-        # needs state), and momentum buffers on first use.
-        if not self._state_keys(group):
-            return [{} for _ in params]
-        states = [self.state[p] for p in params]
-        with_step = self._precision.stochastic_rounding
-        for p, state in zip(params, states):
-            self._init_common_state(group, p, state, with_step)
-        if with_step:
-            self._gather_steps(group, params, states)
-        return states
+        # needs state), and momentum buffers on first use (the backend creates them).
+        state = self.state[p]
+        self._init_common_state(group, p, state, self._precision.stochastic_rounding)
+        return state
 
-    def _run(self, group, work, grads):
-        momentum = group["momentum"]
-        lr = group["lr"]
-        grads = work.real_grads(grads)
-        if self._precision.stochastic_rounding:
-            self._advance_steps(work)
-        found_inf = self._amp[1]
-        created = []
-        for bucket in work.buckets:
-            buffers = bucket.columns.get("momentum_buffer", [])
-            new = [i for i, buf in enumerate(buffers) if buf is None]
-            new_buffer_dtype = self._precision.state_dtype_for(work.params[bucket.indices[0]])
-            bucket.backend.sgd(
-                bucket.params,
-                bucket.take(grads),
-                buffers,
-                lr=lr_argument(lr),
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=scalar_value(group["weight_decay"]),
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                cache=bucket.cache,
-                steps=bucket.columns.get("step"),
-                new_buffer_dtype=new_buffer_dtype.to_real(),
-                **self._precision_arguments(group, work, bucket),
-            )
-            created += [(bucket, i, buffers) for i in new]
-        # A momentum buffer is state only once a step has written it. Under GradScaler the
-        # kernel decides that on the device; reading its verdict here is a host sync, paid
-        # only on the step that creates buffers.
-        keep = created and (found_inf is None or not bool(found_inf != 0))
-        for bucket, i, buffers in created:
-            p = work.params[bucket.indices[i]]
-            if keep:
-                work.states[bucket.indices[i]]["momentum_buffer"] = as_state_of(p, buffers[i])
-            elif not self.state.get(p):
-                self.state.pop(p, None)  # a skipped first step leaves no trace in the state
-        for _, i, buffers in created:
-            buffers[i] = None  # the work is rebuilt next step, from the state
+    def _hyper(self, group: dict) -> SgdHyper:
+        return SgdHyper(
+            lr_argument(group["lr"]),
+            hyper_value(group["momentum"]),
+            hyper_value(group["dampening"]),
+            hyper_value(group["weight_decay"]),
+        )
+
+    def _flags(self, group: dict) -> SgdFlags:
+        return SgdFlags(group["momentum"] != 0, bool(group["nesterov"]), bool(group["maximize"]))

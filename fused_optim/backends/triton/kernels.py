@@ -1,16 +1,10 @@
-"""Triton kernels: one per algorithm, flags as ``tl.constexpr``, hyperparameters as runtime fp64.
+"""Triton kernels: one per algorithm, flags as ``tl.constexpr``, hyperparameters as data.
 
-Both kernels walk a launch plan (see ``plan.py``) so that ONE launch updates every tensor of a
-(device, param dtype, state dtype) group:
-
-* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): data pointers of the param, up to three
-  state tensors and the fp32 master weight, the element count, the step (an offset below the
-  launch's base step, or the address of a step tensor), the new-momentum-buffer flag (SGD), and
-  the param's index in the optimizer (it keys the stochastic-rounding random bits).
-* ``grad_table`` (int64, one per tensor): gradient data pointers. Gradients are re-allocated by
-  every backward pass, so they live apart from the rest and are re-uploaded only when they move.
-* ``block_table`` (int64 pairs): for every program, which tensor it works on and where its block
-  starts.
+Both kernels walk the launch plan of ``backends/plan.py`` (its tensor, grad, block and
+hyperparameter tables, with the column layout defined there) so that ONE launch updates every
+tensor of a bucket, across param groups: each tensor's row names its group, and the group's row
+of the hyperparameter table holds its lr, betas or momentum, eps, weight decay, base step and
+bias corrections (fp64), or the address of a tensor lr the kernel reads on the device.
 
 Each element of param (or master), grad and state is loaded once and stored once. The math runs
 in ``COMPUTE_DTYPE`` (fp32, or fp64 for fp64 tensors) and rounds once, at the store. GradScaler's
@@ -21,25 +15,31 @@ step stores nothing at all.
 import triton
 import triton.language as tl
 
-# Column layout of tensor_table (the kernels below spell these numbers out).
-(
-    COL_PARAM,
-    COL_STATE0,
-    COL_STATE1,
-    COL_STATE2,
-    COL_MASTER,
-    COL_NUMEL,
-    COL_STEP,
-    COL_NEW_BUFFER,
-    COL_INDEX,
-) = range(9)
-TABLE_COLUMNS = 9
+from .. import plan as layout
 
-
-@triton.jit
-def _as_f64(x):
-    # Runtime scalars arrive as fp64 when compiled and as Python floats when interpreted.
-    return x * tl.full([], 1.0, tl.float64)
+# The table layouts of backends/plan.py, as compile-time constants of the kernels.
+ROW = tl.constexpr(layout.TABLE_COLUMNS)
+COL_PARAM = tl.constexpr(layout.COL_PARAM)
+COL_STATE0 = tl.constexpr(layout.COL_STATE0)
+COL_STATE1 = tl.constexpr(layout.COL_STATE1)
+COL_STATE2 = tl.constexpr(layout.COL_STATE2)
+COL_MASTER = tl.constexpr(layout.COL_MASTER)
+COL_NUMEL = tl.constexpr(layout.COL_NUMEL)
+COL_STEP = tl.constexpr(layout.COL_STEP)
+COL_NEW_BUFFER = tl.constexpr(layout.COL_NEW_BUFFER)
+COL_INDEX = tl.constexpr(layout.COL_INDEX)
+COL_STEP_IS_DOUBLE = tl.constexpr(layout.COL_STEP_IS_DOUBLE)
+COL_GROUP = tl.constexpr(layout.COL_GROUP)
+HYPER_ROW = tl.constexpr(layout.HYPER_COLUMNS)
+HYPER_LR = tl.constexpr(layout.HYPER_LR)
+HYPER_BETA1 = tl.constexpr(layout.HYPER_BETA1)
+HYPER_BETA2 = tl.constexpr(layout.HYPER_BETA2)
+HYPER_EPS = tl.constexpr(layout.HYPER_EPS)
+HYPER_WEIGHT_DECAY = tl.constexpr(layout.HYPER_WEIGHT_DECAY)
+HYPER_BASE_STEP = tl.constexpr(layout.HYPER_BASE_STEP)
+HYPER_BIAS_CORRECTION1 = tl.constexpr(layout.HYPER_BIAS_CORRECTION1)
+HYPER_BIAS_CORRECTION2_SQRT = tl.constexpr(layout.HYPER_BIAS_CORRECTION2_SQRT)
+HYPER_LR_ADDRESS = tl.constexpr(layout.HYPER_LR_ADDRESS)
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def _round_stochastic(x, bits, DTYPE: tl.constexpr):
 @triton.jit
 def _round_param(x, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, step, row, start, offsets):
     if STOCHASTIC and (DTYPE == tl.bfloat16 or DTYPE == tl.float16):
-        bits = _random_bits(seed, step, tl.load(row + 8), start, offsets)
+        bits = _random_bits(seed, step, tl.load(row + COL_INDEX), start, offsets)
         return _round_stochastic(x.to(tl.float32), bits, DTYPE)
     else:
         return _round_to(x, DTYPE)
@@ -145,8 +145,8 @@ def _block_location(
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table + 2 * pid)
     start = tl.multiple_of(tl.load(block_table + 2 * pid + 1), BLOCK)
-    row = tensor_table + tensor * 9
-    numel = tl.load(row + 5)
+    row = tensor_table + tensor * ROW
+    numel = tl.load(row + COL_NUMEL)
     if HAS_FOUND_INF:
         # GradScaler found an inf/NaN: the block counts as empty, nothing is loaded or stored.
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
@@ -186,14 +186,28 @@ def _store(pointers, value, mask, full):
 
 
 @triton.jit
-def _step_of(row, base_step, STEP_FROM_POINTER: tl.constexpr, STEP_DTYPE: tl.constexpr):
-    """This tensor's step count (fp64): read from its step tensor, or the launch's base step
-    minus the tensor's offset."""
+def _step_of(row, hyper, STEP_FROM_POINTER: tl.constexpr):
+    """This tensor's step count (fp64): read from its step tensor (fp32 or fp64), or its
+    group's base step minus the tensor's offset."""
     if STEP_FROM_POINTER:
-        step = tl.load(_pointer(row + 6, STEP_DTYPE, False)).to(tl.float64)
+        address = tl.load(row + COL_STEP)
+        if tl.load(row + COL_STEP_IS_DOUBLE) != 0:
+            step = tl.load(address.to(tl.pointer_type(tl.float64)))
+        else:
+            step = tl.load(address.to(tl.pointer_type(tl.float32))).to(tl.float64)
     else:
-        step = _as_f64(base_step) - tl.load(row + 6).to(tl.float64)
+        step = tl.load(hyper + HYPER_BASE_STEP) - tl.load(row + COL_STEP).to(tl.float64)
     return step
+
+
+@triton.jit
+def _lr_of(hyper, hyper_bits, LR_FROM_POINTER: tl.constexpr, LR_DTYPE: tl.constexpr):
+    """The group's lr in LR_DTYPE: read through the tensor lr's address, or from the table."""
+    if LR_FROM_POINTER:
+        lr = tl.load(tl.load(hyper_bits + HYPER_LR_ADDRESS).to(tl.pointer_type(LR_DTYPE)))
+    else:
+        lr = tl.load(hyper + HYPER_LR).to(LR_DTYPE)
+    return lr
 
 
 @triton.jit
@@ -220,24 +234,20 @@ def sgd_kernel(
     tensor_table,
     grad_table,
     block_table,
-    lr_ptr,
+    hyper_table,
+    hyper_bits,
     grad_scale_ptr,
     found_inf_ptr,
-    lr: tl.float64,
-    momentum: tl.float64,
-    dampening: tl.float64,
-    weight_decay: tl.float64,
-    base_step: tl.float64,
     seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
-    STEP_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
+    LR_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
@@ -253,29 +263,32 @@ def sgd_kernel(
     tensor, row, start, offsets, mask, full, numel = _block_location(
         block_table, tensor_table, found_inf_ptr, HAS_FOUND_INF, BLOCK
     )
-    param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
+    group = tl.load(row + COL_GROUP)
+    hyper = hyper_table + group * HYPER_ROW
+    hyper_row_bits = hyper_bits + group * HYPER_ROW
+    param_ptr = _pointer(row + COL_PARAM, PARAM_DTYPE, ALIGNED) + offsets
     grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
     if HAS_MASTER:
-        master_ptr = _pointer(row + 4, tl.float32, ALIGNED) + offsets
+        master_ptr = _pointer(row + COL_MASTER, tl.float32, ALIGNED) + offsets
         p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
     else:
         p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
     g = _load_grad(grad_ptr, mask, full, grad_scale_ptr, COMPUTE_DTYPE, GRAD_DTYPE, HAS_GRAD_SCALE)
     if MAXIMIZE:
         g = -g
-    wd64 = _as_f64(weight_decay)
+    wd64 = tl.load(hyper + HYPER_WEIGHT_DECAY)
     g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
 
     if HAS_MOMENTUM:
-        buf_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
+        buf_ptr = _pointer(row + COL_STATE0, STATE_DTYPE, ALIGNED) + offsets
         # A new buffer holds uninitialised memory: it is not read, and tl.where discards it.
-        new_buffer = tl.load(row + 7)
+        new_buffer = tl.load(row + COL_NEW_BUFFER)
         is_new = new_buffer != 0
         old_buffer_mask = offsets < numel * (1 - new_buffer)
         buf = _load(buf_ptr, old_buffer_mask, full & (new_buffer == 0)).to(COMPUTE_DTYPE)
-        mom = _as_f64(momentum).to(COMPUTE_DTYPE)
-        one_minus_dampening = (1.0 - _as_f64(dampening)).to(COMPUTE_DTYPE)
+        mom = tl.load(hyper + HYPER_BETA1).to(COMPUTE_DTYPE)
+        one_minus_dampening = (1.0 - tl.load(hyper + HYPER_BETA2)).to(COMPUTE_DTYPE)
         buf = tl.where(is_new, g, tl.fma(g, one_minus_dampening, buf * mom))
         _store(buf_ptr, _round_to(buf, STATE_DTYPE), mask, full)
         if NESTEROV:
@@ -283,16 +296,13 @@ def sgd_kernel(
         else:
             g = buf
 
-    if LR_FROM_POINTER:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = _as_f64(lr)
+    lr64 = _lr_of(hyper, hyper_row_bits, LR_FROM_POINTER, LR_DTYPE).to(tl.float64)
     p = tl.fma(g, (-lr64).to(COMPUTE_DTYPE), p)
     if HAS_MASTER:
         _store(master_ptr, p, mask, full)
     step = 0.0
     if STOCHASTIC_ROUNDING:
-        step = _step_of(row, base_step, STEP_FROM_POINTER, STEP_DTYPE)
+        step = _step_of(row, hyper, STEP_FROM_POINTER)
     rounded = _round_param(p, PARAM_DTYPE, STOCHASTIC_ROUNDING, seed, step, row, start, offsets)
     _store(param_ptr, rounded, mask, full)
 
@@ -302,22 +312,14 @@ def adam_kernel(
     tensor_table,
     grad_table,
     block_table,
-    lr_ptr,
+    hyper_table,
+    hyper_bits,
     grad_scale_ptr,
     found_inf_ptr,
-    lr: tl.float64,
-    beta1: tl.float64,
-    beta2: tl.float64,
-    eps: tl.float64,
-    weight_decay: tl.float64,
-    base_step: tl.float64,
-    base_bias_correction1: tl.float64,
-    base_bias_correction2_sqrt: tl.float64,
     seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
-    STEP_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -343,39 +345,38 @@ def adam_kernel(
     tensor, row, start, offsets, mask, full, _ = _block_location(
         block_table, tensor_table, found_inf_ptr, HAS_FOUND_INF, BLOCK
     )
-    param_ptr = _pointer(row + 0, PARAM_DTYPE, ALIGNED) + offsets
-    exp_avg_ptr = _pointer(row + 1, STATE_DTYPE, ALIGNED) + offsets
-    exp_avg_sq_ptr = _pointer(row + 2, STATE_DTYPE, ALIGNED) + offsets
+    group = tl.load(row + COL_GROUP)
+    hyper = hyper_table + group * HYPER_ROW
+    param_ptr = _pointer(row + COL_PARAM, PARAM_DTYPE, ALIGNED) + offsets
+    exp_avg_ptr = _pointer(row + COL_STATE0, STATE_DTYPE, ALIGNED) + offsets
+    exp_avg_sq_ptr = _pointer(row + COL_STATE1, STATE_DTYPE, ALIGNED) + offsets
     grad_ptr = _pointer(grad_table + tensor, GRAD_DTYPE, ALIGNED) + offsets
 
-    # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at the
-    # launch's base step use the host's bias corrections (bitwise torch's); the others, and
+    # Per-tensor scalars, in fp64 like torch.optim's host-side arithmetic. Tensors at their
+    # group's base step use the host's bias corrections (bitwise torch's); the others, and
     # steps read from device memory, compute beta^t here.
-    b1 = _as_f64(beta1)
-    b2 = _as_f64(beta2)
-    wd64 = _as_f64(weight_decay)
-    step = _step_of(row, base_step, STEP_FROM_POINTER, STEP_DTYPE)
+    b1 = tl.load(hyper + HYPER_BETA1)
+    b2 = tl.load(hyper + HYPER_BETA2)
+    wd64 = tl.load(hyper + HYPER_WEIGHT_DECAY)
+    step = _step_of(row, hyper, STEP_FROM_POINTER)
     if STEP_FROM_POINTER:
         bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
     else:
-        bias_correction1 = _as_f64(base_bias_correction1)
-        bias_correction2_sqrt = _as_f64(base_bias_correction2_sqrt)
-        if step != _as_f64(base_step):
+        bias_correction1 = tl.load(hyper + HYPER_BIAS_CORRECTION1)
+        bias_correction2_sqrt = tl.load(hyper + HYPER_BIAS_CORRECTION2_SQRT)
+        if step != tl.load(hyper + HYPER_BASE_STEP):
             bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
             bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
     # The scalar math around lr runs in LR_DTYPE: fp64 for a float lr (torch.optim's host
     # arithmetic), the tensor's dtype for a tensor lr (torch.optim's tensor arithmetic).
-    if LR_FROM_POINTER:
-        lr_t = tl.load(lr_ptr).to(LR_DTYPE)
-    else:
-        lr_t = _as_f64(lr).to(LR_DTYPE)
+    lr_t = _lr_of(hyper, hyper_bits + group * HYPER_ROW, LR_FROM_POINTER, LR_DTYPE)
     neg_step_size64 = (-_div(lr_t, bias_correction1.to(LR_DTYPE))).to(tl.float64)
     decay64 = (1.0 - lr_t * wd64.to(LR_DTYPE)).to(tl.float64)
     neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
     if HAS_MASTER:
-        master_ptr = _pointer(row + 4, tl.float32, ALIGNED) + offsets
+        master_ptr = _pointer(row + COL_MASTER, tl.float32, ALIGNED) + offsets
         p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
     else:
         p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
@@ -400,14 +401,14 @@ def adam_kernel(
     v = tl.fma((1.0 - b2).to(COMPUTE_DTYPE) * g, g, v * b2.to(COMPUTE_DTYPE))
 
     if AMSGRAD:
-        max_ptr = _pointer(row + 3, STATE_DTYPE, ALIGNED) + offsets
+        max_ptr = _pointer(row + COL_STATE2, STATE_DTYPE, ALIGNED) + offsets
         vmax = _load(max_ptr, mask, full).to(COMPUTE_DTYPE)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
         _store(max_ptr, _round_to(vmax, STATE_DTYPE), mask, full)
         denom = _div(_sqrt(vmax), bias_correction2_sqrt.to(COMPUTE_DTYPE))
     else:
         denom = _div(_sqrt(v), bias_correction2_sqrt.to(COMPUTE_DTYPE))
-    denom = denom + _as_f64(eps).to(COMPUTE_DTYPE)
+    denom = denom + tl.load(hyper + HYPER_EPS).to(COMPUTE_DTYPE)
     p = p + _div(neg_step_size * m, denom)
 
     _store(exp_avg_ptr, _round_to(m, STATE_DTYPE), mask, full)

@@ -1,0 +1,348 @@
+"""Launch plans: the tables that let ONE kernel launch update every tensor of a bucket.
+
+Plain torch (no triton, no extension needed). Used by every backend that walks pointer tables
+(the Triton kernels and the CUDA C++ kernels); the column layout below is the one place it is
+defined, and ``csrc/plan_layout.h`` spells the same numbers for C++ (a test compares them).
+
+* ``tensor_table`` (int64, ``TABLE_COLUMNS`` per tensor): addresses of the param, up to three
+  state tensors and the fp32 master weight; the element count; the step (an offset below its
+  group's base step, or the address of a step tensor); the new-momentum-buffer flag (SGD); the
+  param's index in the optimizer (it keys the stochastic-rounding bits); whether the step
+  tensor is fp64; and the tensor's group (a row of the hyperparameter table).
+* ``grad_table`` (int64, one per tensor): gradient addresses. Gradients usually move with every
+  backward pass, so they live apart from the rest and are re-uploaded only when they change.
+* ``block_table`` (int64 pairs): for every program, which tensor it works on and where its
+  block starts.
+* ``hyper_table`` (float64, ``HYPER_COLUMNS`` per group): lr, beta1 (SGD: momentum), beta2 (SGD:
+  dampening), eps, weight decay, the group's base step and torch.optim's bias corrections at it,
+  and (through an int64 view) the address of a tensor lr the kernel reads on the device. Built
+  every step from the groups' values (a few floats per group), so nothing recompiles or rebuilds
+  when a scheduler changes them.
+
+A plan is valid only while every tensor it addresses keeps its data pointer, numel, shape,
+strides, dtype and device (``signatures``); anything else rebuilds it, including grads that keep
+their address but change layout. Tensors a kernel cannot walk as one dense span in the param's
+memory order (a strided param, a grad or state of another layout or dtype) are *staged*: the plan
+keeps a dense work tensor for each, copies into it before the launch and, for tensors the kernel
+writes, back after it. The kernel never writes to a copy that is then thrown away.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+import torch
+from torch import Tensor
+
+from .contract import AdamHyper, SgdHyper
+
+# tensor_table columns.
+(
+    COL_PARAM,
+    COL_STATE0,
+    COL_STATE1,
+    COL_STATE2,
+    COL_MASTER,
+    COL_NUMEL,
+    COL_STEP,
+    COL_NEW_BUFFER,
+    COL_INDEX,
+    COL_STEP_IS_DOUBLE,
+    COL_GROUP,
+) = range(11)
+TABLE_COLUMNS = 11
+
+# hyper_table columns (SGD keeps momentum and dampening where Adam keeps its betas).
+(
+    HYPER_LR,
+    HYPER_BETA1,
+    HYPER_BETA2,
+    HYPER_EPS,
+    HYPER_WEIGHT_DECAY,
+    HYPER_BASE_STEP,
+    HYPER_BIAS_CORRECTION1,
+    HYPER_BIAS_CORRECTION2_SQRT,
+    HYPER_LR_ADDRESS,
+) = range(9)
+HYPER_COLUMNS = 9
+HYPER_MOMENTUM, HYPER_DAMPENING = HYPER_BETA1, HYPER_BETA2
+
+LAYOUT = {
+    name: value
+    for name, value in globals().items()
+    if name.startswith(("COL_", "HYPER_")) or name in ("TABLE_COLUMNS",)
+}
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers exactly ``t.numel()`` consecutive elements (any dim order)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """True when ``a`` and ``b`` store their elements in the same order."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()) if size != 1)
+
+
+_dtype = attrgetter("dtype")
+
+
+def signatures(tensors: list) -> tuple[list, list, list, list]:
+    """What a plan's tables and stages depend on for these tensors: their addresses, dtypes,
+    shapes and strides (numel follows from the shape; the device is the plan's). Built with
+    C-level ``map`` (about 0.3 us per tensor)."""
+    return (
+        list(map(Tensor.data_ptr, tensors)),
+        list(map(_dtype, tensors)),
+        list(map(Tensor.size, tensors)),
+        list(map(Tensor.stride, tensors)),
+    )
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host table to ``device`` without making the host wait for the device
+    (through pinned memory on CUDA, which the caching allocator keeps alive until the copy)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def step_values(steps: list[Tensor]) -> Tensor:
+    """The host step counts as one tensor: the shared buffer the optimizer keeps them in (its
+    ``step`` states are consecutive 0-dim views of it; no copy then), or a stack of them."""
+    buffer = steps[0]._base
+    if buffer is not None and buffer.dim() == 1 and buffer.numel() == len(steps):
+        start, size = buffer.data_ptr(), buffer.element_size()
+        if list(map(Tensor.data_ptr, steps)) == list(range(start, start + size * len(steps), size)):
+            return buffer
+    return torch.stack([s.reshape(()) for s in steps])
+
+
+class Stage:
+    """A dense work tensor standing in for a tensor the kernel cannot address directly."""
+
+    __slots__ = ("source", "work", "writes_back")
+
+    def __init__(self, source: Tensor, like: Tensor, dtype: torch.dtype, writes_back: bool):
+        self.source = source
+        self.work = torch.empty_like(like, dtype=dtype)
+        self.writes_back = writes_back
+
+
+def _resolve(t: Tensor, anchor: Tensor, dtype: torch.dtype, writes_back: bool, stages: list):
+    if t.dtype == dtype and is_dense(t) and same_layout(t, anchor):
+        return t
+    stage = Stage(t, anchor, dtype, writes_back)
+    stages.append(stage)
+    return stage.work
+
+
+class LaunchPlan:
+    """The tables of one bucket, plus the stages its odd layouts need.
+
+    ``state_dtype``: the dtype the kernel reads and writes states in (states of another dtype
+    are staged through it). ``block``: elements per block-table entry.
+    """
+
+    def __init__(self, work, states, state_dtype, block, new_buffers, step_column, key):
+        params = work.params
+        masters = work.masters
+        self.key = key
+        self.step_column = step_column
+        self.block = block
+        self.state_dtype = state_dtype
+        self.device = params[0].device
+        self.stages: list[Stage] = []
+        self.grad_stages: list[Stage] = []
+        self.grad_key: tuple | None = None
+        self.grad_table: Tensor | None = None
+        self.grads_aligned = False
+        self.anchors: list[Tensor] = []
+        rows = []
+        steps = work.steps
+        for i, p in enumerate(params):
+            anchor = p if is_dense(p) else _resolve(p, p, p.dtype, True, self.stages)
+            self.anchors.append(anchor)
+            row = [anchor.data_ptr()]
+            for column in states:
+                row.append(_resolve(column[i], anchor, state_dtype, True, self.stages).data_ptr())
+            row += [0] * (COL_MASTER - len(row))
+            master = masters[i] if masters else None
+            if master is not None:
+                master = _resolve(master, anchor, torch.float32, True, self.stages)
+            step_is_double = bool(steps) and steps[i].dtype == torch.float64
+            row += [
+                0 if master is None else master.data_ptr(),
+                p.numel(),
+                0,
+                int(new_buffers[i]) if new_buffers else 0,
+                work.indices[i] if work.indices else 0,
+                int(step_is_double),
+                work.groups[i],
+            ]
+            rows.append(row)
+        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, TABLE_COLUMNS)
+        if step_column is not None:
+            host[:, COL_STEP] = step_column
+        self.tensor_table = upload(host, self.device)
+        # 16-byte aligned addresses let the kernels use vector accesses (ALIGNED flag).
+        self.tensors_aligned = not bool((host[:, :COL_NUMEL] % 16).any())
+        numels = host[:, COL_NUMEL]
+        blocks_per_tensor = (numels + block - 1) // block
+        self.num_blocks = int(blocks_per_tensor.sum())
+        tensor_index = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
+        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+        block_in_tensor = torch.arange(self.num_blocks) - first_block[tensor_index]
+        block_host = torch.stack([tensor_index, block_in_tensor * block], dim=1).contiguous()
+        self.block_table = upload(block_host, self.device)
+        self.hyper_key: list | None = None
+        self.hyper_table: Tensor | None = None
+
+    def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype, writes_back: bool) -> None:
+        """Point the grad table at this step's gradients (re-uploaded only when they changed
+        address, dtype, shape or strides).
+
+        ``writes_back``: the kernel writes the gradients (unscaled by GradScaler's scale), so
+        a staged gradient is copied back after the launch.
+        """
+        key = (signatures(grads), writes_back)
+        if key == self.grad_key:
+            return  # a staged grad is held by its stage, so no new grad can take its address
+        self.grad_stages = []
+        pointers = [
+            _resolve(g, anchor, grad_dtype, writes_back, self.grad_stages).data_ptr()
+            for g, anchor in zip(grads, self.anchors)
+        ]
+        self.grad_table = upload(torch.tensor(pointers, dtype=torch.int64), self.device)
+        self.grads_aligned = not any(pointer % 16 for pointer in pointers)
+        self.grad_key = key
+
+    def bind_hypers(self, rows: list[list[float]], lr_tensors: list[Tensor | None]) -> Tensor:
+        """The hyperparameter table for this step (uploaded only when a value changed)."""
+        key = [rows, [None if t is None else t.data_ptr() for t in lr_tensors]]
+        if key != self.hyper_key:
+            host = torch.tensor(rows, dtype=torch.float64).reshape(-1, HYPER_COLUMNS)
+            addresses = host.view(torch.int64)[:, HYPER_LR_ADDRESS]
+            for g, t in enumerate(lr_tensors):
+                addresses[g] = 0 if t is None else t.data_ptr()
+            self.hyper_table = upload(host, self.device)
+            self.hyper_key = key
+        return self.hyper_table
+
+    @property
+    def aligned(self) -> bool:
+        return self.tensors_aligned and self.grads_aligned
+
+    def stage_in(self) -> None:
+        for stage in self.stages:
+            stage.work.copy_(stage.source)
+        for stage in self.grad_stages:
+            stage.work.copy_(stage.source)
+
+    def stage_out(self) -> None:
+        for stage in self.stages + self.grad_stages:
+            if stage.writes_back:
+                stage.source.copy_(stage.work)
+
+
+def _key(work, states, state_dtype, new_buffers) -> tuple:
+    return (
+        signatures(work.params),
+        [signatures(column) for column in states],
+        signatures(work.masters),
+        state_dtype,
+        list(new_buffers) if new_buffers else None,
+        work.indices,
+        work.groups,
+    )
+
+
+def plan_for(
+    work,
+    name: str,
+    states: list[list[Tensor]],
+    state_dtype: torch.dtype,
+    block: int,
+    new_buffers: list[int] | None = None,
+    step_column: Tensor | None = None,
+) -> LaunchPlan:
+    """The bucket's plan ``name`` (kept in ``work.plan``, which the optimizer owns), rebuilt
+    when any tensor it addresses changed its address, dtype, shape or strides, or a per-tensor
+    column changed. ``states``: the state columns, in table order. ``step_column``: each
+    tensor's step offset below its group's base step, or the addresses of step tensors."""
+    if not isinstance(work.plan, dict):
+        work.plan = {}
+    plan = work.plan.get(name)
+    key = _key(work, states, state_dtype, new_buffers)
+    if (
+        plan is None
+        or plan.key != key
+        or (step_column is None) != (plan.step_column is None)
+        or (step_column is not None and not torch.equal(step_column, plan.step_column))
+    ):
+        plan = LaunchPlan(work, states, state_dtype, block, new_buffers, step_column, key)
+        work.plan[name] = plan
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameter rows.
+
+
+def step_columns(work, step_pointers: bool) -> tuple[list[float], Tensor | None]:
+    """(each group's base step, the table's step column).
+
+    ``step_pointers``: the kernel reads each step from its tensor (capturable=True, GradScaler):
+    the column holds the steps' addresses. Otherwise (host steps, torch.optim's default path)
+    each group's base step is the largest step of its tensors and the column holds each
+    tensor's offset below it, so that every tensor at its group's base step uses bias
+    corrections computed exactly as torch.optim computes them."""
+    groups = max(work.groups, default=0) + 1
+    if not work.steps:
+        return [0.0] * groups, None
+    if step_pointers:
+        return [1.0] * groups, torch.tensor(list(map(Tensor.data_ptr, work.steps)))
+    values = step_values(work.steps).to(torch.float64)
+    group_index = torch.tensor(work.groups, dtype=torch.int64)
+    base = torch.full((groups,), float("-inf"), dtype=torch.float64)
+    base = base.scatter_reduce(0, group_index, values, reduce="amax")
+    return base.tolist(), (base[group_index] - values).to(torch.int64)
+
+
+def hyper_rows(hypers, base_steps: list[float], lr_on_device: bool = False) -> tuple[list, list]:
+    """(rows of the hyperparameter table, the tensor lr of each group or None).
+
+    ``lr_on_device``: the kernel reads each group's tensor lr through its address (the row's lr
+    is then 0); otherwise a tensor lr is read here (a sync if it lives on a GPU).
+
+    Adam's bias corrections at the group's base step are torch.optim's host arithmetic
+    (``1 - beta1 ** step`` and ``(1 - beta2 ** step) ** 0.5`` in fp64)."""
+    rows, lr_tensors = [], []
+    for hyper, base in zip(hypers, base_steps):
+        lr = hyper.lr
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        lr_value = 0.0 if lr_tensor is not None and lr_on_device else float(lr)
+        lr_tensors.append(lr_tensor)
+        if isinstance(hyper, AdamHyper):
+            rows.append([
+                lr_value, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, base,
+                1 - hyper.beta1**base, (1 - hyper.beta2**base) ** 0.5, 0.0,
+            ])  # fmt: skip
+        else:
+            assert isinstance(hyper, SgdHyper)
+            rows.append([
+                lr_value, hyper.momentum, hyper.dampening, 0.0, hyper.weight_decay, base,
+                1.0, 1.0, 0.0,
+            ])  # fmt: skip
+    return rows, lr_tensors

@@ -1,0 +1,168 @@
+"""The step engine: which tensors one ``step()`` updates, in which buckets, by which backend.
+
+A ``StepPlan`` covers every param group at once. Its buckets cut across groups: all tensors that
+share (backend, device, param dtype, state dtype, master weights, the algorithm's code flags)
+are updated by ONE backend call, whatever group they belong to; each group's hyperparameters
+are a row the kernel reads (``backends.contract``). The plan is owned by the optimizer and
+valid while its fingerprint holds: the same params with grads (objects and storage), the same
+state dicts and state tensors, and the same per-group structure (flags, lr kind, which states
+exist). Anything else builds a new plan; launch plans below it (``backends.plan``) further check
+every tensor's address, dtype, shape and strides.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter, methodcaller
+
+import torch
+from torch import Tensor
+
+from ..backends.contract import Work
+from ._state import any_dtensor, needs_views, real_view
+
+_grad = attrgetter("grad")
+
+
+def fingerprint(params: list[Tensor]) -> list:
+    """What must not change about the params for a plan to stay valid: the objects and their
+    storage. Built with C-level ``map``, so that checking costs far less than rebuilding."""
+    storage = [real_view(p) for p in params] if any_dtensor(params) else params
+    return [list(map(id, params)), list(map(Tensor.data_ptr, storage))]
+
+
+def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
+    """The same for state: the state dicts, and the tensors under ``keys`` in them (None when a
+    param has no state yet)."""
+    if None in states:
+        return None
+    result = [list(map(id, states))]
+    for key in keys:
+        result.append(list(map(id, map(methodcaller("get", key), states))))
+    return result
+
+
+class Bucket:
+    """One backend call: ``positions`` index the plan's flat tensor list, ``group_ids`` map the
+    bucket's local group numbers (``work.groups``) to the optimizer's param groups."""
+
+    __slots__ = ("backend", "flags", "group_ids", "positions", "whole", "work")
+
+    def __init__(self, backend, flags, positions: list[int], whole: bool):
+        self.backend = backend
+        self.flags = flags
+        self.positions = positions
+        self.whole = whole
+        self.group_ids: list[int] = []
+        self.work: Work | None = None
+
+    def take(self, values: list) -> list:
+        return values if self.whole else [values[i] for i in self.positions]
+
+
+class StepPlan:
+    """Every tensor of one step, flattened over the param groups, and its buckets.
+
+    ``params``/``states``/``group_of``/``indices`` are flat over the groups that have grads;
+    ``steps`` are the buffers holding every ``step`` state (see ``_state.gather_steps``).
+    """
+
+    def __init__(self, params, states, group_of, indices, check, structure, sparse):
+        self.params = params
+        self.states = states
+        self.group_of = group_of
+        self.indices = indices
+        self.check = check
+        self.structure = structure
+        self.sparse = sparse
+        self.views = needs_views(params)
+        self.step_buffers: list[Tensor] = []
+        self.buckets: list[Bucket] = []
+        self.fast: FastPath | None = None
+        self.fast_tried = False
+
+    def matches(self, check, structure, sparse) -> bool:
+        return structure == self.structure and sparse == self.sparse and check == self.check
+
+    def real_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        return [real_view(g) for g in grads] if self.views else grads
+
+    def add_bucket(self, backend, flags, positions: list[int], state_keys, master_key, dtype):
+        """A bucket of the flat tensors at ``positions``, updated by ``backend`` with ``flags``;
+        ``dtype`` is the dtype of the states it creates."""
+        bucket = Bucket(backend, flags, positions, len(positions) == len(self.params))
+        real_params = [real_view(p) for p in self.params] if self.views else self.params
+        groups = bucket.take(self.group_of)
+        bucket.group_ids = sorted(set(groups))
+        local = {g: i for i, g in enumerate(bucket.group_ids)}
+        states = bucket.take(self.states)
+        masters = [real_view(s.get(master_key)) for s in states] if master_key else []
+        bucket.work = Work(
+            params=bucket.take(real_params),
+            grads=[],
+            states={key: [real_view(s.get(key)) for s in states] for key in state_keys},
+            groups=[local[g] for g in groups],
+            steps=[s["step"] for s in states] if states and "step" in states[0] else [],
+            masters=masters if any(m is not None for m in masters) else [],
+            indices=bucket.take(self.indices),
+            new_state_dtype=dtype,
+            own_params=not self.views,
+        )
+        self.buckets.append(bucket)
+
+
+def params_with_grads(param_groups: list[dict]) -> list[list[Tensor]]:
+    """Each group's params that have a gradient, in order."""
+    return [[p for p in group["params"] if p.grad is not None] for group in param_groups]
+
+
+def grads_of(params: list[Tensor]) -> list[Tensor]:
+    return list(map(_grad, params))
+
+
+def is_sparse_any(grads: list[Tensor]) -> bool:
+    return any(map(attrgetter("is_sparse"), grads))
+
+
+def flat(lists: list[list]) -> list:
+    out: list = []
+    for part in lists:
+        out += part
+    return out
+
+
+def device_of(t: Tensor) -> torch.device:
+    return t.device
+
+
+class FastPath:
+    """The compiled per-step path of a plan: checks in the extension that the param groups list
+    the same params with grads and the state the same dicts and tensors, then each bucket's host
+    step (``backends.contract.HostStep``) checks its tensors and runs, collecting the grads from
+    the params itself. Per-group values are compared as a whole (``raw``) and read again only
+    when one changed. Built once per plan; any failed check falls back to the full path."""
+
+    def __init__(self, checks, plan: StepPlan, param_groups, state, steps, amp, raw, hypers):
+        self.checks = checks
+        self.steps = steps
+        self.amp = amp
+        self.raw = raw
+        self.hypers = hypers
+        self.bucket_hypers = [[hypers[g] for g in b.group_ids] for b in plan.buckets]
+        self.group_params = [group["params"] for group in param_groups]
+        flat_params = flat(self.group_params)
+        self.param_ids = list(map(id, flat_params))
+        self.with_grad = [p.grad is not None for p in flat_params]
+        self.dict_ids = list(map(id, state.values()))
+        self.dicts = [s for s in plan.states if s]
+        self.keys = sorted({key for s in self.dicts for key in s})
+        self.entry_ids = [id(s[key]) if key in s else 0 for s in self.dicts for key in self.keys]
+
+    def holds(self, param_groups, state) -> bool:
+        group_params = [group["params"] for group in param_groups]
+        return (
+            self.checks.params_unchanged(group_params, self.param_ids, self.with_grad)
+            and self.checks.state_unchanged(
+                state, self.dict_ids, self.dicts, self.keys, self.entry_ids
+            )
+            and all(step.check() for step in self.steps)
+        )

@@ -1,0 +1,339 @@
+"""The step engine: one backend call (one launch) per bucket whatever the number of param groups,
+per-group hyperparameters as data, plans owned by the optimizer, one typed backend contract.
+
+Oracle: torch.optim's for-loop run with correctly rounded arithmetic (``testing``), bitwise for
+fp32, on fresh random data; every param must move.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import fused_optim
+from fused_optim.backends import contract
+from fused_optim.backends import plan as plans
+from fused_optim.testing import correctly_rounded_optimizer
+
+BACKENDS = [b for b in ("triton", "cpu", "reference") if b in fused_optim.available_backends("cpu")]
+NAMES = ["SGD", "Adam", "AdamW"]
+
+
+def group_config(name: str, index: int) -> dict:
+    """Hyperparameters that differ from group to group (as layer-wise lr decay makes them)."""
+    if name == "SGD":
+        return dict(lr=0.1 * 0.8**index, momentum=0.5 + 0.04 * index, dampening=0.01 * index,
+                    weight_decay=0.01 * (index % 3))  # fmt: skip
+    return dict(lr=0.01 * 0.8**index, betas=(0.9 - 0.01 * index, 0.999 - 0.001 * index),
+                eps=10.0 ** -(6 + index % 3), weight_decay=0.02 * (index % 3))  # fmt: skip
+
+
+def make_pair(name, backend, num_groups, per_group=2, seed=0, common=None):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (3, 5), (0,), (33,)]
+    ours, theirs = [], []
+    for g in range(num_groups):
+        for k in range(per_group):
+            t = torch.randn(shapes[(g + k) % len(shapes)], generator=gen)
+            ours.append(torch.nn.Parameter(t.clone()))
+            theirs.append(torch.nn.Parameter(t.clone()))
+
+    def groups(params):
+        return [
+            {"params": params[g * per_group : (g + 1) * per_group], **group_config(name, g)}
+            for g in range(num_groups)
+        ]
+
+    common = common or {}
+    opt = getattr(fused_optim, name)(groups(ours), backend=backend, **common)
+    exact = correctly_rounded_optimizer(getattr(torch.optim, name))
+    ref = exact(groups(theirs), foreach=False, **common)
+    return opt, ref, ours, theirs, gen
+
+
+def set_grads(ours, theirs, gen):
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+
+
+def assert_same(opt, ref, ours, theirs):
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key, value in ref.state[q].items():
+            assert torch.equal(opt.state[p][key].cpu(), value.cpu()), key
+
+
+class CountingKernel:
+    """Stands in for a Triton kernel and counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_many_groups_one_launch_bitwise_torch(name, backend, monkeypatch):
+    opt, ref, ours, theirs, gen = make_pair(name, backend, num_groups=28, per_group=1)
+    counter = None
+    if backend == "triton":
+        from fused_optim.backends.triton import kernels
+
+        attribute = "sgd_kernel" if name == "SGD" else "adam_kernel"
+        counter = CountingKernel(getattr(kernels, attribute))
+        monkeypatch.setattr(kernels, attribute, counter)
+    initial = [p.detach().clone() for p in ours]
+    for step in range(4):
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+        assert opt.launches_per_step() == 1, "28 groups of one flag set must be ONE launch"
+        assert counter is None or counter.launches == step + 1
+        assert_same(opt, ref, ours, theirs)
+    assert all(not torch.equal(p, i) for p, i in zip(ours, initial) if p.numel())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_group_per_param_for_200_params_is_one_launch(backend):
+    opt, ref, ours, theirs, gen = make_pair("AdamW", backend, num_groups=200, per_group=1)
+    set_grads(ours, theirs, gen)
+    opt.step()
+    ref.step()
+    assert opt.launches_per_step() == 1
+    assert_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameters_changing_every_step_keep_the_plan(name, backend):
+    """A scheduler (or a hand-written group["lr"]) changes values, not code: the step plan and
+    the launch plans below it stay, and the results follow torch.optim bit for bit."""
+    opt, ref, ours, theirs, gen = make_pair(name, backend, num_groups=3)
+    set_grads(ours, theirs, gen)
+    opt.step()
+    ref.step()
+    step_plan = opt._plan
+    launch_plans = [bucket.work.plan for bucket in step_plan.buckets]
+    for step in range(3):
+        for optimizer in (opt, ref):
+            for g, group in enumerate(optimizer.param_groups):
+                group["lr"] *= 0.5 + 0.1 * g
+                group["weight_decay"] = 0.05 * ((step + g) % 2)
+                if name == "SGD":
+                    group["momentum"] = 0.9 - 0.1 * step
+                else:
+                    group["betas"] = (0.8 + 0.05 * step, 0.99 - 0.001 * g)
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+    assert opt._plan is step_plan
+    assert [bucket.work.plan for bucket in step_plan.buckets] == launch_plans
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_code_flags_split_launches(backend):
+    gen = torch.Generator().manual_seed(1)
+    ours = [torch.nn.Parameter(torch.randn(9, generator=gen)) for _ in range(6)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(params):
+        return [
+            {"params": params[0:2], "nesterov": True, "momentum": 0.9},
+            {"params": params[2:4], "lr": 0.3, "momentum": 0.8},
+            {"params": params[4:6], "momentum": 0.7, "dampening": 0.2, "weight_decay": 0.1},
+        ]
+
+    opt = fused_optim.SGD(groups(ours), lr=0.1, backend=backend)
+    ref = correctly_rounded_optimizer(torch.optim.SGD)(groups(theirs), lr=0.1, foreach=False)
+    for _ in range(3):
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+    assert opt.launches_per_step() == 2  # nesterov changes the code; lr, momentum... do not
+
+
+def test_groups_at_different_steps_keep_torch_bias_corrections():
+    """A group added later runs at other step counts than the first: each group's bias
+    corrections are computed at its own base step, as torch.optim computes them."""
+    for backend in BACKENDS:
+        opt, ref, ours, theirs, gen = make_pair("Adam", backend, num_groups=1, seed=3)
+        for _ in range(3):
+            set_grads(ours, theirs, gen)
+            opt.step()
+            ref.step()
+        extra = torch.randn(5, generator=gen)
+        p, q = torch.nn.Parameter(extra.clone()), torch.nn.Parameter(extra.clone())
+        opt.add_param_group({"params": [p], "lr": 0.02})
+        ref.add_param_group({"params": [q], "lr": 0.02})
+        ours, theirs = [*ours, p], [*theirs, q]
+        for _ in range(2):
+            set_grads(ours, theirs, gen)
+            opt.step()
+            ref.step()
+            assert_same(opt, ref, ours, theirs)
+        assert opt.launches_per_step() == 1
+
+
+@pytest.mark.parametrize("name", ["triton", "cpu", "reference", "cuda"])
+def test_every_backend_implements_the_contract(name):
+    import importlib
+
+    module = importlib.import_module(f"fused_optim.backends.{name}")
+    assert isinstance(module.NAME, str) and module.NAME == name
+    assert isinstance(module.SUPPORTS_SPARSE, bool)
+    assert callable(module.is_available)
+    for entry in ("sgd", "adam"):
+        parameters = list(inspect.signature(getattr(module, entry)).parameters)
+        assert parameters == ["work", "hypers", "flags", "context"], (name, entry, parameters)
+
+
+def test_contract_types_are_frozen():
+    hyper = contract.AdamHyper(0.1, 0.9, 0.999, 1e-8, 0.0)
+    with pytest.raises(AttributeError):
+        hyper.lr = 0.2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        contract.SgdFlags(True, False, False).momentum = False  # type: ignore[misc]
+
+
+def test_plans_are_owned_by_the_optimizer():
+    """No module-level plan cache: dropping the optimizer drops its plans."""
+    import gc
+    import weakref
+
+    params = [torch.nn.Parameter(torch.randn(10)) for _ in range(3)]
+    opt = fused_optim.AdamW(params, backend=BACKENDS[0])
+    for p in params:
+        p.grad = torch.randn(10)
+    opt.step()
+    watched = weakref.ref(opt._plan)
+    del opt
+    gc.collect()
+    assert watched() is None
+
+
+def test_table_layout_is_defined_once():
+    assert plans.TABLE_COLUMNS == plans.COL_GROUP + 1
+    assert plans.HYPER_COLUMNS == plans.HYPER_LR_ADDRESS + 1
+    columns = [value for key, value in plans.LAYOUT.items() if key.startswith("COL_")]
+    assert sorted(columns) == list(range(plans.TABLE_COLUMNS))
+
+
+def _edit_state_by_hand(opt, ref, ours, theirs, gen):
+    # A state tensor replaced (as offloading code does): the new one is the one updated.
+    for optimizer, params in ((opt, ours), (ref, theirs)):
+        state = optimizer.state[params[1]]
+        state["exp_avg"] = state["exp_avg"].clone()
+
+
+def _clear_state(opt, ref, ours, theirs, gen):
+    opt.state.clear()
+    ref.state.clear()
+
+
+def _drop_a_grad(opt, ref, ours, theirs, gen):
+    ours[2].grad = None
+    theirs[2].grad = None
+
+
+def _move_a_param(opt, ref, ours, theirs, gen):
+    value = torch.randn(ours[0].shape, generator=gen)
+    ours[0].data = value.clone()
+    theirs[0].data = value.clone()
+
+
+def _add_a_param(opt, ref, ours, theirs, gen):
+    value = torch.randn(6, generator=gen)
+    p, q = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+    opt.param_groups[0]["params"].append(p)
+    ref.param_groups[0]["params"].append(q)
+    ours.append(p)
+    theirs.append(q)
+
+
+def _toggle_maximize(opt, ref, ours, theirs, gen):
+    opt.param_groups[1]["maximize"] = True
+    ref.param_groups[1]["maximize"] = True
+
+
+EDITS = [_edit_state_by_hand, _clear_state, _drop_a_grad, _move_a_param, _add_a_param,
+         _toggle_maximize]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
+def test_every_change_between_steps_is_seen(backend, edit):
+    """Whatever changes between two steps (through the compiled fast path where the extension
+    is built), the result is torch.optim's, bit for bit."""
+    opt, ref, ours, theirs, gen = make_pair("Adam", backend, num_groups=2, per_group=3, seed=5)
+    for _ in range(3):
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+    edit(opt, ref, ours, theirs, gen)
+    for _ in range(2):
+        for p, q in zip(ours, theirs):
+            if p.grad is not None:
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.clone(), g.clone()
+        if edit is _add_a_param:
+            ours[-1].grad = torch.randn(6, generator=gen)
+            theirs[-1].grad = ours[-1].grad.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_grads_of_any_layout_every_step(backend):
+    """Grads are new tensors every step (zero_grad's default), sometimes transposed views."""
+    gen = torch.Generator().manual_seed(9)
+    ours = [torch.nn.Parameter(torch.randn(4, 6, generator=gen)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=0.1, backend=backend)
+    ref = correctly_rounded_optimizer(torch.optim.AdamW)(theirs, lr=0.1, foreach=False)
+    for step in range(5):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn(6, 4, generator=gen).t() if (step + i) % 2 else torch.randn(4, 6)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+
+
+def test_the_cpu_fast_path_is_taken():
+    """With the extension built, later steps run through the compiled host path."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU extension is not built here")
+    opt, ref, ours, theirs, gen = make_pair("AdamW", "cpu", num_groups=3)
+    for _ in range(3):
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+    assert opt._plan.fast is not None
+    calls = []
+    opt._plan.fast.steps[0].host = _Spy(opt._plan.fast.steps[0].host, calls)
+    set_grads(ours, theirs, gen)
+    opt.step()
+    ref.step()
+    assert calls == ["run"]
+    assert_same(opt, ref, ours, theirs)
+
+
+class _Spy:
+    def __init__(self, host, calls):
+        self.host, self.calls = host, calls
+
+    def check(self):
+        return self.host.check()
+
+    def run(self, *args):
+        self.calls.append("run")
+        return self.host.run(*args)
