@@ -593,6 +593,33 @@ bool state_unchanged(const pybind11::dict& state, const std::vector<intptr_t>& d
   return same;
 }
 
+// Whether every param group still holds the very objects of `values` (one tuple of the group's
+// values per group, in order): identity, so that any value written since counts as changed. A
+// list value (betas given as a list) is recorded as a tuple of its items, compared item by item.
+bool values_unchanged(const pybind11::list& groups, const pybind11::list& values) {
+  const Py_ssize_t count = PyList_GET_SIZE(groups.ptr());
+  if (count != PyList_GET_SIZE(values.ptr())) return false;
+  for (Py_ssize_t g = 0; g < count; ++g) {
+    PyObject* group = PyList_GET_ITEM(groups.ptr(), g);
+    PyObject* expected = PyList_GET_ITEM(values.ptr(), g);
+    if (!PyDict_Check(group) || !PyTuple_Check(expected)) return false;
+    if (PyDict_Size(group) != PyTuple_GET_SIZE(expected)) return false;
+    Py_ssize_t position = 0, k = 0;
+    PyObject *key = nullptr, *value = nullptr;
+    while (PyDict_Next(group, &position, &key, &value)) {
+      PyObject* recorded = PyTuple_GET_ITEM(expected, k++);
+      if (value == recorded) continue;
+      if (!PyList_Check(value) || !PyTuple_Check(recorded)) return false;
+      const Py_ssize_t n = PyList_GET_SIZE(value);
+      if (n != PyTuple_GET_SIZE(recorded)) return false;
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (PyList_GET_ITEM(value, i) != PyTuple_GET_ITEM(recorded, i)) return false;
+      }
+    }
+  }
+  return true;
+}
+
 // Whether the param groups still list the same params (`ids`, flat over the groups) and
 // exactly those of `with_grad` have a grad.
 bool params_unchanged(const pybind11::list& group_params, const std::vector<intptr_t>& ids,
@@ -656,4 +683,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &HostPlan::size);
   m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
   m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
+  m.def("values_unchanged", &fused_optim::cpu::values_unchanged);
 }

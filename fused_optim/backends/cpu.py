@@ -102,17 +102,18 @@ class _HostStep:
     params, checks every tensor's signature, and runs the kernel. No tensor list crosses from
     Python."""
 
-    def __init__(self, host):
+    def __init__(self, host, tensor_lr: bool):
         self.host = host
-        self.rows: list | None = None
+        self.tensor_lr = tensor_lr  # its value can change in place: read it every step
+        self.hypers: list | None = None
         self.table: Tensor | None = None
         self.check = host.check
 
     def run(self, hypers, context: StepContext) -> None:
-        rows, lr_tensors = plans.hyper_rows(hypers, [0.0] * len(hypers))
-        if rows != self.rows or any(t is not None for t in lr_tensors):
-            self.table = torch.tensor(rows, dtype=torch.float64)
-            self.rows = rows
+        # The optimizer hands the same list while no group value changed.
+        if hypers is not self.hypers or self.tensor_lr:
+            self.table = _hyper_table(hypers)
+            self.hypers = hypers
         self.host.run(self.table, context.grad_scale, context.found_inf)
 
 
@@ -146,7 +147,7 @@ def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | No
         context.stochastic_rounding,
         _seed(context.seed),
     )
-    return None if host is None else _HostStep(host)
+    return None if host is None else _HostStep(host, isinstance(lr, Tensor))
 
 
 def _hyper_table(hypers) -> Tensor:

@@ -23,6 +23,7 @@ from ._engine import (
     fingerprint,
     flat,
     grads_of,
+    group_values,
     is_sparse_any,
     params_with_grads,
     state_fingerprint,
@@ -215,7 +216,7 @@ class FusedOptimizerMixin:
             if step is None:
                 return None
             steps.append(step)
-        raw = [tuple(group.values()) for group in self.param_groups]
+        raw = group_values(self.param_groups)
         amp = self._amp_kind(context)
         return FastPath(checks, plan, self.param_groups, self.state, steps, amp, raw, hypers)
 
@@ -226,8 +227,8 @@ class FusedOptimizerMixin:
         if torch.compiler.is_compiling() or fast.amp != self._amp_kind(context):
             return False
         groups = self.param_groups
-        raw = [tuple(group.values()) for group in groups]
-        if raw != fast.raw:
+        if not fast.checks.values_unchanged(groups, fast.raw):
+            raw = group_values(groups)
             # A value changed (a scheduler's lr): read the groups again, check them (raising
             # torch.optim's errors before anything changes), and keep the plan if no flag did.
             if len(groups) != len(plan.structure):

@@ -134,6 +134,18 @@ def device_of(t: Tensor) -> torch.device:
     return t.device
 
 
+def group_values(param_groups: list[dict]) -> list[tuple]:
+    """Each group's values, as the extension's ``values_unchanged`` compares them (by identity;
+    a list value other than the params as a tuple of its items, so that an item written into
+    it counts as a change)."""
+    return [
+        tuple(
+            tuple(v) if isinstance(v, list) and key != "params" else v for key, v in group.items()
+        )
+        for group in param_groups
+    ]
+
+
 class FastPath:
     """The compiled per-step path of a plan: checks in the extension that the param groups list
     the same params with grads and the state the same dicts and tensors, then each bucket's host
