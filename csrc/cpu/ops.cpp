@@ -560,6 +560,65 @@ class HostPlan {
   int64_t seed_ = 0;
 };
 
+// The per-step host work of a table-walking backend (Triton, CUDA): checks that every param and
+// held tensor (states, masters, steps) kept its signature and that every param has a grad the
+// kernel can walk in place (dense, the param's layout, device and the bucket's grad dtype), and
+// writes the grads' addresses into a fresh host table. Grads needing staging fail the check (the
+// full path stages them).
+class GradTable {
+ public:
+  GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype)
+      : params_(std::move(params)), held_(std::move(held)), grad_dtype_(grad_dtype) {
+    for (const Tensor& p : params_) signatures_.emplace_back(p);
+    for (const Tensor& t : held_) held_signatures_.emplace_back(t);
+    last_.assign(params_.size(), nullptr);
+  }
+
+  bool check() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Tensor& p = params_[i];
+      if (!signatures_[i].holds(p)) return false;
+      const Tensor& g = p.grad();
+      if (!g.defined() || g.is_sparse() || g.scalar_type() != grad_dtype_ ||
+          g.device() != p.device() || !is_dense(g) || !same_layout(g, p))
+        return false;
+    }
+    for (size_t k = 0; k < held_.size(); ++k) {
+      if (!held_signatures_[k].holds(held_[k])) return false;
+    }
+    return true;
+  }
+
+  // Writes the grads' addresses into `out` (int64, contiguous, one per param) when any changed
+  // since the last call; returns whether it did.
+  bool pointers(Tensor& out) {
+    bool changed = false;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const void* address = params_[i].grad().data_ptr();
+      changed |= address != last_[i];
+      last_[i] = address;
+    }
+    if (!changed) return false;
+    TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() &&
+                    out.numel() == static_cast<int64_t>(params_.size()) && out.device().is_cpu(),
+                "GradTable.pointers: out must be a contiguous CPU int64 tensor, one per param");
+    int64_t* table = out.data_ptr<int64_t>();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      table[i] = reinterpret_cast<int64_t>(last_[i]);
+    }
+    return true;
+  }
+
+  // Forget the last addresses (the next pointers() call writes the table).
+  void reset() { last_.assign(params_.size(), nullptr); }
+
+ private:
+  std::vector<Tensor> params_, held_;
+  std::vector<Signature> signatures_, held_signatures_;
+  std::vector<const void*> last_;
+  at::ScalarType grad_dtype_;
+};
+
 // Whether the optimizer's state still holds what a step plan was built from: the same state
 // dicts (in insertion order) and, under `keys`, the same tensors in the dicts the plan uses.
 // Identity checks on PyObject pointers: no Tensor.__hash__ (a Python method) is called.
@@ -681,6 +740,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("check", &HostPlan::check)
       .def("run", &HostPlan::run)
       .def("__len__", &HostPlan::size);
+  py::class_<fused_optim::cpu::GradTable, std::shared_ptr<fused_optim::cpu::GradTable>>(
+      m, "GradTable")
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, at::ScalarType>())
+      .def("check", &fused_optim::cpu::GradTable::check)
+      .def("pointers", &fused_optim::cpu::GradTable::pointers)
+      .def("reset", &fused_optim::cpu::GradTable::reset);
   m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
   m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
   m.def("values_unchanged", &fused_optim::cpu::values_unchanged);

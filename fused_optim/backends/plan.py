@@ -300,20 +300,21 @@ def plan_for(
 # Hyperparameter rows.
 
 
-def step_columns(work, step_pointers: bool) -> tuple[list[float], Tensor | None]:
+def step_columns(work, step_pointers: bool, values: Tensor | None = None) -> tuple[list, Tensor]:
     """(each group's base step, the table's step column).
 
     ``step_pointers``: the kernel reads each step from its tensor (capturable=True, GradScaler):
     the column holds the steps' addresses. Otherwise (host steps, torch.optim's default path)
     each group's base step is the largest step of its tensors and the column holds each
     tensor's offset below it, so that every tensor at its group's base step uses bias
-    corrections computed exactly as torch.optim computes them."""
+    corrections computed exactly as torch.optim computes them. ``values``: the steps' values,
+    when the caller has them."""
     groups = max(work.groups, default=0) + 1
     if not work.steps:
         return [0.0] * groups, None
     if step_pointers:
         return [1.0] * groups, torch.tensor(list(map(Tensor.data_ptr, work.steps)))
-    values = step_values(work.steps).to(torch.float64)
+    values = (step_values(work.steps) if values is None else values).to(torch.float64)
     group_index = torch.tensor(work.groups, dtype=torch.int64)
     base = torch.full((groups,), float("-inf"), dtype=torch.float64)
     base = base.scatter_reduce(0, group_index, values, reduce="amax")

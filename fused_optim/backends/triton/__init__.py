@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor
 
+from .. import host_checks
 from .. import plan as plans
 from ..contract import AdamFlags, SgdFlags, StepContext, Work
 
@@ -91,13 +92,18 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
     """Bind this step's grads and hyperparameters to the bucket's plan and launch once."""
     base_steps, step_column = plans.step_columns(work, step_pointers)
     plan = plans.plan_for(work, "triton", states, state_dtype, BLOCK, new, step_column)
+    grad_dtype = work.grads[0].dtype
+    plan.bind_grads(work.grads, grad_dtype, writes_back=context.grad_scale is not None)
+    _enqueue(kernel, plan, work, hypers, base_steps, context, step_pointers, flags, grad_dtype)
+
+
+def _enqueue(kernel, plan, work, hypers, base_steps, context, step_pointers, flags, grad_dtype):
     on_device = flags["LR_FROM_POINTER"]
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
     hyper_table = plan.bind_hypers(rows, lr_tensors if on_device else [None] * len(rows))
-    grad_scale, found_inf = context.grad_scale, context.found_inf
-    plan.bind_grads(work.grads, work.grads[0].dtype, writes_back=grad_scale is not None)
     if plan.num_blocks == 0:
         return
+    grad_scale, found_inf = context.grad_scale, context.found_inf
     device, fallback = plan.device, plan.tensor_table
     plan.stage_in()
     kernel[(plan.num_blocks,)](
@@ -110,7 +116,7 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
         fallback if found_inf is None else found_inf.to(device, non_blocking=True),
         int(context.seed) & 0xFFFFFFFF,
         PARAM_DTYPE=_tl_dtype(work.params[0].dtype),
-        GRAD_DTYPE=_tl_dtype(work.grads[0].dtype),
+        GRAD_DTYPE=_tl_dtype(grad_dtype),
         STATE_DTYPE=_tl_dtype(plan.state_dtype),
         COMPUTE_DTYPE=_compute_dtype(work.params[0].dtype),
         HAS_GRAD_SCALE=grad_scale is not None,
@@ -128,6 +134,76 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
         **flags,
     )
     plan.stage_out()
+
+
+class _HostStep:
+    """The compiled per-step host path of one bucket (``contract.HostStep``): the extension's
+    ``GradTable`` checks every tensor and writes the grads' addresses (read from the params);
+    the table is uploaded only when one moved. Built after a full step, so the plan exists."""
+
+    def __init__(self, host, kernel, work: Work, step_pointers: bool, flags: dict, grad_dtype):
+        self.host = host
+        self.kernel = kernel
+        self.work = work
+        self.plan = work.plan["triton"]
+        self.step_pointers = step_pointers
+        self.flags = flags
+        self.grad_dtype = grad_dtype
+        self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
+        self.step_values = plans.step_values(work.steps) if work.steps else None
+        self.base_steps: list[float] = []
+
+    def check(self) -> bool:
+        if not self.host.check() or self.plan.stages:
+            return False
+        if self.step_values is None or self.step_pointers:
+            self.base_steps = [0.0] * (max(self.work.groups) + 1)
+            return True
+        # Steps advance together in the fast path; a step edited by hand fails here.
+        base_steps, column = plans.step_columns(self.work, False, self.step_values + 1)
+        self.base_steps = base_steps
+        return torch.equal(column, self.plan.step_column)
+
+    def run(self, hypers, context: StepContext) -> None:
+        plan = self.plan
+        if self.host.pointers(self.addresses):
+            plan.grad_table = plans.upload(self.addresses, plan.device)
+            plan.grads_aligned = not bool((self.addresses % 16).any())
+            plan.grad_key = None  # the full path binds its own grads again
+        if context.grad_scale is not None and plan.grad_stages:
+            raise AssertionError("staged grads never take the host path")
+        _enqueue(self.kernel, plan, self.work, hypers, self.base_steps, context,
+                 self.step_pointers, self.flags, self.grad_dtype)  # fmt: skip
+
+
+def host_step(work: Work, hypers, flags, context: StepContext):
+    """The bucket's compiled host path, or None (no extension, views, or staged tensors)."""
+    checks = host_checks()
+    plan = work.plan.get("triton") if isinstance(work.plan, dict) else None
+    if checks is None or not work.own_params or plan is None or plan.stages:
+        return None
+    if plan.grad_stages or not work.grads:
+        return None
+    adam = isinstance(flags, AdamFlags)
+    step_pointers = _reads_steps_from_device(work, context, flags)
+    if not adam:
+        step_pointers = context.stochastic_rounding and step_pointers
+    if adam:
+        code = dict(AMSGRAD=flags.amsgrad, MAXIMIZE=flags.maximize,
+                    DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay)  # fmt: skip
+        kernel = kernels.adam_kernel
+    else:
+        code = dict(HAS_MOMENTUM=flags.momentum, NESTEROV=flags.nesterov, MAXIMIZE=flags.maximize)
+        kernel = kernels.sgd_kernel
+    code.update(_lr_flags(work, hypers))
+    held = [t for column in work.states.values() for t in column] + work.masters + work.steps
+    if any(t is None for t in held):
+        return None
+    if adam and not step_pointers and plans.step_values(work.steps) is not work.steps[0]._base:
+        return None  # the steps are not views of one buffer: read them the full way
+    grad_dtype = work.grads[0].dtype
+    host = checks.GradTable(work.params, held, grad_dtype)
+    return _HostStep(host, kernel, work, step_pointers, code, grad_dtype)
 
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
