@@ -620,11 +620,11 @@ class GradTable {
 };
 
 // Whether the optimizer's state still holds what a step plan was built from: the same state
-// dicts (in insertion order) and, under `keys`, the same tensors in the dicts the plan uses.
-// Identity checks on PyObject pointers: no Tensor.__hash__ (a Python method) is called.
+// dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
+// insertion order: a value replaced, added or deleted counts as a change). Identity checks on
+// PyObject pointers, no hashing: no Tensor.__hash__ (a Python method) is called.
 bool state_unchanged(const pybind11::dict& state, const std::vector<intptr_t>& dict_ids,
-                     const pybind11::list& dicts, const std::vector<std::string>& keys,
-                     const std::vector<intptr_t>& entry_ids) {
+                     const pybind11::list& dicts, const std::vector<intptr_t>& entry_ids) {
   if (static_cast<size_t>(PyDict_Size(state.ptr())) != dict_ids.size()) return false;
   Py_ssize_t position = 0;
   PyObject *key = nullptr, *value = nullptr;
@@ -632,24 +632,21 @@ bool state_unchanged(const pybind11::dict& state, const std::vector<intptr_t>& d
   while (PyDict_Next(state.ptr(), &position, &key, &value)) {
     if (reinterpret_cast<intptr_t>(value) != dict_ids[k++]) return false;
   }
-  std::vector<PyObject*> names;
-  for (const auto& name : keys) names.push_back(PyUnicode_InternFromString(name.c_str()));
-  const Py_ssize_t count = PyList_GET_SIZE(dicts.ptr());
-  if (static_cast<size_t>(count) * keys.size() != entry_ids.size()) return false;
-  bool same = true;
+  // entry_ids: for each dict, its number of entries, then the ids of its values.
   size_t e = 0;
-  for (Py_ssize_t i = 0; i < count && same; ++i) {
+  const Py_ssize_t count = PyList_GET_SIZE(dicts.ptr());
+  for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* entries = PyList_GET_ITEM(dicts.ptr(), i);
-    for (PyObject* name : names) {
-      PyObject* entry = PyDict_Check(entries) ? PyDict_GetItem(entries, name) : nullptr;
-      if (reinterpret_cast<intptr_t>(entry) != entry_ids[e++]) {
-        same = false;
-        break;
+    if (!PyDict_Check(entries) || e >= entry_ids.size()) return false;
+    if (PyDict_Size(entries) != entry_ids[e++]) return false;
+    position = 0;
+    while (PyDict_Next(entries, &position, &key, &value)) {
+      if (e >= entry_ids.size() || reinterpret_cast<intptr_t>(value) != entry_ids[e++]) {
+        return false;
       }
     }
   }
-  for (PyObject* name : names) Py_DECREF(name);
-  return same;
+  return e == entry_ids.size();
 }
 
 // Whether every param group still holds the very objects of `values` (one tuple of the group's

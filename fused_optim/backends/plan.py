@@ -300,7 +300,9 @@ def plan_for(
 # Hyperparameter rows.
 
 
-def step_columns(work, step_pointers: bool, values: Tensor | None = None) -> tuple[list, Tensor]:
+def step_columns(
+    work, step_pointers: bool, values: Tensor | None = None, group_index: Tensor | None = None
+) -> tuple[list, Tensor]:
     """(each group's base step, the table's step column).
 
     ``step_pointers``: the kernel reads each step from its tensor (capturable=True, GradScaler):
@@ -308,14 +310,15 @@ def step_columns(work, step_pointers: bool, values: Tensor | None = None) -> tup
     each group's base step is the largest step of its tensors and the column holds each
     tensor's offset below it, so that every tensor at its group's base step uses bias
     corrections computed exactly as torch.optim computes them. ``values``: the steps' values,
-    when the caller has them."""
-    groups = max(work.groups, default=0) + 1
+    and ``group_index``: ``work.groups`` as a tensor, when the caller keeps them."""
+    if group_index is None:
+        group_index = torch.tensor(work.groups, dtype=torch.int64)
+    groups = int(group_index.max()) + 1 if len(group_index) else 1
     if not work.steps:
         return [0.0] * groups, None
     if step_pointers:
         return [1.0] * groups, torch.tensor(list(map(Tensor.data_ptr, work.steps)))
     values = (step_values(work.steps) if values is None else values).to(torch.float64)
-    group_index = torch.tensor(work.groups, dtype=torch.int64)
     base = torch.full((groups,), float("-inf"), dtype=torch.float64)
     base = base.scatter_reduce(0, group_index, values, reduce="amax")
     return base.tolist(), (base[group_index] - values).to(torch.int64)

@@ -166,15 +166,14 @@ class FastPath:
         self.with_grad = [p.grad is not None for p in flat_params]
         self.dict_ids = list(map(id, state.values()))
         self.dicts = [s for s in plan.states if s]
-        self.keys = sorted({key for s in self.dicts for key in s})
-        self.entry_ids = [id(s[key]) if key in s else 0 for s in self.dicts for key in self.keys]
+        self.entry_ids = []  # per dict: its size, then its values' ids (see state_unchanged)
+        for entries in self.dicts:
+            self.entry_ids += [len(entries), *map(id, entries.values())]
 
     def holds(self, param_groups, state) -> bool:
         group_params = [group["params"] for group in param_groups]
         return (
             self.checks.params_unchanged(group_params, self.param_ids, self.with_grad)
-            and self.checks.state_unchanged(
-                state, self.dict_ids, self.dicts, self.keys, self.entry_ids
-            )
+            and self.checks.state_unchanged(state, self.dict_ids, self.dicts, self.entry_ids)
             and all(step.check() for step in self.steps)
         )

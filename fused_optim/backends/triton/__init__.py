@@ -151,16 +151,17 @@ class _HostStep:
         self.grad_dtype = grad_dtype
         self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
         self.step_values = plans.step_values(work.steps) if work.steps else None
-        self.base_steps: list[float] = []
+        self.group_index = torch.tensor(work.groups, dtype=torch.int64)
+        self.base_steps = [0.0] * (max(work.groups) + 1)
 
     def check(self) -> bool:
         if not self.host.check() or self.plan.stages:
             return False
         if self.step_values is None or self.step_pointers:
-            self.base_steps = [0.0] * (max(self.work.groups) + 1)
             return True
         # Steps advance together in the fast path; a step edited by hand fails here.
-        base_steps, column = plans.step_columns(self.work, False, self.step_values + 1)
+        values = self.step_values + 1
+        base_steps, column = plans.step_columns(self.work, False, values, self.group_index)
         self.base_steps = base_steps
         return torch.equal(column, self.plan.step_column)
 
