@@ -8,6 +8,8 @@ AdamW on CPU tensors of 16 elements, so that the update itself costs next to not
   no-op (the interpreter is loaded, never run): everything the host does per step, and nothing
   the device would do;
 * ``fused_optim cpu``: the whole step of the C++ CPU backend (host work plus a tiny kernel);
+* ``fused_optim triton (pure Python)``: the Triton path, launch elided, with the compiled host
+  path switched off (what runs where the C++ extension is not built);
 * ``torch fused`` and ``torch foreach``: torch.optim.AdamW's whole step, for reference.
 
 Each cell is crossed with the same gradient tensors every step against fresh ones (what
@@ -55,6 +57,12 @@ def elide_triton_launches() -> None:
     kernels.sgd_kernel = _NoLaunch()
 
 
+def without_host_path(opt):
+    """The optimizer with its compiled per-step host path switched off."""
+    opt._fast_path = lambda *args: None
+    return opt
+
+
 def make_params(count: int) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
     return [torch.nn.Parameter(torch.randn(NUMEL, generator=gen)) for _ in range(count)]
@@ -69,6 +77,9 @@ def implementations(available: list[str]):
     if "triton" in available:
         impls["fused_optim triton (launch elided)"] = lambda g: fused_optim.AdamW(
             g, **HYPER, backend="triton"
+        )
+        impls["fused_optim triton (pure Python)"] = lambda g: without_host_path(
+            fused_optim.AdamW(g, **HYPER, backend="triton")
         )
     if "cpu" in available:
         impls["fused_optim cpu"] = lambda g: fused_optim.AdamW(g, **HYPER, backend="cpu")
@@ -103,6 +114,7 @@ def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, avail
     rows = []
     for name, ts in times.items():
         median = statistics.median(ts)
+        opt = runs[name][0]
         rows.append(
             dict(
                 tensors=count,
@@ -111,6 +123,8 @@ def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, avail
                 implementation=name,
                 us_per_step=median * 1e6,
                 us_per_tensor=median * 1e6 / count,
+                launches=opt.launches_per_step() if hasattr(opt, "launches_per_step") else None,
+                compiled_host_path=getattr(getattr(opt, "_plan", None), "fast", None) is not None,
             )
         )
     return rows
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta))
     print(
         f"{'tensors':>7} {'grads':>5} {'groups':>10}  {'implementation':<36} "
-        f"{'us/step':>10} {'us/tensor':>9}"
+        f"{'us/step':>10} {'us/tensor':>9} {'launches':>8} {'C++ host':>8}"
     )
     rows = []
     for count in args.tensors:
@@ -138,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                 rounds = args.rounds if count <= 2000 else max(5, args.rounds // 3)
                 for row in run_case(count, fresh, per_tensor, rounds, available):
                     rows.append(row)
+                    launches = "" if row["launches"] is None else row["launches"]
+                    host = "yes" if row["compiled_host_path"] else ""
                     print(
                         f"{row['tensors']:>7} {row['grads']:>5} {row['groups']:>10}  "
                         f"{row['implementation']:<36} {row['us_per_step']:>10.1f} "
-                        f"{row['us_per_tensor']:>9.2f}"
+                        f"{row['us_per_tensor']:>9.2f} {launches!s:>8} {host:>8}"
                     )
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")

@@ -1,7 +1,8 @@
 """Backend selection: the ONE place that decides which implementation updates which tensors.
 
-``select_backend(request, device)`` returns a backend module with ``sgd`` and ``adam`` entry
-points (see ``backends.reference`` for the shared signature).
+``select_backend(request, device)`` returns a backend module implementing the contract of
+``backends.contract`` (``sgd`` and ``adam`` entry points on one bucket of tensors, and
+optionally a compiled ``host_step``).
 
 * ``request=None`` (auto): the fused C++ CPU backend for CPU tensors when it is built; Triton for
   CUDA/ROCm/XPU tensors and (without the C++ backend) whenever ``TRITON_INTERPRET=1``; the CUDA

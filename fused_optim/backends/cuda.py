@@ -244,9 +244,7 @@ def _launch(
     plan = plans.plan_for(work, PLAN_NAME, states, state_dtype, CHUNK, new_buffers, step_column)
     lr_from_pointer, lr_dtype = _lr_kind(hypers, device)
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, lr_from_pointer)
-    if not lr_from_pointer:
-        lr_tensors = [None] * len(rows)
-    hyper_table = plan.bind_hypers(rows, lr_tensors)
+    hyper_table = plan.bind_hypers(rows, lr_tensors if lr_from_pointer else None)
     grad_scale = context.grad_scale
     plan.bind_grads(work.grads, dtype, writes_back=grad_scale is not None)
     if plan.num_blocks == 0:

@@ -208,6 +208,7 @@ class LaunchPlan:
         self.block_table = upload(block_host, self.device)
         self.hyper_key: list | None = None
         self.hyper_table: Tensor | None = None
+        self.hyper_bits: Tensor | None = None
 
     def bind_grads(self, grads: list[Tensor], grad_dtype: torch.dtype, writes_back: bool) -> None:
         """Point the grad table at this step's gradients (re-uploaded only when they changed
@@ -228,15 +229,17 @@ class LaunchPlan:
         self.grads_aligned = not any(pointer % 16 for pointer in pointers)
         self.grad_key = key
 
-    def bind_hypers(self, rows: list[list[float]], lr_tensors: list[Tensor | None]) -> Tensor:
-        """The hyperparameter table for this step (uploaded only when a value changed)."""
-        key = [rows, [None if t is None else t.data_ptr() for t in lr_tensors]]
+    def bind_hypers(self, rows: list[list[float]], lr_tensors: list | None) -> Tensor:
+        """The hyperparameter table for this step (uploaded only when a value changed);
+        ``lr_tensors``: each group's tensor lr the kernel reads through its address, or None."""
+        addresses = None if lr_tensors is None else [t.data_ptr() for t in lr_tensors]
+        key = [rows, addresses]
         if key != self.hyper_key:
-            host = torch.tensor(rows, dtype=torch.float64).reshape(-1, HYPER_COLUMNS)
-            addresses = host.view(torch.int64)[:, HYPER_LR_ADDRESS]
-            for g, t in enumerate(lr_tensors):
-                addresses[g] = 0 if t is None else t.data_ptr()
+            host = torch.tensor(rows, dtype=torch.float64)
+            if addresses is not None:
+                host.view(torch.int64)[:, HYPER_LR_ADDRESS] = torch.tensor(addresses)
             self.hyper_table = upload(host, self.device)
+            self.hyper_bits = self.hyper_table.view(torch.int64)
             self.hyper_key = key
         return self.hyper_table
 

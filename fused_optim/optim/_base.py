@@ -72,7 +72,8 @@ class FusedOptimizerMixin:
         # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
         self._step_supports_amp_scaling = True
         self._amp: tuple[Tensor | None, Tensor | None] = (None, None)
-        self.step_skipped: Tensor = torch.zeros((), dtype=torch.bool)
+        self._not_skipped = torch.zeros((), dtype=torch.bool)
+        self.step_skipped: Tensor = self._not_skipped
 
     @property
     def backend(self) -> str | None:
@@ -150,7 +151,7 @@ class FusedOptimizerMixin:
         finally:
             self._amp = (None, None)
         if found_inf is None:
-            self.step_skipped = torch.zeros((), dtype=torch.bool)
+            self.step_skipped = self._not_skipped
         else:
             self.step_skipped = found_inf != 0
         return loss
@@ -158,8 +159,14 @@ class FusedOptimizerMixin:
     def _step(self, context: StepContext) -> None:
         self._launches = 0
         plan = self._plan
-        if plan is not None and plan.fast is not None and self._fast_step(plan, context):
-            return
+        if plan is not None and plan.fast is not None:
+            if self._fast_step(plan, context):
+                plan.fast.succeeded = True
+                return
+            # The full path runs this step: build the fast path again after it (its host steps
+            # track state that this step changes), unless it never held for this plan.
+            plan.fast_tried = not plan.fast.succeeded
+            plan.fast = None
         groups = self.param_groups
         with_grads = params_with_grads(groups)
         grads = [grads_of(params) for params in with_grads]
@@ -431,7 +438,8 @@ class FusedOptimizerMixin:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend"] = self._backend
         state["_precision"] = self._precision
-        for key in ("_plan", "_launches", "_amp", "step_skipped", "_step_supports_amp_scaling"):
+        runtime = ("_plan", "_launches", "_not_skipped", "_amp", "step_skipped")
+        for key in (*runtime, "_step_supports_amp_scaling"):
             state.pop(key, None)
         return state
 

@@ -155,6 +155,7 @@ class FastPath:
 
     def __init__(self, checks, plan: StepPlan, param_groups, state, steps, amp, raw, hypers):
         self.checks = checks
+        self.succeeded = False
         self.steps = steps
         self.amp = amp
         self.raw = raw

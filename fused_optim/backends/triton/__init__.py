@@ -94,13 +94,37 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
     plan = plans.plan_for(work, "triton", states, state_dtype, BLOCK, new, step_column)
     grad_dtype = work.grads[0].dtype
     plan.bind_grads(work.grads, grad_dtype, writes_back=context.grad_scale is not None)
-    _enqueue(kernel, plan, work, hypers, base_steps, context, step_pointers, flags, grad_dtype)
+    constants = _constants(plan, work, context, step_pointers, flags, grad_dtype)
+    _enqueue(kernel, plan, hypers, base_steps, context, constants)
 
 
-def _enqueue(kernel, plan, work, hypers, base_steps, context, step_pointers, flags, grad_dtype):
-    on_device = flags["LR_FROM_POINTER"]
+def _constants(plan, work: Work, context: StepContext, step_pointers, flags, grad_dtype) -> dict:
+    """The launch's compile-time flags (everything but ALIGNED, which follows the grads)."""
+    dtype = work.params[0].dtype
+    return dict(
+        PARAM_DTYPE=_tl_dtype(dtype),
+        GRAD_DTYPE=_tl_dtype(grad_dtype),
+        STATE_DTYPE=_tl_dtype(plan.state_dtype),
+        COMPUTE_DTYPE=_compute_dtype(dtype),
+        HAS_GRAD_SCALE=context.grad_scale is not None,
+        HAS_FOUND_INF=context.found_inf is not None,
+        HAS_MASTER=bool(work.masters),
+        STOCHASTIC_ROUNDING=context.stochastic_rounding
+        and dtype in (torch.bfloat16, torch.float16),
+        STEP_FROM_POINTER=step_pointers,
+        BLOCK=plan.block,
+        num_warps=NUM_WARPS,
+        # The kernel spells out torch.optim's roundings (and its fmas): the compiler must not
+        # fuse other multiplies and adds into fmas behind its back.
+        enable_fp_fusion=False,
+        **flags,
+    )
+
+
+def _enqueue(kernel, plan, hypers, base_steps, context: StepContext, constants: dict) -> None:
+    on_device = constants["LR_FROM_POINTER"]
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
-    hyper_table = plan.bind_hypers(rows, lr_tensors if on_device else [None] * len(rows))
+    hyper_table = plan.bind_hypers(rows, lr_tensors if on_device else None)
     if plan.num_blocks == 0:
         return
     grad_scale, found_inf = context.grad_scale, context.found_inf
@@ -111,27 +135,12 @@ def _enqueue(kernel, plan, work, hypers, base_steps, context, step_pointers, fla
         plan.grad_table,
         plan.block_table,
         hyper_table,
-        hyper_table.view(torch.int64),
+        plan.hyper_bits,
         fallback if grad_scale is None else grad_scale.to(device, non_blocking=True),
         fallback if found_inf is None else found_inf.to(device, non_blocking=True),
         int(context.seed) & 0xFFFFFFFF,
-        PARAM_DTYPE=_tl_dtype(work.params[0].dtype),
-        GRAD_DTYPE=_tl_dtype(grad_dtype),
-        STATE_DTYPE=_tl_dtype(plan.state_dtype),
-        COMPUTE_DTYPE=_compute_dtype(work.params[0].dtype),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        HAS_MASTER=bool(work.masters),
-        STOCHASTIC_ROUNDING=context.stochastic_rounding
-        and work.params[0].dtype in (torch.bfloat16, torch.float16),
-        STEP_FROM_POINTER=step_pointers,
-        BLOCK=plan.block,
         ALIGNED=plan.aligned,
-        num_warps=NUM_WARPS,
-        # The kernel spells out torch.optim's roundings (and its fmas): the compiler must not
-        # fuse other multiplies and adds into fmas behind its back.
-        enable_fp_fusion=False,
-        **flags,
+        **constants,
     )
     plan.stage_out()
 
@@ -141,40 +150,39 @@ class _HostStep:
     ``GradTable`` checks every tensor and writes the grads' addresses (read from the params);
     the table is uploaded only when one moved. Built after a full step, so the plan exists."""
 
-    def __init__(self, host, kernel, work: Work, step_pointers: bool, flags: dict, grad_dtype):
+    def __init__(self, host, kernel, work: Work, step_pointers, flags, grad_dtype, context):
         self.host = host
         self.kernel = kernel
         self.work = work
         self.plan = work.plan["triton"]
         self.step_pointers = step_pointers
-        self.flags = flags
-        self.grad_dtype = grad_dtype
+        self.constants = _constants(self.plan, work, context, step_pointers, flags, grad_dtype)
         self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
-        self.step_values = plans.step_values(work.steps) if work.steps else None
-        self.group_index = torch.tensor(work.groups, dtype=torch.int64)
+        # Host steps (torch.optim's default path) advance by one per step in the fast path: the
+        # groups' base steps are kept here, and check() verifies the steps are where they
+        # should be (a step edited by hand sends the step down the full path).
+        self.step_values = None
         self.base_steps = [0.0] * (max(work.groups) + 1)
+        if work.steps and not step_pointers:
+            self.step_values = plans.step_values(work.steps)
+            self.expected = self.step_values.clone()
+            self.base_steps, _ = plans.step_columns(work, False, self.step_values)
 
     def check(self) -> bool:
         if not self.host.check() or self.plan.stages:
             return False
-        if self.step_values is None or self.step_pointers:
-            return True
-        # Steps advance together in the fast path; a step edited by hand fails here.
-        values = self.step_values + 1
-        base_steps, column = plans.step_columns(self.work, False, values, self.group_index)
-        self.base_steps = base_steps
-        return torch.equal(column, self.plan.step_column)
+        return self.step_values is None or torch.equal(self.step_values, self.expected)
 
     def run(self, hypers, context: StepContext) -> None:
         plan = self.plan
+        if self.step_values is not None:
+            self.expected.add_(1)
+            self.base_steps = [step + 1 for step in self.base_steps]
         if self.host.pointers(self.addresses):
             plan.grad_table = plans.upload(self.addresses, plan.device)
             plan.grads_aligned = not bool((self.addresses % 16).any())
             plan.grad_key = None  # the full path binds its own grads again
-        if context.grad_scale is not None and plan.grad_stages:
-            raise AssertionError("staged grads never take the host path")
-        _enqueue(self.kernel, plan, self.work, hypers, self.base_steps, context,
-                 self.step_pointers, self.flags, self.grad_dtype)  # fmt: skip
+        _enqueue(self.kernel, plan, hypers, self.base_steps, context, self.constants)
 
 
 def host_step(work: Work, hypers, flags, context: StepContext):
@@ -204,7 +212,7 @@ def host_step(work: Work, hypers, flags, context: StepContext):
         return None  # the steps are not views of one buffer: read them the full way
     grad_dtype = work.grads[0].dtype
     host = checks.GradTable(work.params, held, grad_dtype)
-    return _HostStep(host, kernel, work, step_pointers, code, grad_dtype)
+    return _HostStep(host, kernel, work, step_pointers, code, grad_dtype, context)
 
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
