@@ -1,6 +1,7 @@
 """Host cost of ``optimizer.step()``: the work between the call and the kernel launch.
 
     python benchmarks/host_overhead.py [--tensors 1 150 2000 10000] [--rounds 15] [--json out.json]
+    python benchmarks/host_overhead.py --compare before.json after.json   # markdown table
 
 AdamW on CPU tensors of 16 elements, so that the update itself costs next to nothing:
 
@@ -130,12 +131,57 @@ def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, avail
     return rows
 
 
+def _per_tensor(report: dict) -> dict:
+    return {
+        (r["tensors"], r["groups"], r["grads"], r["implementation"]): r["us_per_tensor"]
+        for r in report["rows"]
+    }
+
+
+def compare(before: dict, after: dict) -> str:
+    """A markdown table of two reports (us per tensor; ratios against torch fused of the same
+    report)."""
+    old, new = _per_tensor(before), _per_tensor(after)
+    elided, cpu, fused = "fused_optim triton (launch elided)", "fused_optim cpu", "torch fused"
+    pure = "fused_optim triton (pure Python)"
+    lines = [
+        "| tensors | groups | grads | triton, launch elided: before -> after | triton, pure "
+        "Python (after) | cpu: before -> after | torch fused (before / after run) | cpu vs "
+        "torch fused (after) | triton vs torch fused (after) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = sorted({key[:3] for key in new}, key=lambda k: (k[0], k[1] != "one", k[2] != "same"))
+    for case in cases:
+
+        def get(table, name, case=case):
+            return table.get((*case, name), float("nan"))
+
+        lines.append(
+            f"| {case[0]} | {case[1]} | {case[2]} | {get(old, elided):.2f} -> "
+            f"{get(new, elided):.2f} | {get(new, pure):.2f} | {get(old, cpu):.2f} -> "
+            f"{get(new, cpu):.2f} | {get(old, fused):.2f} / {get(new, fused):.2f} | "
+            f"{get(new, fused) / get(new, cpu):.1f}x | {get(new, fused) / get(new, elided):.1f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[1, 150, 2000, 10000])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        metavar=("BEFORE", "AFTER"),
+        help="print a markdown table of two --json reports and exit",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        print(compare(before, after))
+        return 0
     available = fused_optim.available_backends(torch.device("cpu"))
     if "triton" in available:
         elide_triton_launches()
