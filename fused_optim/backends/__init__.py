@@ -29,10 +29,16 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
+_MODULES: dict[str, ModuleType] = {"reference": reference}
+
+
 def _module(name: str) -> ModuleType:
-    if name == "reference":
-        return reference
-    return importlib.import_module(f"{__name__}.{name}")
+    """The backend module ``name``, imported on first use (triton and the extensions load only
+    when asked for) and then looked up, which torch.compile can trace."""
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
 
 
 def validate_request(request: str | None) -> None:

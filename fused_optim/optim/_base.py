@@ -212,8 +212,10 @@ class FusedOptimizerMixin:
     def _fast_path(self, plan: StepPlan, hypers: list, context: StepContext):
         """The plan's compiled per-step path, or None (no extension, views, a backend without a
         host step, or a bucket it does not apply to)."""
+        if plan.views or torch.compiler.is_compiling():
+            return None
         checks = host_checks()
-        if checks is None or plan.views or torch.compiler.is_compiling():
+        if checks is None:
             return None
         steps = []
         for bucket in plan.buckets:

@@ -116,11 +116,13 @@ def params_with_grads(param_groups: list[dict]) -> list[list[Tensor]]:
 
 
 def grads_of(params: list[Tensor]) -> list[Tensor]:
+    if torch.compiler.is_compiling():
+        return [p.grad for p in params]  # what dynamo traces (it cannot call attrgetter)
     return list(map(_grad, params))
 
 
 def is_sparse_any(grads: list[Tensor]) -> bool:
-    return any(map(attrgetter("is_sparse"), grads))
+    return any(g.is_sparse for g in grads)
 
 
 def flat(lists: list[list]) -> list:
