@@ -342,3 +342,22 @@ class _Spy:
     def run(self, *args):
         self.calls.append("run")
         return self.step.run(*args)
+
+
+def test_compiled_bias_corrections_are_pythons():
+    """The fast path fills Adam's bias corrections in C++; they must be the bits of the
+    Python arithmetic (backends.plan.hyper_rows) that torch.optim's host code uses."""
+    checks = fused_optim.backends.host_checks()
+    if checks is None:
+        pytest.skip("the C++ extension is not built here")
+    gen = torch.Generator().manual_seed(4)
+    betas = torch.rand(500, 2, generator=gen, dtype=torch.float64) * 0.2 + 0.79
+    steps = torch.randint(0, 100_000, (500,), generator=gen).to(torch.float64).tolist()
+    hypers = [contract.AdamHyper(0.1, b1, b2, 1e-8, 0.0) for b1, b2 in betas.tolist()]
+    rows, _ = plans.hyper_rows(hypers, steps)
+    expected = torch.tensor(rows, dtype=torch.float64)
+    table = expected.clone()
+    table[:, plans.HYPER_BIAS_CORRECTION1] = 0.0
+    table[:, plans.HYPER_BIAS_CORRECTION2_SQRT] = 0.0
+    checks.adam_bias_corrections(table)
+    assert torch.equal(table.view(torch.int64), expected.view(torch.int64))

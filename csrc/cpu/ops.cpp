@@ -619,6 +619,22 @@ class GradTable {
   at::ScalarType grad_dtype_;
 };
 
+// Adam's bias corrections in a hyperparameter table (float64, kHyperColumns per group, CPU), from
+// each row's betas and base step, in place: 1 - beta1^t and (1 - beta2^t)^0.5 with C's pow, which
+// is what Python's float ** computes (backends/plan.py's hyper_rows writes the same bits).
+void adam_bias_corrections(Tensor& table) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble &&
+                  table.is_contiguous() && table.dim() == 2 && table.size(1) == kHyperColumns,
+              "adam_bias_corrections: expected a contiguous CPU float64 table of ", kHyperColumns,
+              " columns");
+  double* row = table.data_ptr<double>();
+  for (int64_t g = 0; g < table.size(0); ++g, row += kHyperColumns) {
+    const double step = row[kHyperBaseStep];
+    row[kHyperBiasCorrection1] = 1.0 - std::pow(row[kHyperBeta1], step);
+    row[kHyperBiasCorrection2Sqrt] = std::pow(1.0 - std::pow(row[kHyperBeta2], step), 0.5);
+  }
+}
+
 // Whether the optimizer's state still holds what a step plan was built from: the same state
 // dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
 // insertion order: a value replaced, added or deleted counts as a change). Identity checks on
@@ -744,6 +760,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("pointers", &fused_optim::cpu::GradTable::pointers)
       .def("reset", &fused_optim::cpu::GradTable::reset);
   m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
+  m.def("adam_bias_corrections", &fused_optim::cpu::adam_bias_corrections);
   m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
   m.def("values_unchanged", &fused_optim::cpu::values_unchanged);
 }

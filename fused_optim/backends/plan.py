@@ -232,13 +232,9 @@ class LaunchPlan:
     def bind_hypers(self, rows: list[list[float]], lr_tensors: list | None) -> Tensor:
         """The hyperparameter table for this step (uploaded only when a value changed);
         ``lr_tensors``: each group's tensor lr the kernel reads through its address, or None."""
-        addresses = None if lr_tensors is None else [t.data_ptr() for t in lr_tensors]
-        key = [rows, addresses]
+        key = [rows, None if lr_tensors is None else list(map(Tensor.data_ptr, lr_tensors))]
         if key != self.hyper_key:
-            host = torch.tensor(rows, dtype=torch.float64)
-            if addresses is not None:
-                host.view(torch.int64)[:, HYPER_LR_ADDRESS] = torch.tensor(addresses)
-            self.hyper_table = upload(host, self.device)
+            self.hyper_table = upload(hyper_host_table(rows, lr_tensors), self.device)
             self.hyper_bits = self.hyper_table.view(torch.int64)
             self.hyper_key = key
         return self.hyper_table
@@ -353,3 +349,13 @@ def hyper_rows(hypers, base_steps: list[float], lr_on_device: bool = False) -> t
                 1.0, 1.0, 0.0,
             ])  # fmt: skip
     return rows, lr_tensors
+
+
+def hyper_host_table(rows: list[list[float]], lr_tensors: list | None) -> Tensor:
+    """The hyperparameter table on the host: ``rows`` (``hyper_rows``), and the addresses of
+    the tensor lrs the kernel reads (``lr_tensors``, one per group, or None) in its int64 view."""
+    host = torch.tensor(rows, dtype=torch.float64)
+    if lr_tensors is not None:
+        addresses = torch.tensor(list(map(Tensor.data_ptr, lr_tensors)), dtype=torch.int64)
+        host.view(torch.int64)[:, HYPER_LR_ADDRESS] = addresses
+    return host

@@ -95,7 +95,10 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
     grad_dtype = work.grads[0].dtype
     plan.bind_grads(work.grads, grad_dtype, writes_back=context.grad_scale is not None)
     constants = _constants(plan, work, context, step_pointers, flags, grad_dtype)
-    _enqueue(kernel, plan, hypers, base_steps, context, constants)
+    on_device = constants["LR_FROM_POINTER"]
+    rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
+    plan.bind_hypers(rows, lr_tensors if on_device else None)
+    _enqueue(kernel, plan, context, constants)
 
 
 def _constants(plan, work: Work, context: StepContext, step_pointers, flags, grad_dtype) -> dict:
@@ -121,10 +124,8 @@ def _constants(plan, work: Work, context: StepContext, step_pointers, flags, gra
     )
 
 
-def _enqueue(kernel, plan, hypers, base_steps, context: StepContext, constants: dict) -> None:
-    on_device = constants["LR_FROM_POINTER"]
-    rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
-    hyper_table = plan.bind_hypers(rows, lr_tensors if on_device else None)
+def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
+    """Launch the kernel once over the plan (its grad and hyperparameter tables bound)."""
     if plan.num_blocks == 0:
         return
     grad_scale, found_inf = context.grad_scale, context.found_inf
@@ -134,7 +135,7 @@ def _enqueue(kernel, plan, hypers, base_steps, context: StepContext, constants: 
         plan.tensor_table,
         plan.grad_table,
         plan.block_table,
-        hyper_table,
+        plan.hyper_table,
         plan.hyper_bits,
         fallback if grad_scale is None else grad_scale.to(device, non_blocking=True),
         fallback if found_inf is None else found_inf.to(device, non_blocking=True),
@@ -152,37 +153,63 @@ class _HostStep:
 
     def __init__(self, host, kernel, work: Work, step_pointers, flags, grad_dtype, context):
         self.host = host
+        self.adam = kernel is kernels.adam_kernel
         self.kernel = kernel
         self.work = work
         self.plan = work.plan["triton"]
         self.step_pointers = step_pointers
         self.constants = _constants(self.plan, work, context, step_pointers, flags, grad_dtype)
+        self.host_checks = host_checks()
         self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
         # Host steps (torch.optim's default path) advance by one per step in the fast path: the
         # groups' base steps are kept here, and check() verifies the steps are where they
-        # should be (a step edited by hand sends the step down the full path).
+        # should be (a step edited by hand sends the step down the full path). Adam's bias
+        # corrections at them are filled into the table in compiled code.
         self.step_values = None
-        self.base_steps = [0.0] * (max(work.groups) + 1)
+        base_steps = [0.0] * (max(work.groups) + 1)
         if work.steps and not step_pointers:
             self.step_values = plans.step_values(work.steps)
             self.expected = self.step_values.clone()
-            self.base_steps, _ = plans.step_columns(work, False, self.step_values)
+            base_steps, _ = plans.step_columns(work, False, self.step_values)
+        self.base_steps = torch.tensor(base_steps, dtype=torch.float64)
+        self.hypers = None
+        self.static: Tensor | None = None
 
     def check(self) -> bool:
         if not self.host.check() or self.plan.stages:
             return False
         return self.step_values is None or torch.equal(self.step_values, self.expected)
 
+    def _hyper_table(self, hypers) -> Tensor:
+        """This step's hyperparameter table: the groups' values (rebuilt when one changed)
+        and, for host steps, the new base steps and Adam's bias corrections at them."""
+        on_device = self.constants["LR_FROM_POINTER"]
+        changed = hypers is not self.hypers
+        if changed:
+            rows, lr_tensors = plans.hyper_rows(hypers, self.base_steps.tolist(), on_device)
+            self.static = plans.hyper_host_table(rows, lr_tensors if on_device else None)
+            self.hypers = hypers
+        if self.step_values is None:
+            return None if not changed else plans.upload(self.static, self.plan.device)
+        self.expected.add_(1)
+        self.base_steps.add_(1)
+        table = self.static.clone()
+        table[:, plans.HYPER_BASE_STEP] = self.base_steps
+        if self.adam:
+            self.host_checks.adam_bias_corrections(table)
+        return plans.upload(table, self.plan.device)
+
     def run(self, hypers, context: StepContext) -> None:
         plan = self.plan
-        if self.step_values is not None:
-            self.expected.add_(1)
-            self.base_steps = [step + 1 for step in self.base_steps]
+        table = self._hyper_table(hypers)
+        if table is not None:
+            plan.hyper_table, plan.hyper_bits = table, table.view(torch.int64)
+            plan.hyper_key = None  # the full path binds its own table again
         if self.host.pointers(self.addresses):
             plan.grad_table = plans.upload(self.addresses, plan.device)
             plan.grads_aligned = not bool((self.addresses % 16).any())
             plan.grad_key = None  # the full path binds its own grads again
-        _enqueue(self.kernel, plan, hypers, self.base_steps, context, self.constants)
+        _enqueue(self.kernel, plan, context, self.constants)
 
 
 def host_step(work: Work, hypers, flags, context: StepContext):
