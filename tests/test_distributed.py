@@ -126,6 +126,12 @@ def _entry(rank: int, world: int, port: int, outdir: str, job: str, kwargs: dict
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # A finished job skips interpreter finalization: gloo's worker threads can still abort it
+    # (SIGABRT, "terminate called without an active exception"; a known torch teardown race,
+    # seen once in CI after a job had written its results).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _job_ddp_parity(rank: int, world: int, out: Path) -> None:
