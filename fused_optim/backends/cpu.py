@@ -154,7 +154,7 @@ def _hyper_table(hypers) -> Tensor:
     """The bucket's hyperparameter table (``backends.plan`` layout; a tensor lr is read here,
     as a CPU tensor it costs no sync)."""
     rows, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
-    return torch.tensor(rows, dtype=torch.float64)
+    return plans.hyper_host_table(rows, None)
 
 
 def _seed(seed: int) -> int:

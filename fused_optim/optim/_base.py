@@ -25,6 +25,7 @@ from ._engine import (
     grads_of,
     group_values,
     is_sparse_any,
+    lr_kind,
     params_with_grads,
     state_fingerprint,
 )
@@ -194,8 +195,9 @@ class FusedOptimizerMixin:
         for bucket in plan.buckets:
             work = bucket.work
             work.grads = bucket.take(flat_grads)
-            bucket_hypers = [hypers[g] for g in bucket.group_ids]
-            created = getattr(bucket.backend, run)(work, bucket_hypers, bucket.flags, context)
+            created = getattr(bucket.backend, run)(
+                work, bucket.hypers(hypers), bucket.flags, context
+            )
             self._launches += 1
             if any(t is not None for t in created):
                 created_state |= self._keep_created(plan, bucket, created, context.found_inf)
@@ -220,8 +222,11 @@ class FusedOptimizerMixin:
         steps = []
         for bucket in plan.buckets:
             factory = getattr(bucket.backend, "host_step", None)
-            bucket_hypers = [hypers[g] for g in bucket.group_ids]
-            step = factory(bucket.work, bucket_hypers, bucket.flags, context) if factory else None
+            step = (
+                factory(bucket.work, bucket.hypers(hypers), bucket.flags, context)
+                if factory
+                else None
+            )
             if step is None:
                 return None
             steps.append(step)
@@ -253,7 +258,7 @@ class FusedOptimizerMixin:
                 if s is not None:
                     self._check_group(group, [], False)
             fast.raw, fast.hypers = raw, hypers
-            fast.bucket_hypers = [[hypers[g] for g in b.group_ids] for b in plan.buckets]
+            fast.bucket_hypers = [bucket.hypers(hypers) for bucket in plan.buckets]
         if not fast.holds(groups, self.state):
             return False
         advance_steps(plan.step_buffers, context.found_inf)
@@ -282,8 +287,7 @@ class FusedOptimizerMixin:
         for g, (group, group_params) in enumerate(zip(groups, with_grads)):
             if group_params:
                 flags = self._flags(group)
-                lr = group["lr"]
-                lr_kind = (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
+                kind = lr_kind(group["lr"])
                 for i, p in enumerate(group["params"]):
                     if p.grad is None:
                         continue
@@ -295,7 +299,7 @@ class FusedOptimizerMixin:
                     bucket_keys.append((
                         real_view(p).device, flags, sparse[g], dtype,
                         bucket_state_dtype(self._precision, p, state),
-                        self._precision.wants_master(p), lr_kind,
+                        self._precision.wants_master(p), kind,
                     ))  # fmt: skip
             offset += len(group["params"])
         by_key: dict[tuple, list[int]] = {}
@@ -371,10 +375,8 @@ class FusedOptimizerMixin:
 
     def _structure(self, group: dict) -> tuple:
         """Group settings that change which state exists, where it lives, or the code."""
-        lr = group["lr"]
-        lr_kind = (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
         steps_on_device = group.get("capturable", False) or self._amp[1] is not None
-        return (self._state_keys(group), steps_on_device, self._flags(group), lr_kind)
+        return (self._state_keys(group), steps_on_device, self._flags(group), lr_kind(group["lr"]))
 
     # State shared by the algorithms: step counts and master weights.
     def _init_common_state(self, group: dict, p: Tensor, state: dict, with_step: bool) -> None:

@@ -58,6 +58,11 @@ class Bucket:
     def take(self, values: list) -> list:
         return values if self.whole else [values[i] for i in self.positions]
 
+    def hypers(self, group_hypers: list) -> list:
+        """This bucket's rows of the optimizer's per-group hyperparameters (``work.groups``
+        index them)."""
+        return [group_hypers[g] for g in self.group_ids]
+
 
 class StepPlan:
     """Every tensor of one step, flattened over the param groups, and its buckets.
@@ -132,8 +137,9 @@ def flat(lists: list[list]) -> list:
     return out
 
 
-def device_of(t: Tensor) -> torch.device:
-    return t.device
+def lr_kind(lr) -> tuple | None:
+    """What about a group's lr changes the kernel's code: a tensor lr's dtype and device."""
+    return (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
 
 
 def group_values(param_groups: list[dict]) -> list[tuple]:
@@ -162,7 +168,7 @@ class FastPath:
         self.amp = amp
         self.raw = raw
         self.hypers = hypers
-        self.bucket_hypers = [[hypers[g] for g in b.group_ids] for b in plan.buckets]
+        self.bucket_hypers = [bucket.hypers(hypers) for bucket in plan.buckets]
         self.group_params = [group["params"] for group in param_groups]
         flat_params = flat(self.group_params)
         self.param_ids = list(map(id, flat_params))
