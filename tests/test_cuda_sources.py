@@ -38,7 +38,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from fused_optim.backends import contract, reference
+from fused_optim.backends import compiled, contract, reference
 from fused_optim.backends import cuda as cuda_backend
 from fused_optim.backends import plan as plans
 from fused_optim.backends.contract import (
@@ -388,15 +388,11 @@ def _emulated_op(library, name):
 
 @pytest.fixture
 def emulated_backend(emulated_kernels, monkeypatch):
-    """The backend with its raw ops swapped for the emulation, and its custom ops (registered for
-    CUDA only) given their own implementations as CPU kernels, for this test only."""
+    """The backend with its raw ops swapped for the emulation (the custom ops of
+    ``backends.compiled`` run on any device, so a traced step reaches it too)."""
     monkeypatch.setattr(cuda_backend, "_op", lambda name: _emulated_op(emulated_kernels, name))
-    library = torch.library.Library("fused_optim", "IMPL")
-    library.impl("cuda_sgd", cuda_backend._sgd_op, "CPU")
-    library.impl("cuda_adam", cuda_backend._adam_op, "CPU")
     LAUNCHES.clear()
-    yield cuda_backend
-    library._destroy()
+    return cuda_backend
 
 
 EMU_SHAPES = [(0,), (), (1,), (7,), (4095,), (4096,), (4097,), (3, 5, 7), (9000,)]
@@ -696,9 +692,8 @@ def test_emulated_grad_scale_and_found_inf(emulated_backend):
 
 
 def test_emulated_plans_live_in_the_work_and_stage_odd_layouts(emulated_backend):
-    """The plan is kept in ``work.plan`` (a PlanSlot the Work owns) and reused across steps;
-    staged tensors (a strided param and gradient, fp64 states of fp32 params) are updated; the
-    registry that maps handles to slots keeps nothing alive."""
+    """The plan is kept in ``work.plan`` (a dict the Work owns) and reused across steps; staged
+    tensors (a strided param and gradient, fp64 states of fp32 params) are updated."""
     base = torch.randn(9000, 3)
     params = [base[:, 1], torch.randn(4097), torch.randn(5, 7).t()]
     states = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in range(3)]
@@ -719,40 +714,27 @@ def test_emulated_plans_live_in_the_work_and_stage_odd_layouts(emulated_backend)
         torch._foreach_add_(group_steps, 1)
         work = contract.run_adam(emulated_backend, group, _clone(grads[0]), *group_states,
                                  group_steps, **EMU_ADAM, **flags, work=work)  # fmt: skip
-        assert isinstance(work.plan, cuda_backend.PlanSlot)
+        assert isinstance(work.plan, dict)
         built.append(work.plan[cuda_backend.PLAN_NAME])
     assert built[0] is built[1] is built[2], "the plan was rebuilt although no tensor moved"
     assert built[0].stages, "nothing was staged"
-    slot, handle = work.plan, work.plan.handle
-    assert cuda_backend._SLOTS[handle] is slot
-    alive = weakref.ref(slot)
-    del work, slot, built
-    gc.collect()
-    assert alive() is None and handle not in cuda_backend._SLOTS, "the registry keeps a slot"
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.compile: each bucket's update is a custom op that declares the tensors the kernel writes.
 
 
-def test_custom_ops_declare_what_the_kernels_write():
-    written = {
-        "cuda_sgd": ["params", "grads", "momentum_buffers", "master_params"],
-        "cuda_adam": [
-            "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"
-        ],
-    }  # fmt: skip
-    for name, mutated in written.items():
-        schema = getattr(torch.ops.fused_optim, name).default._schema
-        for argument in schema.arguments:
-            writes = argument.alias_info is not None and argument.alias_info.is_write
-            assert writes == (argument.name in mutated), (name, argument.name, str(schema))
-            if writes:
-                assert str(argument.type) == "List[Tensor]", (name, argument.name)
-        assert not schema.returns, str(schema)
-        assert "Tensor(a0!)[] params" in str(schema)
-        names = [argument.name for argument in schema.arguments]
-        assert {"groups", "indices", "hypers", "lrs", "handle"} <= set(names), names
+def test_custom_op_declares_what_the_kernels_write():
+    mutated = ["params", "grads", "state0", "state1", "state2", "master_params"]
+    schema = torch.ops.fused_optim.bucket_step.default._schema
+    for argument in schema.arguments:
+        writes = argument.alias_info is not None and argument.alias_info.is_write
+        assert writes == (argument.name in mutated), (argument.name, str(schema))
+        if writes:
+            assert str(argument.type) == "List[Tensor]", argument.name
+    assert not schema.returns, str(schema)
+    names = [argument.name for argument in schema.arguments]
+    assert {"groups", "indices", "hypers", "lrs", "flags", "handle"} <= set(names), names
 
 
 def _compiled_step(backend):
@@ -816,14 +798,14 @@ def test_custom_ops_trace_on_fake_cuda_tensors():
     (graph,) = graphs
     calls = [n for n in graph.graph.nodes if n.op == "call_function" and n.args]
     updates = [n for n in calls if "auto_functionalized" in str(n.target)]
-    assert [n.args[0] for n in updates] == [
-        torch.ops.fused_optim.cuda_adam.default, torch.ops.fused_optim.cuda_sgd.default
-    ]  # fmt: skip
+    assert [n.args[0] for n in updates] == [torch.ops.fused_optim.bucket_step.default] * 2
+    assert [n.kwargs["algorithm"] for n in updates] == ["adam", "sgd"]
     # SGD updates the params Adam wrote (the getitems of its result), not the inputs.
     sgd_bases = updates[1].kwargs["_all_bases"]
     assert all(base.op != "placeholder" for base in sgd_bases)
-    # A Work first seen inside the compiled region has no plan slot: handle 0.
+    # A Work made outside an optimizer has no slot in a SlotPool: handle 0.
     assert all(n.kwargs["handle"] == 0 for n in updates)
+    assert all(n.kwargs["backend"] == "cuda" for n in updates)
 
 
 def test_emulated_custom_ops_under_torch_compile(emulated_backend):
@@ -864,66 +846,57 @@ def test_emulated_three_groups_under_torch_compile(emulated_backend):
     _close(results[0], results[1], "param")
 
 
-def test_emulated_compiled_step_finds_the_works_plan_slot(emulated_backend, monkeypatch):
-    """A Work whose slot an eager step made: the compiled step passes its handle; the op reuses
-    the slot's plan for the Work's own tensors, and keeps none it built for copies."""
-    looked_up = []
-
-    class Registry(weakref.WeakValueDictionary):
-        def get(self, key, default=None):
-            looked_up.append(key)
-            return super().get(key, default)
-
-    monkeypatch.setattr(cuda_backend, "_SLOTS", Registry())
+def test_emulated_compiled_step_keeps_its_plan_in_the_slot_pool(emulated_backend):
+    """A traced step's Work carries a handle of its optimizer's SlotPool: the op builds the
+    bucket's plan once, keeps it in the pool and reuses it while the tensors hold; a handle
+    whose pool is gone finds nothing (plans are then built per call), and the module's
+    registry keeps no pool alive."""
     params = _tensors(torch.float32)
+    pool = compiled.SlotPool()
     work = Work(params=params, grads=_tensors(torch.float32), states={}, groups=list(GROUPS))
+    work.handle = pool.handle(3)
     flags = SgdFlags(momentum=False, nesterov=False, maximize=False)
-    hypers = _hypers("sgd", 0, False)
     expected = Work(params=_clone(params), grads=_clone(work.grads), states={},
                     groups=list(GROUPS))  # fmt: skip
-    for step in range(3):
-        reference.sgd(expected, _hypers("sgd", step, False), flags, StepContext())
-    emulated_backend.sgd(work, hypers, flags, StepContext())  # eager: makes the slot
-    slot = work.plan
-    eager_plan = slot[cuda_backend.PLAN_NAME]
 
-    def step(work):
-        emulated_backend.sgd(work, _hypers("sgd", 1, False), flags, StepContext())
+    def step(work, hypers):
+        emulated_backend.sgd(work, hypers, flags, StepContext())
 
     torch._dynamo.reset()
-    torch.compile(step, fullgraph=True, backend="aot_eager")(work)
+    compiled_step = torch.compile(step, fullgraph=True)  # inductor writes in place
+    plans_seen = []
+    for number in range(3):
+        reference.sgd(expected, _hypers("sgd", number, False), flags, StepContext())
+        compiled_step(work, _hypers("sgd", number, False))
+        plans_seen.append(pool.slots[3][cuda_backend.PLAN_NAME])
     torch._dynamo.reset()
-    assert looked_up == [slot.handle]
-    assert work.plan is slot and slot[cuda_backend.PLAN_NAME] is eager_plan
-    assert all(a is b for a, b in zip(eager_plan.anchors, params)), "a copy stayed in the slot"
-
-    # What a compiled step runs when the compiler lets the op write the Work's tensors in place.
-    hypers = _hypers("sgd", 2, False)
-    rows = [v for h in hypers for v in (h.lr, h.momentum, h.dampening, h.weight_decay)]
-    args = (params, work.grads, [], [], [], work.groups, [], [], rows, [], None, None,
-            False, False, False, False, 0, slot.handle)  # fmt: skip
-    torch.ops.fused_optim.cuda_sgd(*args)
-    # The slot's plan ran it: it holds this call's hyperparameter rows.
-    assert slot[cuda_backend.PLAN_NAME] is eager_plan
-    assert eager_plan.hyper_key[0] == plans.hyper_rows(hypers, [0.0] * 3)[0]
+    assert plans_seen[0] is plans_seen[1] is plans_seen[2], "the plan was rebuilt"
+    assert list(pool.slots) == [3]
+    # The last call's hyperparameters are bound to the kept plan.
+    assert plans_seen[0].hyper_key[0] == plans.hyper_rows(_hypers("sgd", 2, False), [0.0] * 3)[0]
     _close(params, expected.params, "param", rtol=0, atol=0)
+    handle, alive = pool.handle(3), weakref.ref(pool)
+    del pool, plans_seen
+    gc.collect()
+    assert alive() is None, "the registry keeps a pool alive"
+    assert compiled._plans(handle) is None
 
 
-def test_emulated_custom_ops_opcheck(emulated_backend):
+def test_emulated_custom_op_opcheck(emulated_backend):
     """torch.library.opcheck: the declared mutations are the kernels' (schema check), the fake
-    implementations agree, and AOT dispatch works."""
+    implementation agrees, and AOT dispatch works."""
     params = _tensors(torch.float32)[3:6]
     grads = _tensors(torch.float32)[3:6]
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     steps = [torch.tensor(2.0) for _ in params]
     groups, indices = [0, 1, 0], [0, 1, 2]
     scale = (torch.tensor(2.0), torch.tensor(0.0))  # grads are unscaled in place
-    adam_rows = [0.01, 0.9, 0.99, 1e-6, 0.01, 0.002, 0.8, 0.9, 1e-8, 0.1]
-    args = (params, grads, *states, [], steps, groups, indices, adam_rows, [], *scale,
-            True, False, True, False, False, 0, 0)  # fmt: skip
-    torch.library.opcheck(torch.ops.fused_optim.cuda_adam.default, args)
+    adam_table = plans.hyper_tensor(_hypers("adam", 0, False)[:2])
+    args = ("cuda", "adam", params, grads, *states, [], steps, [], groups, indices, adam_table,
+            [], [1, 0, 1, 0], *scale, False, 0, 0)  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.bucket_step.default, args)
     buffers = [torch.empty_like(p) for p in params]
-    sgd_rows = [0.05, 0.9, 0.0, 0.01, 0.1, 0.5, 0.1, 0.0]
-    args = (params, grads, buffers, [], [], groups, indices, [1] * len(params), sgd_rows, [],
-            None, None, True, False, False, False, 0, 0)  # fmt: skip
-    torch.library.opcheck(torch.ops.fused_optim.cuda_sgd.default, args)
+    sgd_table = plans.hyper_tensor(_hypers("sgd", 0, False)[:2])
+    args = ("cuda", "sgd", params, grads, buffers, [], [], [], [], [1] * len(params), groups,
+            indices, sgd_table, [], [1, 0, 0], None, None, False, 0, 0)  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.bucket_step.default, args)

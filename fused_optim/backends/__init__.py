@@ -76,6 +76,18 @@ def select_backend(
     return backend
 
 
+def preload(request: str | None, devices) -> None:
+    """Import the backend modules that steps on ``devices`` will use, so that a step traced by
+    torch.compile finds them imported (an import cannot be traced). Refuses nothing: an
+    unavailable backend still fails at the first step, with its reason."""
+    validate_request(request)
+    if request is not None:
+        _module(request)
+        return
+    for device in set(devices):
+        select_backend(None, torch.device(device))
+
+
 def host_checks():
     """The compiled step checks of the C++ extension (``params_unchanged``, ``state_unchanged``),
     or None when it is not built: the optimizer's fast path needs them."""

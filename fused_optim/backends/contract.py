@@ -112,7 +112,9 @@ class Work:
     ``states`` maps a state key (``SGD_STATE_KEYS`` / ``ADAM_STATE_KEYS``) to that state's tensors
     (``None`` where SGD's momentum buffer does not exist yet). ``steps`` and ``masters`` are
     empty when unused. ``indices`` are the params' positions in the optimizer (state_dict
-    numbering; they key the stochastic-rounding bits).
+    numbering; they key the stochastic-rounding bits). ``handle`` is set in steps traced by
+    torch.compile: it names where the custom ops of ``backends.compiled`` keep the bucket's
+    launch plans (0: none, plans are built per call).
     """
 
     params: list[Tensor]
@@ -125,6 +127,7 @@ class Work:
     new_state_dtype: torch.dtype | None = None
     own_params: bool = False
     plan: Any = None
+    handle: int = 0
 
     @property
     def device(self) -> torch.device:

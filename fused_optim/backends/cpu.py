@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import compiled
 from . import plan as plans
 from .contract import AdamFlags, SgdFlags, StepContext, Work
 
@@ -152,7 +153,10 @@ def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | No
 
 def _hyper_table(hypers) -> Tensor:
     """The bucket's hyperparameter table (``backends.plan`` layout; a tensor lr is read here,
-    as a CPU tensor it costs no sync)."""
+    as a CPU tensor it costs no sync). Traced by torch.compile, built by tensor operations, so
+    that the group values stay graph inputs (``plan.hyper_tensor``)."""
+    if torch.compiler.is_compiling():
+        return plans.hyper_tensor(hypers)
     rows, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
     return plans.hyper_host_table(rows, None)
 
@@ -169,7 +173,10 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
         return created
     new_flags = [0] * len(params)
     buffers: list[Tensor] = []
-    if flags.momentum:
+    if flags.momentum and torch.compiler.is_compiling():
+        column = work.column("momentum_buffer")
+        created, buffers, new_flags = compiled.new_buffers(params, column, work.new_state_dtype)
+    elif flags.momentum:
         buffers = list(work.column("momentum_buffer"))
         for i, buf in enumerate(buffers):
             if buf is None:

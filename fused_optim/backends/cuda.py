@@ -12,44 +12,22 @@ changed) and enqueues one kernel, so under CUDA-graph capture it enqueues nothin
 
 torch.compile
 -------------
-The raw ops take only pointer tables: a compiler could neither see what they write nor keep
-their writes in order. A compiled step therefore goes through the Python custom ops
-``torch.ops.fused_optim.cuda_sgd`` / ``cuda_adam``: their schemas declare every tensor list the
-kernel writes (params, grads, which are unscaled in place under GradScaler, states, master
-weights), their fake implementations do nothing, and their real implementations run the eager
-code of this module (plans, staging, launch) on the tensors they are given. Everything else a
-step needs is schema data: the bucket's group and index columns (``int[]``), the groups'
-hyperparameters (``float[]``, one row per group; tensor lrs as ``Tensor[]``), the flags.
-
-A schema cannot carry ``work.plan``, so the ops take an int ``handle`` instead. ``work.plan`` of a
-bucket this backend updates is a ``PlanSlot``: the dict of launch plans ``backends.plan`` keeps,
-plus the handle. The Work (so the optimizer) owns the slot; the module's registry only maps
-handles to slots, through weak references, so it keeps nothing alive, and a slot dropped with its
-bucket disappears from it. An op reuses the slot's plan when it is valid for the tensors the op
-was given (the Work's own, when the compiler let the op write them in place) and otherwise builds
-one for the call, which it does not keep: functionalized copies of the bucket's tensors must not
-stay alive in the optimizer's slot, nor push out the plan of its own tensors. Slots are made in
-eager steps (a registry write cannot be traced): a Work first seen inside a compiled region
-passes handle 0, and its op builds its plans per call.
-
-Eager steps (``torch.compiler.is_compiling()`` is False) run the same code directly on the Work:
-no dispatcher round trip through lists of thousands of tensors, and no registry look-up. This was
-chosen over dropping the custom ops (raw op + plan only), which would leave compiled steps with
-graph breaks and untracked writes, and over passing a prebuilt hyperparameter table through the
-schema, which would need a plan (tensor addresses) while tracing on fake tensors.
+A traced step reaches the kernels through the custom ops of ``backends.compiled``, whose real
+implementations run ``launch_sgd``/``launch_adam`` below on the tensors they are given, with
+the bucket's launch plans kept in the optimizer's ``SlotPool``. Eager steps run the same code
+directly on the Work.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import compiled
 from . import plan as plans
-from .contract import AdamFlags, AdamHyper, SgdFlags, SgdHyper, StepContext, Work
+from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
@@ -61,7 +39,10 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = error
 
-__all__ = ["CHUNK", "NAME", "SUPPORTS_SPARSE", "PlanSlot", "adam", "is_available", "sgd"]
+__all__ = [
+    "CHUNK", "NAME", "SUPPORTS_SPARSE", "adam", "is_available", "launch_adam", "launch_sgd",
+    "sgd",
+]  # fmt: skip
 
 # Elements per CUDA block (kChunk in csrc/cuda/fused_cuda.h).
 CHUNK = 4096
@@ -87,56 +68,6 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "torch.cuda.is_available() is False"
     return True, ""
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan slot and its handle.
-
-
-class PlanSlot(dict):
-    """``work.plan`` of a bucket this backend updates: the launch plans ``backends.plan`` keeps
-    (by name), plus the ``handle`` under which the custom ops find them (see the module doc)."""
-
-    __slots__ = ("__weakref__", "handle")
-
-
-_SLOTS: weakref.WeakValueDictionary[int, PlanSlot] = weakref.WeakValueDictionary()
-_HANDLES = itertools.count(1)
-
-
-def _slot(work: Work) -> PlanSlot:
-    """The Work's plan slot, made (and registered) on its first eager step."""
-    slot = work.plan
-    if type(slot) is not PlanSlot:
-        slot = PlanSlot(slot if isinstance(slot, dict) else {})
-        slot.handle = next(_HANDLES)
-        _SLOTS[slot.handle] = slot
-        work.plan = slot
-    return slot
-
-
-def _handle(work: Work) -> int:
-    """The handle of the Work's plan slot, 0 when it has none yet (traceable: reads only)."""
-    slot = work.plan
-    return slot.handle if type(slot) is PlanSlot else 0
-
-
-def _op_work(handle, params, grads, states, groups, steps, masters, indices) -> Work:
-    """The Work a custom op runs on: its own tensors, and a copy of the plan dict of the slot
-    ``handle`` (empty for handle 0, or once the slot is gone). ``plan_for`` reuses a plan of the
-    slot that is valid for these tensors; one it builds goes into the copy, so the slot keeps
-    its own (see the module doc)."""
-    slot = _SLOTS.get(handle) if handle else None
-    return Work(
-        params=list(params),
-        grads=list(grads),
-        states=states,
-        groups=list(groups),
-        steps=list(steps),
-        masters=list(masters),
-        indices=list(indices),
-        plan=dict(slot) if slot is not None else None,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +203,7 @@ def _launch(
     plan.stage_out()
 
 
-def _run_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: StepContext) -> None:
+def launch_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: StepContext) -> None:
     """SGD on ``work`` with ``buffers`` (every one allocated; ``new_buffers`` flags those made
     for this step) as the momentum column."""
     dtype = work.params[0].dtype
@@ -287,7 +218,9 @@ def _run_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: StepC
     )  # fmt: skip
 
 
-def _run_adam(work, states, hypers, flags: AdamFlags, context: StepContext) -> None:
+def launch_adam(work, hypers, flags: AdamFlags, context: StepContext) -> None:
+    """Adam/AdamW on ``work`` (every state allocated)."""
+    states = _adam_states(work, flags.amsgrad)
     dtype = work.params[0].dtype
     state_dtype = _state_dtype_for(dtype, states[0][0].dtype)
     step_pointers = _reads_steps_from_device(work, context, flags.tensor_bias_corrections)
@@ -303,142 +236,20 @@ def _adam_states(work: Work, amsgrad: bool) -> list[list[Tensor]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The updates as custom ops, for torch.compile (see the module doc).
-
-
-def _lr_tensors(hypers: Sequence) -> list[Tensor]:
-    """The groups' tensor lrs (all or none: ``_lr_kind`` checks), as a ``Tensor[]`` argument."""
-    return [hyper.lr for hyper in hypers if isinstance(hyper.lr, Tensor)]
-
-
-def _lr_float(lr: float | Tensor) -> float:
-    return 0.0 if isinstance(lr, Tensor) else float(lr)
-
-
-def _lr_of(lrs: list[Tensor], group: int, value: float) -> float | Tensor:
-    return lrs[group] if lrs else value
-
-
-SGD_HYPER_FIELDS = 4  # lr, momentum, dampening, weight_decay
-ADAM_HYPER_FIELDS = 5  # lr, beta1, beta2, eps, weight_decay
-
-
-def _sgd_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    master_params: list[Tensor],
-    steps: list[Tensor],
-    groups: list[int],
-    indices: list[int],
-    new_buffers: list[int],
-    hypers: list[float],
-    lrs: list[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    momentum: bool,
-    nesterov: bool,
-    maximize: bool,
-    stochastic_rounding: bool,
-    seed: int,
-    handle: int,
-) -> None:
-    """One bucket's SGD step (``momentum_buffers`` empty without momentum, all allocated with
-    it; ``new_buffers`` flags those allocated for this step). ``hypers``: SGD_HYPER_FIELDS per
-    group, lr 0.0 where ``lrs`` holds the groups' tensor lrs."""
-    if not params:
-        return
-    n = SGD_HYPER_FIELDS
-    rows = [hypers[g : g + n] for g in range(0, len(hypers), n)]
-    hyper = [SgdHyper(_lr_of(lrs, g, r[0]), r[1], r[2], r[3]) for g, r in enumerate(rows)]
-    states = {"momentum_buffer": list(momentum_buffers)} if momentum else {}
-    work = _op_work(handle, params, grads, states, groups, steps, master_params, indices)
-    _run_sgd(
-        work, list(momentum_buffers), list(new_buffers) or None, hyper,
-        SgdFlags(momentum, nesterov, maximize),
-        StepContext(grad_scale, found_inf, stochastic_rounding, seed),
-    )  # fmt: skip
-
-
-def _adam_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    master_params: list[Tensor],
-    steps: list[Tensor],
-    groups: list[int],
-    indices: list[int],
-    hypers: list[float],
-    lrs: list[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    tensor_bias_corrections: bool,
-    stochastic_rounding: bool,
-    seed: int,
-    handle: int,
-) -> None:
-    """One bucket's Adam/AdamW step (``max_exp_avg_sqs`` empty without amsgrad). ``hypers``:
-    ADAM_HYPER_FIELDS per group, lr 0.0 where ``lrs`` holds the groups' tensor lrs."""
-    if not params:
-        return
-    n = ADAM_HYPER_FIELDS
-    rows = [hypers[g : g + n] for g in range(0, len(hypers), n)]
-    hyper = [AdamHyper(_lr_of(lrs, g, r[0]), *r[1:]) for g, r in enumerate(rows)]
-    states = {"exp_avg": list(exp_avgs), "exp_avg_sq": list(exp_avg_sqs)}
-    if amsgrad:
-        states["max_exp_avg_sq"] = list(max_exp_avg_sqs)
-    work = _op_work(handle, params, grads, states, groups, steps, master_params, indices)
-    flags = AdamFlags(amsgrad, maximize, decoupled_weight_decay, tensor_bias_corrections)
-    context = StepContext(grad_scale, found_inf, stochastic_rounding, seed)
-    _run_adam(work, _adam_states(work, amsgrad), hyper, flags, context)
-
-
-cuda_sgd_op = torch.library.custom_op(
-    "fused_optim::cuda_sgd",
-    mutates_args=("params", "grads", "momentum_buffers", "master_params"),
-    device_types="cuda",
-)(_sgd_op)
-cuda_adam_op = torch.library.custom_op(
-    "fused_optim::cuda_adam",
-    mutates_args=(
-        "params",
-        "grads",
-        "exp_avgs",
-        "exp_avg_sqs",
-        "max_exp_avg_sqs",
-        "master_params",
-    ),
-    device_types="cuda",
-)(_adam_op)
-
-
-@cuda_sgd_op.register_fake
-def _(*args, **kwargs) -> None:
-    return None
-
-
-@cuda_adam_op.register_fake
-def _(*args, **kwargs) -> None:
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
 # Entry points (backends.contract).
 
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
     """SGD on every tensor of ``work`` in one launch (see ``backends.contract``); returns the
-    momentum buffers made for this step."""
+    momentum buffers it created."""
     params = work.params
-    created: list[Tensor | None] = [None] * len(params)
     if not params:
-        return created
+        return []
     _check_params(params)
+    if torch.compiler.is_compiling():
+        _lr_kind(hypers, work.device)  # one kind of lr per launch
+        return compiled.sgd(NAME, work, hypers, flags, context)
+    created: list[Tensor | None] = [None] * len(params)
     buffers: list = []
     new_buffers: list[int] | None = None
     if flags.momentum:
@@ -451,36 +262,7 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
                 # Same layout as the param, so that the kernel walks both as one span.
                 created[i] = buffers[i] = torch.empty_like(params[i], dtype=dtype)
                 new_buffers[i] = 1
-    if not torch.compiler.is_compiling():
-        _slot(work)
-        _run_sgd(work, buffers, new_buffers, hypers, flags, context)
-        return created
-    _lr_kind(hypers, work.device)  # one kind of lr per launch
-    row = [
-        value
-        for hyper in hypers
-        for value in (_lr_float(hyper.lr), hyper.momentum, hyper.dampening, hyper.weight_decay)
-    ]
-    torch.ops.fused_optim.cuda_sgd(
-        params,
-        work.grads,
-        buffers,
-        work.masters,
-        work.steps,
-        work.groups,
-        work.indices,
-        new_buffers or [],
-        row,
-        _lr_tensors(hypers),
-        context.grad_scale,
-        context.found_inf,
-        flags.momentum,
-        flags.nesterov,
-        flags.maximize,
-        context.stochastic_rounding,
-        int(context.seed) & 0xFFFFFFFF,
-        _handle(work),
-    )
+    launch_sgd(work, buffers, new_buffers, hypers, flags, context)
     return created
 
 
@@ -490,36 +272,8 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
     if not params:
         return []
     _check_params(params)
-    if not torch.compiler.is_compiling():
-        _slot(work)
-        _run_adam(work, _adam_states(work, flags.amsgrad), hypers, flags, context)
-        return [None] * len(params)
-    _lr_kind(hypers, work.device)  # one kind of lr per launch
-    row = [
-        value
-        for h in hypers
-        for value in (_lr_float(h.lr), h.beta1, h.beta2, h.eps, h.weight_decay)
-    ]
-    torch.ops.fused_optim.cuda_adam(
-        params,
-        work.grads,
-        work.states["exp_avg"],
-        work.states["exp_avg_sq"],
-        work.column("max_exp_avg_sq") if flags.amsgrad else [],
-        work.masters,
-        work.steps,
-        work.groups,
-        work.indices,
-        row,
-        _lr_tensors(hypers),
-        context.grad_scale,
-        context.found_inf,
-        flags.amsgrad,
-        flags.maximize,
-        flags.decoupled_weight_decay,
-        flags.tensor_bias_corrections,
-        context.stochastic_rounding,
-        int(context.seed) & 0xFFFFFFFF,
-        _handle(work),
-    )
+    if torch.compiler.is_compiling():
+        _lr_kind(hypers, work.device)  # one kind of lr per launch
+        return compiled.adam(NAME, work, hypers, flags, context)
+    launch_adam(work, hypers, flags, context)
     return [None] * len(params)

@@ -359,3 +359,26 @@ def hyper_host_table(rows: list[list[float]], lr_tensors: list | None) -> Tensor
         addresses = torch.tensor(list(map(Tensor.data_ptr, lr_tensors)), dtype=torch.int64)
         host.view(torch.int64)[:, HYPER_LR_ADDRESS] = addresses
     return host
+
+
+def hyper_tensor(hypers) -> Tensor:
+    """The hyperparameter table of ``hyper_rows`` at base step 0 (lr, the betas or momentum and
+    dampening, eps, weight decay; bias corrections and lr addresses left 0), on the CPU, built
+    by tensor operations only. torch.compile then keeps each value a graph input (a Python
+    float as a 0-dim tensor, a tensor lr as itself) instead of a constant it would recompile
+    for when a scheduler changes it. A tensor lr off the CPU is left 0 (its users read it
+    where it lives)."""
+    one = torch.ones((), dtype=torch.float64)
+    rows = []
+    for hyper in hypers:
+        lr = hyper.lr
+        if isinstance(lr, Tensor):
+            lr = lr.to(torch.float64).reshape(()) if lr.device.type == "cpu" else 0.0
+        if isinstance(hyper, AdamHyper):
+            values = (lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
+        else:
+            values = (lr, hyper.momentum, hyper.dampening, 0.0, hyper.weight_decay)
+        rows.append(torch.stack([one * value for value in values]))
+    table = torch.stack(rows)
+    padding = table.new_zeros(len(rows), HYPER_COLUMNS - table.shape[1])
+    return torch.cat([table, padding], dim=1)

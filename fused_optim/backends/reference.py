@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fused_optim.backends import compiled
 from fused_optim.backends import correctly_rounded as cr
 from fused_optim.backends.contract import AdamFlags, SgdFlags, StepContext, Work
 
@@ -144,7 +145,10 @@ def _sparse_sgd(p, g, lr, momentum, dampening, nesterov, momentum_buffers, i) ->
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
     """SGD on every tensor of ``work`` (see ``backends.contract``); returns new momentum
-    buffers."""
+    buffers. A step traced by torch.compile runs this code, untraced, in the custom op of
+    ``backends.compiled`` (the compiler would round differently)."""
+    if torch.compiler.is_compiling():
+        return compiled.sgd(NAME, work, hypers, flags, context)
     params, grads = work.params, work.grads
     momentum_buffers = list(work.column("momentum_buffer")) or [None] * len(params)
     created: list[Tensor | None] = [None] * len(params)
@@ -199,8 +203,30 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
     return created
 
 
+def launch_sgd(work: Work, buffers, new_buffers, hypers, flags: SgdFlags, context) -> None:
+    """SGD for the custom op of ``backends.compiled``: ``buffers`` all allocated, those flagged
+    in ``new_buffers`` start from this step's gradient (unless GradScaler skips it)."""
+    if flags.momentum:
+        new = new_buffers or [0] * len(buffers)
+        work.states["momentum_buffer"] = [None if n else b for b, n in zip(buffers, new)]
+    created = sgd(work, hypers, flags, context)
+    found_inf = context.found_inf
+    if any(t is not None for t in created) and (found_inf is None or not bool(found_inf)):
+        for buffer, tensor in zip(buffers, created):
+            if tensor is not None:
+                buffer.copy_(tensor)
+
+
+def launch_adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> None:
+    """Adam/AdamW for the custom op of ``backends.compiled``."""
+    adam(work, hypers, flags, context)
+
+
 def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Tensor | None]:
-    """Adam/AdamW on every tensor of ``work`` (see ``backends.contract``)."""
+    """Adam/AdamW on every tensor of ``work`` (see ``backends.contract``; traced by
+    torch.compile, through the custom op of ``backends.compiled``)."""
+    if torch.compiler.is_compiling():
+        return compiled.adam(NAME, work, hypers, flags, context)
     params, grads, steps = work.params, work.grads, work.steps
     exp_avgs, exp_avg_sqs = work.column("exp_avg"), work.column("exp_avg_sq")
     max_exp_avg_sqs = work.column("max_exp_avg_sq")

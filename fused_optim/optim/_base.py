@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..backends import host_checks, select_backend, validate_request
+from ..backends import host_checks, preload, select_backend, validate_request
+from ..backends.compiled import SlotPool
 from ..backends.contract import StepContext
 from ._engine import (
     FastPath,
@@ -66,9 +67,11 @@ class FusedOptimizerMixin:
         self._backend = backend
         self._precision = precision
         self._reset_runtime_state()
+        preload(backend, [p.device for group in self.param_groups for p in group["params"]])
 
     def _reset_runtime_state(self) -> None:
         self._plan: StepPlan | None = None
+        self._slot_pool = SlotPool()  # launch plans of traced steps (backends.compiled)
         self._launches = 0
         # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
         self._step_supports_amp_scaling = True
@@ -157,21 +160,13 @@ class FusedOptimizerMixin:
             self.step_skipped = found_inf != 0
         return loss
 
-    def _step(self, context: StepContext) -> None:
-        self._launches = 0
-        plan = self._plan
-        if plan is not None and plan.fast is not None:
-            if self._fast_step(plan, context):
-                plan.fast.succeeded = True
-                return
-            # The full path runs this step: build the fast path again after it (its host steps
-            # track state that this step changes), unless it never held for this plan.
-            plan.fast_tried = not plan.fast.succeeded
-            plan.fast = None
+    def _read_groups(self) -> tuple[list, list, list, list, list, list]:
+        """(params with grads, their grads, sparse, structure, hyperparameters, state keys) of
+        every group. Checks every group before touching any: an error leaves params and state
+        as they were."""
         groups = self.param_groups
         with_grads = params_with_grads(groups)
         grads = [grads_of(params) for params in with_grads]
-        # Check every group before touching any: an error leaves params and state as they were.
         sparse, structure, hypers, keys = [], [], [], []
         for group, params, group_grads in zip(groups, with_grads, grads):
             is_sparse = bool(params) and is_sparse_any(group_grads)
@@ -181,6 +176,52 @@ class FusedOptimizerMixin:
             structure.append(self._structure(group) if params else None)
             hypers.append(self._hyper(group) if params else None)
             keys.append(self._state_keys(group) if params else ())
+        return with_grads, grads, sparse, structure, hypers, keys
+
+    def _traced_step(self, context: StepContext) -> None:
+        """``step()`` while torch.compile traces it. The compiler's guards check what a plan's
+        fingerprint checks in eager steps (the same params, grads, states and group structure),
+        so nothing is cached here: the buckets are built in the trace (Python the compiled step
+        never runs again), and each bucket's update is one op of the graph whose hyperparameter
+        table is built by tensor operations, so that a scheduler's new lr or betas are graph
+        inputs, not recompiles (``backends.compiled``)."""
+        with_grads, grads, sparse, structure, hypers, keys = self._read_groups()
+        if not flat(with_grads):
+            return
+        plan = self._build_plan(with_grads, keys, structure, sparse, traced=True)
+        advance_steps([state["step"] for state in plan.states if "step" in state],
+                      context.found_inf)  # fmt: skip
+        flat_grads = plan.real_grads(flat(grads))
+        pool = self._slot_pool
+        for number, bucket in enumerate(plan.buckets):
+            work = bucket.work
+            work.grads = bucket.take(flat_grads)
+            work.handle = pool.handle(number)
+            created = getattr(bucket.backend, self.ALGORITHM)(
+                work, bucket.hypers(hypers), bucket.flags, context
+            )
+            self._launches += 1
+            for position, tensor in zip(bucket.positions, created):
+                if tensor is not None:
+                    plan.states[position][self._created_key] = as_state_of(
+                        plan.params[position], tensor
+                    )
+
+    def _step(self, context: StepContext) -> None:
+        self._launches = 0
+        if torch.compiler.is_compiling():
+            self._traced_step(context)
+            return
+        plan = self._plan
+        if plan is not None and plan.fast is not None:
+            if self._fast_step(plan, context):
+                plan.fast.succeeded = True
+                return
+            # The full path runs this step: build the fast path again after it (its host steps
+            # track state that this step changes), unless it never held for this plan.
+            plan.fast_tried = not plan.fast.succeeded
+            plan.fast = None
+        with_grads, grads, sparse, structure, hypers, keys = self._read_groups()
         params = flat(with_grads)
         if not params:
             return
@@ -214,7 +255,7 @@ class FusedOptimizerMixin:
     def _fast_path(self, plan: StepPlan, hypers: list, context: StepContext):
         """The plan's compiled per-step path, or None (no extension, views, a backend without a
         host step, or a bucket it does not apply to)."""
-        if plan.views or torch.compiler.is_compiling():
+        if plan.views:
             return None
         checks = host_checks()
         if checks is None:
@@ -238,7 +279,7 @@ class FusedOptimizerMixin:
         """One step through the plan's compiled path; False (nothing changed) when any check
         fails, and the full path runs instead."""
         fast = plan.fast
-        if torch.compiler.is_compiling() or fast.amp != self._amp_kind(context):
+        if fast.amp != self._amp_kind(context):
             return False
         groups = self.param_groups
         if not fast.checks.values_unchanged(groups, fast.raw):
@@ -278,9 +319,10 @@ class FusedOptimizerMixin:
             check.append(state_fingerprint(list(map(self.state.get, params)), state_keys))
         return check
 
-    def _build_plan(self, with_grads, keys, structure, sparse) -> StepPlan:
+    def _build_plan(self, with_grads, keys, structure, sparse, traced=False) -> StepPlan:
         """Choose each bucket's backend (which may refuse: nothing is changed yet), create the
-        states, gather the step counts, and build the buckets."""
+        states, gather the step counts (not in a traced step: the steps stay where they are),
+        and build the buckets."""
         groups = self.param_groups
         params, group_of, indices, bucket_keys = [], [], [], []
         offset = 0
@@ -316,14 +358,15 @@ class FusedOptimizerMixin:
                 if "step" in state:
                     step_devices.append((state, self._step_device(group, p)))
         plan = StepPlan(params, states, group_of, indices, None, structure, sparse)
-        if step_devices:
+        if step_devices and not traced:
             plan.step_buffers = gather_steps(*map(list, zip(*step_devices)))
         master_key = MASTER_KEY if self._precision.master_weights else None
         for key, positions in by_key.items():
             flags = key[1]
             state_keys = self._bucket_state_keys(flags)
             plan.add_bucket(backends[key], flags, positions, state_keys, master_key, key[4])
-        plan.check = self._check_value(with_grads, keys)
+        if not traced:
+            plan.check = self._check_value(with_grads, keys)
         return plan
 
     def _keep_created(self, plan: StepPlan, bucket, created, found_inf) -> bool:
@@ -442,7 +485,7 @@ class FusedOptimizerMixin:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend"] = self._backend
         state["_precision"] = self._precision
-        runtime = ("_plan", "_launches", "_not_skipped", "_amp", "step_skipped")
+        runtime = ("_plan", "_slot_pool", "_launches", "_not_skipped", "_amp", "step_skipped")
         for key in (*runtime, "_step_supports_amp_scaling"):
             state.pop(key, None)
         return state

@@ -2,7 +2,8 @@
 
 Implements the contract of ``backends.contract``. Runs on CUDA, ROCm and XPU tensors, and on CPU
 tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before triton was
-imported. The kernels (``kernels.py``) walk the tables of ``backends.plan``.
+imported. The kernels (``kernels.py``) walk the tables of ``backends.plan``. A step traced by
+torch.compile reaches them through the custom ops of ``backends.compiled``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import host_checks
+from .. import compiled, host_checks
 from .. import plan as plans
 from ..contract import AdamFlags, SgdFlags, StepContext, Work
 
@@ -28,7 +29,9 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the machine
     _IMPORT_ERROR = error
 
-__all__ = ["BLOCK", "NAME", "adam", "interpreting", "is_available", "sgd"]
+__all__ = [
+    "BLOCK", "NAME", "adam", "interpreting", "is_available", "launch_adam", "launch_sgd", "sgd",
+]  # fmt: skip
 
 GPU_DEVICE_TYPES = ("cuda", "xpu")
 # Elements and warps per program. BLOCK=1024 with 4 warps reached the copy roofline on one
@@ -245,22 +248,32 @@ def host_step(work: Work, hypers, flags, context: StepContext):
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
     """SGD on every tensor of ``work`` in one launch (see ``backends.contract``)."""
     params = work.params
-    created: list[Tensor | None] = [None] * len(params)
     if not params:
-        return created
-    state_dtype = params[0].dtype
+        return []
+    if torch.compiler.is_compiling():
+        return compiled.sgd(NAME, work, hypers, flags, context)
+    created: list[Tensor | None] = [None] * len(params)
+    buffers: list = []
     new_buffers = None
     if flags.momentum:
         buffers = list(work.column("momentum_buffer"))
         existing = [buf for buf in buffers if buf is not None]
-        state_dtype = existing[0].dtype if existing else (work.new_state_dtype or state_dtype)
+        state_dtype = existing[0].dtype if existing else (work.new_state_dtype or params[0].dtype)
         new_buffers = [0] * len(params)
         for i, buf in enumerate(buffers):
             if buf is None:
                 # Same layout as the param, so the kernel walks both as one span.
                 created[i] = buffers[i] = torch.empty_like(params[i], dtype=state_dtype)
                 new_buffers[i] = 1
+    launch_sgd(work, buffers, new_buffers, hypers, flags, context)
+    return created
+
+
+def launch_sgd(work: Work, buffers, new_buffers, hypers, flags: SgdFlags, context) -> None:
+    """SGD on ``work`` with ``buffers`` (every one allocated; ``new_buffers`` flags those made
+    for this step) as the momentum column."""
     states = [buffers] if flags.momentum else []
+    state_dtype = buffers[0].dtype if states else work.params[0].dtype
     step_pointers = context.stochastic_rounding and _reads_steps_from_device(work, context, flags)
     _launch(
         kernels.sgd_kernel, work, states, state_dtype, hypers, context, step_pointers,
@@ -268,7 +281,6 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
              **_lr_flags(work, hypers)),
         new_buffers,
     )  # fmt: skip
-    return created
 
 
 def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Tensor | None]:
@@ -276,6 +288,14 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
     params = work.params
     if not params:
         return []
+    if torch.compiler.is_compiling():
+        return compiled.adam(NAME, work, hypers, flags, context)
+    launch_adam(work, hypers, flags, context)
+    return [None] * len(params)
+
+
+def launch_adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> None:
+    """Adam/AdamW on ``work`` (every state allocated)."""
     keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 3 if flags.amsgrad else 2]
     states = [work.states[key] for key in keys]
     step_pointers = _reads_steps_from_device(work, context, flags)
@@ -284,4 +304,3 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
         dict(AMSGRAD=flags.amsgrad, MAXIMIZE=flags.maximize,
              DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay, **_lr_flags(work, hypers)),
     )  # fmt: skip
-    return [None] * len(params)
