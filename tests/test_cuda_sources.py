@@ -595,6 +595,54 @@ def test_emulated_one_call_updates_three_groups(emulated_backend, algorithm, ten
     assert all(not torch.equal(a, b) for a, b in zip(p, params) if a.numel())
 
 
+@pytest.mark.parametrize("algorithm", ["adam", "sgd"])
+def test_emulated_host_step_is_the_full_path(emulated_backend, algorithm):
+    """The compiled host path (``host_step``: the extension checks every tensor, reads the grads
+    from the params, fills the grad table; host steps advanced with Adam's bias corrections
+    computed in C++) gives the bits of the full path, step after step, with fresh grads every
+    step; a grad of another layout makes its check fail before anything runs."""
+    params = _tensors(torch.float32, shapes=[(5,), (3, 4), (4097,), (0,), (2, 3, 7)])
+    buffer = torch.zeros(len(params))  # host steps: 0-dim views of one buffer
+    steps = [buffer[i] for i in range(len(params))]
+    groups = [0, 1, 2, 1, 0]
+    adam = algorithm == "adam"
+    keys = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",)
+    states = {k: [torch.zeros_like(p) for p in params] for k in keys}
+    flags = (AdamFlags(amsgrad=False, maximize=False, decoupled_weight_decay=True) if adam
+             else SgdFlags(momentum=True, nesterov=True, maximize=False))  # fmt: skip
+    run = emulated_backend.adam if adam else emulated_backend.sgd
+    expected = Work(params=_clone(params), grads=[], states={k: _clone(v) for k, v in
+                    states.items()}, groups=groups, steps=_clone(steps))  # fmt: skip
+    work = Work(params=params, grads=[], states=states, groups=groups, steps=steps,
+                indices=list(range(len(params))), own_params=True)  # fmt: skip
+    host = None
+    for number in range(4):
+        hypers = _hypers(algorithm, number, False)
+        grads = _tensors(torch.float32, shapes=[tuple(p.shape) for p in params])
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        expected.grads = _clone(grads)
+        torch._foreach_add_(expected.steps, 1)
+        (reference.adam if adam else reference.sgd)(expected, hypers, flags, StepContext())
+        if host is None:
+            buffer.add_(1)
+            work.grads = [p.grad for p in params]
+            run(work, hypers, flags, StepContext())  # the full path builds the plan
+            host = emulated_backend.host_step(work, hypers, flags, StepContext())
+            assert host is not None
+            continue
+        assert host.check()  # as the optimizer: check, advance the steps, run
+        buffer.add_(1)
+        LAUNCHES.clear()
+        host.run(hypers, StepContext())
+        assert LAUNCHES == [f"{algorithm}_"]
+        _close(params, expected.params, "param", rtol=0, atol=0)
+    for key in keys:
+        _close(states[key], expected.states[key], key, rtol=0, atol=0)
+    params[1].grad = torch.randn(4, 3).t()  # same shape, other strides
+    assert not host.check()
+
+
 def test_emulated_three_groups_differ_from_one(emulated_backend):
     """The groups' rows are really read: the same tensors with every group on group 0's row
     end elsewhere."""

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import compiled
+from . import compiled, host_checks
 from . import plan as plans
 from .contract import AdamFlags, SgdFlags, StepContext, Work
 
@@ -40,8 +40,8 @@ except ImportError as error:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = error
 
 __all__ = [
-    "CHUNK", "NAME", "SUPPORTS_SPARSE", "adam", "is_available", "launch_adam", "launch_sgd",
-    "sgd",
+    "CHUNK", "NAME", "SUPPORTS_SPARSE", "adam", "host_step", "is_available", "launch_adam",
+    "launch_sgd", "sgd",
 ]  # fmt: skip
 
 # Elements per CUDA block (kChunk in csrc/cuda/fused_cuda.h).
@@ -175,23 +175,29 @@ def _launch(
     plan = plans.plan_for(work, PLAN_NAME, states, state_dtype, CHUNK, new_buffers, step_column)
     lr_from_pointer, lr_dtype = _lr_kind(hypers, device)
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, lr_from_pointer)
-    hyper_table = plan.bind_hypers(rows, lr_tensors if lr_from_pointer else None)
-    grad_scale = context.grad_scale
-    plan.bind_grads(work.grads, dtype, writes_back=grad_scale is not None)
+    plan.bind_hypers(rows, lr_tensors if lr_from_pointer else None)
+    plan.bind_grads(work.grads, dtype, writes_back=context.grad_scale is not None)
+    _enqueue(name, plan, work, context, (lr_from_pointer, lr_dtype), step_pointers,
+             algorithm_flags)  # fmt: skip
+
+
+def _enqueue(name, plan, work: Work, context: StepContext, lr_kind, step_pointers,
+             algorithm_flags) -> None:  # fmt: skip
+    """Launch the kernel once over the plan (its grad and hyperparameter tables bound)."""
     if plan.num_blocks == 0:
         return
+    device, dtype = work.device, work.params[0].dtype
     stochastic = context.stochastic_rounding and dtype in (torch.bfloat16, torch.float16)
     plan.stage_in()
     _op(name)(
         plan.tensor_table,
         plan.grad_table,
         plan.block_table,
-        hyper_table,
+        plan.hyper_table,
         dtype,
-        state_dtype,
-        lr_from_pointer,
-        lr_dtype,
-        _amp_tensor(grad_scale, device),
+        plan.state_dtype,
+        *lr_kind,
+        _amp_tensor(context.grad_scale, device),
         _amp_tensor(context.found_inf, device),
         *algorithm_flags,
         bool(work.masters),
@@ -237,6 +243,31 @@ def _adam_states(work: Work, amsgrad: bool) -> list[list[Tensor]]:
 
 # ----------------------------------------------------------------------------------------------
 # Entry points (backends.contract).
+
+
+def host_step(work: Work, hypers, flags, context: StepContext):
+    """The bucket's compiled host path (``plan.PlanHostStep``: the extension checks every tensor
+    and fills the grad table), or None where it does not apply."""
+    dtype = work.params[0].dtype if work.params else None
+    if isinstance(flags, AdamFlags):
+        adam, name = True, "adam_"
+        step_pointers = _reads_steps_from_device(work, context, flags.tensor_bias_corrections)
+        algorithm_flags = (flags.amsgrad, flags.maximize, flags.decoupled_weight_decay)
+    else:
+        adam, name = False, "sgd_"
+        stochastic = context.stochastic_rounding and dtype in (torch.bfloat16, torch.float16)
+        step_pointers = stochastic and _reads_steps_from_device(work, context, False)
+        algorithm_flags = (flags.momentum, flags.nesterov, flags.maximize)
+    if dtype is None:
+        return None
+    lr_kind = _lr_kind(hypers, work.device)
+
+    def launch(plan, context: StepContext) -> None:
+        _enqueue(name, plan, work, context, lr_kind, step_pointers, algorithm_flags)
+
+    return plans.host_step_for(
+        host_checks(), work, PLAN_NAME, adam, step_pointers, lr_kind[0], launch
+    )
 
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:

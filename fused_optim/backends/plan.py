@@ -382,3 +382,89 @@ def hyper_tensor(hypers) -> Tensor:
     table = torch.stack(rows)
     padding = table.new_zeros(len(rows), HYPER_COLUMNS - table.shape[1])
     return torch.cat([table, padding], dim=1)
+
+
+class PlanHostStep:
+    """The compiled per-step host path of a bucket that walks a launch plan
+    (``contract.HostStep``), shared by the Triton and CUDA backends.
+
+    ``grad_table`` (the extension's ``GradTable``) checks every tensor's signature and writes
+    the grads' addresses, read from the params; the grad table is uploaded only when one moved.
+    Host steps (torch.optim's default path) advance by one per step here: the groups' base steps
+    are kept on the host and ``check()`` verifies the step tensors are where they should be (a
+    step edited by hand sends the step down the full path); Adam's bias corrections at them are
+    filled into the table in compiled code. ``launch(plan, context)`` enqueues the kernel on the
+    plan with its tables bound. Built after a full step, so the plan exists."""
+
+    def __init__(self, checks, grad_table, plan: LaunchPlan, work, adam: bool, step_pointers,
+                 lr_on_device: bool, launch) -> None:  # fmt: skip
+        self.checks = checks
+        self.grad_table = grad_table
+        self.plan = plan
+        self.adam = adam
+        self.lr_on_device = lr_on_device
+        self.launch = launch
+        self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
+        self.step_values = None
+        base_steps = [0.0] * (max(work.groups) + 1)
+        if work.steps and not step_pointers:
+            self.step_values = step_values(work.steps)
+            self.expected = self.step_values.clone()
+            base_steps, _ = step_columns(work, False, self.step_values)
+        self.base_steps = torch.tensor(base_steps, dtype=torch.float64)
+        self.hypers = None
+        self.static: Tensor | None = None
+
+    def check(self) -> bool:
+        if not self.grad_table.check() or self.plan.stages:
+            return False
+        return self.step_values is None or torch.equal(self.step_values, self.expected)
+
+    def _hyper_table(self, hypers) -> Tensor | None:
+        """This step's hyperparameter table: the groups' values (rebuilt when one changed)
+        and, for host steps, the new base steps and Adam's bias corrections at them; None when
+        the bound table still holds."""
+        changed = hypers is not self.hypers
+        if changed:
+            rows, lr_tensors = hyper_rows(hypers, self.base_steps.tolist(), self.lr_on_device)
+            self.static = hyper_host_table(rows, lr_tensors if self.lr_on_device else None)
+            self.hypers = hypers
+        if self.step_values is None:
+            return None if not changed else upload(self.static, self.plan.device)
+        self.expected.add_(1)
+        self.base_steps.add_(1)
+        table = self.static.clone()
+        table[:, HYPER_BASE_STEP] = self.base_steps
+        if self.adam:
+            self.checks.adam_bias_corrections(table)
+        return upload(table, self.plan.device)
+
+    def run(self, hypers, context) -> None:
+        plan = self.plan
+        table = self._hyper_table(hypers)
+        if table is not None:
+            plan.hyper_table, plan.hyper_bits = table, table.view(torch.int64)
+            plan.hyper_key = None  # the full path binds its own table again
+        if self.grad_table.pointers(self.addresses):
+            plan.grad_table = upload(self.addresses, plan.device)
+            plan.grads_aligned = not bool((self.addresses % 16).any())
+            plan.grad_key = None  # the full path binds its own grads again
+        self.launch(plan, context)
+
+
+def host_step_for(checks, work, name: str, adam: bool, step_pointers, lr_on_device, launch):
+    """A ``PlanHostStep`` for the bucket's plan ``name``, or None where it does not apply (no
+    extension, views, a plan that stages a tensor, a missing state, or Adam's host steps that
+    are not views of one buffer)."""
+    plan = work.plan.get(name) if isinstance(work.plan, dict) else None
+    if checks is None or not work.own_params or plan is None or plan.stages:
+        return None
+    if plan.grad_stages or not work.grads:
+        return None
+    held = [t for column in work.states.values() for t in column] + work.masters + work.steps
+    if any(t is None for t in held):
+        return None
+    if adam and not step_pointers and step_values(work.steps) is not work.steps[0]._base:
+        return None  # the steps are not views of one buffer: read them the full way
+    grad_table = checks.GradTable(work.params, held, work.grads[0].dtype)
+    return PlanHostStep(checks, grad_table, plan, work, adam, step_pointers, lr_on_device, launch)

@@ -149,100 +149,31 @@ def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
     plan.stage_out()
 
 
-class _HostStep:
-    """The compiled per-step host path of one bucket (``contract.HostStep``): the extension's
-    ``GradTable`` checks every tensor and writes the grads' addresses (read from the params);
-    the table is uploaded only when one moved. Built after a full step, so the plan exists."""
-
-    def __init__(self, host, kernel, work: Work, step_pointers, flags, grad_dtype, context):
-        self.host = host
-        self.adam = kernel is kernels.adam_kernel
-        self.kernel = kernel
-        self.work = work
-        self.plan = work.plan["triton"]
-        self.step_pointers = step_pointers
-        self.constants = _constants(self.plan, work, context, step_pointers, flags, grad_dtype)
-        self.host_checks = host_checks()
-        self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
-        # Host steps (torch.optim's default path) advance by one per step in the fast path: the
-        # groups' base steps are kept here, and check() verifies the steps are where they
-        # should be (a step edited by hand sends the step down the full path). Adam's bias
-        # corrections at them are filled into the table in compiled code.
-        self.step_values = None
-        base_steps = [0.0] * (max(work.groups) + 1)
-        if work.steps and not step_pointers:
-            self.step_values = plans.step_values(work.steps)
-            self.expected = self.step_values.clone()
-            base_steps, _ = plans.step_columns(work, False, self.step_values)
-        self.base_steps = torch.tensor(base_steps, dtype=torch.float64)
-        self.hypers = None
-        self.static: Tensor | None = None
-
-    def check(self) -> bool:
-        if not self.host.check() or self.plan.stages:
-            return False
-        return self.step_values is None or torch.equal(self.step_values, self.expected)
-
-    def _hyper_table(self, hypers) -> Tensor:
-        """This step's hyperparameter table: the groups' values (rebuilt when one changed)
-        and, for host steps, the new base steps and Adam's bias corrections at them."""
-        on_device = self.constants["LR_FROM_POINTER"]
-        changed = hypers is not self.hypers
-        if changed:
-            rows, lr_tensors = plans.hyper_rows(hypers, self.base_steps.tolist(), on_device)
-            self.static = plans.hyper_host_table(rows, lr_tensors if on_device else None)
-            self.hypers = hypers
-        if self.step_values is None:
-            return None if not changed else plans.upload(self.static, self.plan.device)
-        self.expected.add_(1)
-        self.base_steps.add_(1)
-        table = self.static.clone()
-        table[:, plans.HYPER_BASE_STEP] = self.base_steps
-        if self.adam:
-            self.host_checks.adam_bias_corrections(table)
-        return plans.upload(table, self.plan.device)
-
-    def run(self, hypers, context: StepContext) -> None:
-        plan = self.plan
-        table = self._hyper_table(hypers)
-        if table is not None:
-            plan.hyper_table, plan.hyper_bits = table, table.view(torch.int64)
-            plan.hyper_key = None  # the full path binds its own table again
-        if self.host.pointers(self.addresses):
-            plan.grad_table = plans.upload(self.addresses, plan.device)
-            plan.grads_aligned = not bool((self.addresses % 16).any())
-            plan.grad_key = None  # the full path binds its own grads again
-        _enqueue(self.kernel, plan, context, self.constants)
-
-
 def host_step(work: Work, hypers, flags, context: StepContext):
-    """The bucket's compiled host path, or None (no extension, views, or staged tensors)."""
-    checks = host_checks()
-    plan = work.plan.get("triton") if isinstance(work.plan, dict) else None
-    if checks is None or not work.own_params or plan is None or plan.stages:
-        return None
-    if plan.grad_stages or not work.grads:
-        return None
+    """The bucket's compiled host path (``plan.PlanHostStep``), or None where it does not
+    apply."""
     adam = isinstance(flags, AdamFlags)
     step_pointers = _reads_steps_from_device(work, context, flags)
-    if not adam:
-        step_pointers = context.stochastic_rounding and step_pointers
     if adam:
         code = dict(AMSGRAD=flags.amsgrad, MAXIMIZE=flags.maximize,
                     DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay)  # fmt: skip
         kernel = kernels.adam_kernel
     else:
+        step_pointers = context.stochastic_rounding and step_pointers
         code = dict(HAS_MOMENTUM=flags.momentum, NESTEROV=flags.nesterov, MAXIMIZE=flags.maximize)
         kernel = kernels.sgd_kernel
     code.update(_lr_flags(work, hypers))
-    held = [t for column in work.states.values() for t in column] + work.masters + work.steps
-    if any(t is None for t in held):
+    plan = work.plan.get("triton") if isinstance(work.plan, dict) and work.grads else None
+    if plan is None:
         return None
-    if adam and not step_pointers and plans.step_values(work.steps) is not work.steps[0]._base:
-        return None  # the steps are not views of one buffer: read them the full way
-    grad_dtype = work.grads[0].dtype
-    host = checks.GradTable(work.params, held, grad_dtype)
-    return _HostStep(host, kernel, work, step_pointers, code, grad_dtype, context)
+    constants = _constants(plan, work, context, step_pointers, code, work.grads[0].dtype)
+
+    def launch(plan, context: StepContext) -> None:
+        _enqueue(kernel, plan, context, constants)
+
+    return plans.host_step_for(
+        host_checks(), work, "triton", adam, step_pointers, code["LR_FROM_POINTER"], launch
+    )
 
 
 def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tensor | None]:
