@@ -233,3 +233,28 @@ def test_compiled_step_under_grad_scaler_tensors(name, backend):
     for index, entry in eager_state.items():
         for key, value in entry.items():
             torch.testing.assert_close(compiled_state[index][key], value, rtol=0, atol=0)
+
+
+def test_state_is_prepared_outside_the_trace_and_guarded_by_identity():
+    """While dynamo traces a step it runs the optimizer's state creation eagerly
+    (``compiled.prepare_state``, marked as torch.compiler.assume_constant_result marks) and
+    marks every state tensor static, so that dynamo guards them by identity (as it does
+    torch.optim's state) instead of checking each one's metadata on every call."""
+    from torch._dynamo.utils import get_static_address_type
+
+    from fused_optim.backends import compiled
+
+    def probe():
+        return 0
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert probe.__dict__ == compiled.prepare_state.__dict__ == {"_dynamo_marked_constant": True}
+    params = _params()
+    opt = _optimizer("AdamW", params, "cpu")
+    _set_grads(params, 0)
+    torch._dynamo.reset()
+    torch.compile(opt.step, fullgraph=True, backend="aot_eager")()
+    torch._dynamo.reset()
+    tensors = [t for state in opt.state.values() for t in state.values()]
+    assert len(tensors) == 3 * len(params)
+    assert all(get_static_address_type(t) == "guarded" for t in tensors)

@@ -22,7 +22,12 @@ and a handle of a dead optimizer finds nothing. A traced step passes ``pool.hand
 the op keeps that bucket's launch plans in the pool, valid while every tensor keeps its
 address, shape, strides and dtype (``plan.signatures``). Handle 0 builds plans per call.
 
-The C++ CPU backend needs none of this: its kernel takes tensor lists, so its own op
+State: while dynamo traces a step, ``prepare_state`` runs outside the trace (dynamo calls it
+instead of tracing it) and lets the optimizer create its missing state and mark every state
+tensor static; the compiled step then guards the state by identity, as dynamo does for
+torch.optim's own state, instead of checking every state tensor's metadata on every call.
+
+The C++ CPU backend needs none of the op: its kernel takes tensor lists, so its own op
 (``torch.ops.fused_optim.adam_``/``sgd_``) is traced directly with the same table.
 """
 
@@ -45,14 +50,17 @@ SLOTS_PER_POOL = 1 << 20
 
 class SlotPool:
     """The launch plans of one optimizer's traced steps: a plan dict per bucket number,
-    found by the custom op through ``handle(bucket)``. Owned by the optimizer."""
+    found by the custom op through ``handle(bucket)``. Owned by the optimizer, which it knows
+    by a weak reference and ``prepare(owner)`` runs on (see ``prepare_state``)."""
 
-    __slots__ = ("__weakref__", "base", "slots")
+    __slots__ = ("__weakref__", "base", "owner", "prepare", "slots")
 
-    def __init__(self) -> None:
+    def __init__(self, owner=None, prepare=None) -> None:
         number = next(_POOL_NUMBERS)
         self.base = number * SLOTS_PER_POOL
         self.slots: dict[int, dict] = {}
+        self.owner = None if owner is None else weakref.ref(owner)
+        self.prepare = prepare
         _POOLS[number] = self
 
     def handle(self, bucket: int) -> int:
@@ -67,6 +75,25 @@ def _plans(handle: int) -> dict | None:
     """The plan dict of ``handle`` (None for 0, or once its optimizer is gone)."""
     pool = _POOLS.get(handle // SLOTS_PER_POOL) if handle else None
     return None if pool is None else pool.slots.setdefault(handle % SLOTS_PER_POOL, {})
+
+
+def prepare_state(base: int) -> int:
+    """Run, while dynamo traces a step and outside the trace, the ``prepare`` of the pool whose
+    handles start at ``base``: the optimizer creates its missing state there, eagerly, and marks
+    its state tensors static (``torch._dynamo.mark_static_address``), so that the compiled step
+    guards them by identity, as dynamo does for torch.optim's own state, instead of checking
+    every tensor's metadata on every call. Returns 0 (dynamo keeps the result as a constant)."""
+    pool = _POOLS.get(base // SLOTS_PER_POOL)
+    owner = None if pool is None or pool.owner is None else pool.owner()
+    if owner is not None and pool.prepare is not None:
+        pool.prepare(owner)
+    return 0
+
+
+# What ``torch.compiler.assume_constant_result`` does (dynamo then calls the function while
+# tracing instead of tracing it), spelled out because calling it would import dynamo (seconds)
+# with fused_optim; tests/test_compile.py checks the two agree.
+prepare_state._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _module(name: str):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..backends import host_checks, preload, select_backend, validate_request
-from ..backends.compiled import SlotPool
+from ..backends.compiled import SlotPool, prepare_state
 from ..backends.contract import StepContext
 from ._engine import (
     FastPath,
@@ -71,7 +71,8 @@ class FusedOptimizerMixin:
 
     def _reset_runtime_state(self) -> None:
         self._plan: StepPlan | None = None
-        self._slot_pool = SlotPool()  # launch plans of traced steps (backends.compiled)
+        # Launch plans of traced steps, and their state preparation (backends.compiled).
+        self._slot_pool = SlotPool(self, type(self)._prepare_traced_state)
         self._launches = 0
         # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
         self._step_supports_amp_scaling = True
@@ -184,10 +185,12 @@ class FusedOptimizerMixin:
         so nothing is cached here: the buckets are built in the trace (Python the compiled step
         never runs again), and each bucket's update is one op of the graph whose hyperparameter
         table is built by tensor operations, so that a scheduler's new lr or betas are graph
-        inputs, not recompiles (``backends.compiled``)."""
+        inputs, not recompiles (``backends.compiled``). The state is created outside the trace,
+        after the checks (``_prepare_traced_state``)."""
         with_grads, grads, sparse, structure, hypers, keys = self._read_groups()
         if not flat(with_grads):
             return
+        prepare_state(self._slot_pool.base)
         plan = self._build_plan(with_grads, keys, structure, sparse, traced=True)
         advance_steps([state["step"] for state in plan.states if "step" in state],
                       context.found_inf)  # fmt: skip
@@ -206,6 +209,22 @@ class FusedOptimizerMixin:
                     plan.states[position][self._created_key] = as_state_of(
                         plan.params[position], tensor
                     )
+
+    def _prepare_traced_state(self) -> None:
+        """Create the state of every param with a grad (in a group that keeps state) and mark
+        every state tensor static for torch.compile. Runs eagerly while dynamo traces a step
+        (``backends.compiled.prepare_state``), after the groups were checked."""
+        from torch._dynamo import mark_static_address
+
+        for group in self.param_groups:
+            keys = self._state_keys(group)
+            for p in group["params"]:
+                if keys and p.grad is not None:
+                    self._init_state(group, p)
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    mark_static_address(value, guard=True)
 
     def _step(self, context: StepContext) -> None:
         self._launches = 0
