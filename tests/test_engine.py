@@ -361,3 +361,12 @@ def test_compiled_bias_corrections_are_pythons():
     table[:, plans.HYPER_BIAS_CORRECTION2_SQRT] = 0.0
     checks.adam_bias_corrections(table)
     assert torch.equal(table.view(torch.int64), expected.view(torch.int64))
+    # The host step's table: the groups' values at base step 0, advanced by one step in C++.
+    static, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
+    base_steps = torch.tensor(steps, dtype=torch.float64) - 1
+    expected_steps = torch.zeros(3)
+    advanced = checks.advance_hyper_table(
+        torch.tensor(static, dtype=torch.float64), base_steps, expected_steps, True
+    )
+    assert torch.equal(advanced.view(torch.int64), expected.view(torch.int64))
+    assert base_steps.tolist() == steps and expected_steps.tolist() == [1.0] * 3

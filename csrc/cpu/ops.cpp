@@ -635,6 +635,30 @@ void adam_bias_corrections(Tensor& table) {
   }
 }
 
+// One host step of a launch plan's hyperparameter table, in one call: every group's base step
+// (`base_steps`, float64) and the step counts the plan expects to find (`expected`) advance by
+// one, and the returned table is `static_table` (the groups' values) with the new base steps and,
+// for Adam, the bias corrections at them.
+Tensor advance_hyper_table(const Tensor& static_table, Tensor& base_steps, Tensor& expected,
+                           bool adam) {
+  TORCH_CHECK(base_steps.device().is_cpu() && base_steps.scalar_type() == at::kDouble &&
+                  base_steps.is_contiguous() && base_steps.dim() == 1 &&
+                  static_table.dim() == 2 && base_steps.size(0) == static_table.size(0),
+              "advance_hyper_table: expected one contiguous CPU float64 base step per row");
+  Tensor table = static_table.clone();
+  TORCH_CHECK(table.scalar_type() == at::kDouble && table.size(1) == kHyperColumns,
+              "advance_hyper_table: expected a float64 table of ", kHyperColumns, " columns");
+  expected.add_(1);
+  double* base = base_steps.data_ptr<double>();
+  double* row = table.data_ptr<double>();
+  for (int64_t g = 0; g < table.size(0); ++g, row += kHyperColumns) {
+    base[g] += 1.0;
+    row[kHyperBaseStep] = base[g];
+  }
+  if (adam) adam_bias_corrections(table);
+  return table;
+}
+
 // Whether the optimizer's state still holds what a step plan was built from: the same state
 // dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
 // insertion order: a value replaced, added or deleted counts as a change). Identity checks on
@@ -761,6 +785,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("reset", &fused_optim::cpu::GradTable::reset);
   m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
   m.def("adam_bias_corrections", &fused_optim::cpu::adam_bias_corrections);
+  m.def("advance_hyper_table", &fused_optim::cpu::advance_hyper_table);
   m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
   m.def("values_unchanged", &fused_optim::cpu::values_unchanged);
 }

@@ -431,13 +431,10 @@ class PlanHostStep:
             self.hypers = hypers
         if self.step_values is None:
             return None if not changed else upload(self.static, self.plan.device)
-        self.expected.add_(1)
-        self.base_steps.add_(1)
-        table = self.static.clone()
-        table[:, HYPER_BASE_STEP] = self.base_steps
-        if self.adam:
-            self.checks.adam_bias_corrections(table)
-        return upload(table, self.plan.device)
+        advance = self.checks.advance_hyper_table
+        return upload(
+            advance(self.static, self.base_steps, self.expected, self.adam), self.plan.device
+        )
 
     def run(self, hypers, context) -> None:
         plan = self.plan
