@@ -258,3 +258,59 @@ def test_state_is_prepared_outside_the_trace_and_guarded_by_identity():
     tensors = [t for state in opt.state.values() for t in state.values()]
     assert len(tensors) == 3 * len(params)
     assert all(get_static_address_type(t) == "guarded" for t in tensors)
+
+
+SPECIAL = {
+    "complex": (
+        lambda: [torch.randn(5, dtype=torch.complex64), torch.randn(3)],
+        lambda ps, backend: fused_optim.AdamW(ps, lr=0.01, backend=backend),
+    ),
+    "tensor-lr": (
+        lambda: [torch.randn(5), torch.randn(3, 2)],
+        lambda ps, backend: fused_optim.Adam(ps, lr=torch.tensor(0.01), backend=backend),
+    ),
+    "bf16-master-weights": (
+        lambda: [torch.randn(5).to(torch.bfloat16)],
+        lambda ps, backend: fused_optim.AdamW(ps, lr=0.01, backend=backend, master_weights=True),
+    ),
+    "bf16-stochastic-rounding": (
+        lambda: [torch.randn(64).to(torch.bfloat16)],
+        lambda ps, backend: fused_optim.SGD(
+            ps, lr=0.01, momentum=0.9, backend=backend, stochastic_rounding=True
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SPECIAL))
+def test_compiled_special_params_are_the_eager_bits(case, backend):
+    """Complex params (updated through real views, which the traced step stages), a tensor lr
+    changed in place, bf16 params with fp32 master weights, and stochastic rounding: compiled
+    steps give the bits of eager ones."""
+    make_params, make_optimizer = SPECIAL[case]
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        params = [t.requires_grad_() for t in make_params()]
+        initial = [p.detach().clone() for p in params]
+        opt = make_optimizer(params, backend)
+        step = opt.step
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for number in range(4):
+            generator = torch.Generator().manual_seed(number)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            lr = opt.param_groups[0]["lr"]
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(0.01 / (number + 1))
+            else:
+                opt.param_groups[0]["lr"] = 0.01 / (number + 1)
+            step()
+        torch._dynamo.reset()
+        assert all(not torch.equal(p, i) for p, i in zip(params, initial)), "a param did not move"
+        results.append(params)
+    for c, e in zip(*results):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backends import host_checks, preload, select_backend, validate_request
 from ..backends.compiled import SlotPool, prepare_state
-from ..backends.contract import StepContext
+from ..backends.contract import StepContext, Work
 from ._engine import (
     FastPath,
     StepPlan,
@@ -37,7 +37,9 @@ from ._state import (
     as_state_of,
     bucket_state_dtype,
     gather_steps,
+    is_dtensor,
     new_step,
+    real_dtype,
     real_view,
 )
 
@@ -200,15 +202,49 @@ class FusedOptimizerMixin:
             work = bucket.work
             work.grads = bucket.take(flat_grads)
             work.handle = pool.handle(number)
+            written: list[tuple[Tensor, Tensor]] = []
+            if plan.views:
+                work = self._traced_copies(plan, bucket, written)
             created = getattr(bucket.backend, self.ALGORITHM)(
                 work, bucket.hypers(hypers), bucket.flags, context
             )
+            for view, copy in written:
+                view.copy_(copy)
             self._launches += 1
             for position, tensor in zip(bucket.positions, created):
                 if tensor is not None:
                     plan.states[position][self._created_key] = as_state_of(
                         plan.params[position], tensor
                     )
+
+    def _traced_copies(self, plan: StepPlan, bucket, written: list) -> Work:
+        """The bucket's Work with the real views of complex and DTensor params (and of their
+        grads and states) replaced by copies, for a traced step: the compiler cannot let an op
+        write through views of its inputs. ``written`` receives (view, copy) pairs to copy back
+        after the update (grads too: GradScaler's unscale writes them)."""
+        work = bucket.work
+        viewed = [p.is_complex() or is_dtensor(p) for p in bucket.take(plan.params)]
+
+        def copies(column: list) -> list:
+            out = list(column)
+            for i, flag in enumerate(viewed):
+                if flag and out[i] is not None:
+                    out[i] = out[i].clone()
+                    written.append((column[i], out[i]))
+            return out
+
+        return Work(
+            params=copies(work.params),
+            grads=copies(work.grads),
+            states={key: copies(column) for key, column in work.states.items()},
+            groups=work.groups,
+            steps=work.steps,
+            masters=copies(work.masters) if work.masters else [],
+            indices=work.indices,
+            new_state_dtype=work.new_state_dtype,
+            own_params=False,
+            handle=work.handle,
+        )
 
     def _prepare_traced_state(self) -> None:
         """Create the state of every param with a grad (in a group that keeps state) and mark
@@ -356,7 +392,7 @@ class FusedOptimizerMixin:
                     group_of.append(g)
                     indices.append(offset + i)
                     state = self.state.get(p)
-                    dtype = p.dtype.to_real() if p.is_complex() else p.dtype
+                    dtype = real_dtype(p.dtype)
                     bucket_keys.append((
                         real_view(p).device, flags, sparse[g], dtype,
                         bucket_state_dtype(self._precision, p, state),

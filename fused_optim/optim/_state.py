@@ -116,7 +116,20 @@ def bucket_state_dtype(precision: Precision, p: Tensor, state: dict | None) -> t
     """The (real) dtype of ``p``'s states: that of an existing state, else the precision rule."""
     existing = [state[key] for key in STATE_DTYPE_KEYS if state and state.get(key) is not None]
     dtype = existing[0].dtype if existing else precision.state_dtype_for(p)
-    return dtype.to_real() if dtype.is_complex else dtype
+    return real_dtype(dtype)
+
+
+_REAL_DTYPES = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``real_view``s of ``dtype`` (``dtype.to_real()``, which torch.compile
+    cannot trace)."""
+    return _REAL_DTYPES.get(dtype, dtype)
 
 
 def new_step(device: torch.device) -> Tensor:
