@@ -416,3 +416,37 @@ def test_cuda_graph_capture_and_replay_match_eager(backend):
     for p, e in zip(params, eager_params):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(optimizer.state[p][key], eager.state[e][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", backend_params())
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_compiled_step_matches_eager_on_the_gpu(module, name):
+    """torch.compile(opt.step) (inductor, fullgraph) on CUDA params: the traced step's custom
+    op (``backends.compiled``) gives the bits of eager steps while lr changes every step, and
+    compiles nothing after the first steps."""
+    from torch._dynamo.utils import counters
+
+    results, graphs = [], []
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device=DEVICE, requires_grad=True) for s in (4097, (64, 33), 1)]
+        kwargs = dict(momentum=0.9) if name == "SGD" else dict(weight_decay=0.1)
+        opt = getattr(fused_optim, name)(params, lr=0.01, backend=module.NAME, **kwargs)
+        step = opt.step
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            step = torch.compile(step, fullgraph=True)
+        for number in range(6):
+            generator = torch.Generator(device=DEVICE).manual_seed(number)
+            for p in params:
+                p.grad = torch.randn(p.shape, device=DEVICE, generator=generator)
+            opt.param_groups[0]["lr"] = 0.01 / (number + 1)
+            step()
+            if compiled:
+                graphs.append(counters["stats"]["unique_graphs"])
+        torch._dynamo.reset()
+        results.append([p.detach().clone() for p in params])
+    assert graphs[3] == graphs[-1], graphs
+    for c, e in zip(*results):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
