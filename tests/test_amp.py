@@ -1,4 +1,4 @@
-"""GradScaler support, the fused way (``_step_supports_amp_scaling = True``).
+"""GradScaler support, the fused way (``_step_supports_amp_scaling`` is True for GradScaler).
 
 ``torch.amp.GradScaler`` sets ``optimizer.grad_scale`` (None once the user called
 ``scaler.unscale_(opt)``) and ``optimizer.found_inf`` before ``optimizer.step()``. The kernels
@@ -88,7 +88,6 @@ def make_pair(name: str, config: dict, backend: str, dtype: torch.dtype = torch.
     opt = FUSED[name](model.parameters(), backend=backend, **copy.deepcopy(config))
     exact_torch = testing.correctly_rounded_optimizer(TORCH[name])
     ref = exact_torch(ref_model.parameters(), foreach=False, **copy.deepcopy(config))
-    assert opt._step_supports_amp_scaling is True
     assert not getattr(ref, "_step_supports_amp_scaling", False)
     return model, opt, ref_model, ref
 
@@ -454,3 +453,57 @@ def test_low_precision_backends_agree_bitwise(name, config, dtype):
                 assert torch.equal(value, other), (index, key)
                 if key != "step":
                     assert value.dtype == dtype  # torch.optim's format: states in param dtype
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Who is told the step unscales: GradScaler, and nobody else (Lightning's clipping check)
+# --------------------------------------------------------------------------------------------
+
+
+def _lightning_optimizer_handles_unscaling(optimizer) -> bool:
+    """What Lightning's precision plugins (lightning.pytorch.plugins.precision.amp) check before
+    clipping gradients, also under bf16 autocast: clipping is refused when this is True."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", *BACKENDS])
+def test_grad_scaler_alone_is_told_the_step_unscales(backend):
+    """GradScaler hands the step grad_scale and found_inf (the kernels unscale and skip), while
+    code outside torch's amp, Lightning's clipping check among it, reads False."""
+    model, opt, _, _ = make_pair("AdamW", {"lr": 0.01}, backend)
+    assert _lightning_optimizer_handles_unscaling(opt) is False
+    seen = []
+    original_step = opt.step
+
+    def recording_step(*args, **kwargs):
+        seen.append((getattr(opt, "grad_scale", "absent"), getattr(opt, "found_inf", "absent")))
+        return original_step(*args, **kwargs)
+
+    opt.step = recording_step
+    scaler = make_scaler()
+    scaled_backward(model, opt, scaler, make_inputs(1)[0])
+    scaler.step(opt)
+    ((grad_scale, found_inf),) = seen
+    assert isinstance(grad_scale, Tensor) and isinstance(found_inf, Tensor)
+    assert float(grad_scale) == INIT_SCALE and float(found_inf) == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", *BACKENDS])
+def test_bf16_autocast_with_gradient_clipping_as_lightning_runs_it(backend):
+    """Lightning's ``Trainer(precision="bf16-mixed", gradient_clip_val=1.0)``: bf16 autocast, no
+    scaler, its clipping check, ``clip_grad_norm_``, ``step``. It trains, and matches torch.optim
+    (whose step gets the same grads) bitwise."""
+    model, opt, ref_model, ref = make_pair("AdamW", {"lr": 0.01, "weight_decay": 0.1}, backend)
+    before = clone_params(model)
+    for x in make_inputs(4):
+        for m, o in ((model, opt), (ref_model, ref)):
+            if _lightning_optimizer_handles_unscaling(o):
+                raise RuntimeError("the optimizer does not allow for gradient clipping")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(m, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            o.step()
+            o.zero_grad()
+    assert_all_moved(model, before)
+    assert_matches("AdamW", model, opt, ref_model, ref)

@@ -9,6 +9,7 @@ precision modes) lives in ``_state``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -76,11 +77,24 @@ class FusedOptimizerMixin:
         # Launch plans of traced steps, and their state preparation (backends.compiled).
         self._slot_pool = SlotPool(self, type(self)._prepare_traced_state)
         self._launches = 0
-        # GradScaler hands grad_scale and found_inf to step(): the kernels unscale and skip.
-        self._step_supports_amp_scaling = True
         self._amp: tuple[Tensor | None, Tensor | None] = (None, None)
         self._not_skipped = torch.zeros((), dtype=torch.bool)
         self.step_skipped: Tensor = self._not_skipped
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True when torch's GradScaler asks, False for anyone else.
+
+        GradScaler reads this in ``step()``: True makes it hand the optimizer ``grad_scale`` and
+        ``found_inf`` instead of unscaling and syncing on the host, and the kernels unscale and
+        skip on the device. Other code reads it to learn whether the optimizer unscales grads
+        by itself: Lightning's precision plugins refuse gradient clipping when it is True, also
+        under bf16 autocast, where no scaler exists and nothing needs unscaling. Under fp16 with
+        a scaler, Lightning unscales before clipping (``scaler.unscale_``), and the step that
+        follows gets ``grad_scale=None`` and the unscale's ``found_inf``: the fused skip
+        stays."""
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return caller.startswith(("torch.amp.", "torch.cuda.amp.", "torch.distributed."))
 
     @property
     def backend(self) -> str | None:
@@ -541,7 +555,7 @@ class FusedOptimizerMixin:
         state["_backend"] = self._backend
         state["_precision"] = self._precision
         runtime = ("_plan", "_slot_pool", "_launches", "_not_skipped", "_amp", "step_skipped")
-        for key in (*runtime, "_step_supports_amp_scaling"):
+        for key in runtime:
             state.pop(key, None)
         return state
 
