@@ -118,14 +118,39 @@ def test_constructor_error_matches_torch(cls_name, build):
 
 
 @pytest.mark.parametrize("cls_name", CLASSES)
-def test_differentiable_raises_not_implemented(cls_name):
-    # torch.optim accepts it; fused_optim cannot differentiate through its kernels.
-    getattr(torch.optim, cls_name)(_two_params(), differentiable=True)
-    with pytest.raises(NotImplementedError) as info:
-        getattr(fused_optim, cls_name)(_two_params(), differentiable=True)
-    message = str(info.value)
-    assert "differentiable=True" in message
-    assert f"torch.optim.{cls_name}" in message
+def test_differentiable_runs_torch_optims_step(cls_name):
+    """differentiable=True hands the step to torch.optim's own implementation: the same values,
+    the same gradients through two steps, step hooks run once, and group_backends() says so."""
+    results = []
+    for module in (fused_optim, torch.optim):
+        torch.manual_seed(0)
+        start = torch.rand(10, dtype=torch.float64, requires_grad=True)
+        grad = torch.rand(10, dtype=torch.float64, requires_grad=True)
+        p = start.clone()
+        kwargs = {"momentum": 0.9} if cls_name == "SGD" else {"weight_decay": 0.1}
+        opt = getattr(module, cls_name)([p], lr=0.1, differentiable=True, **kwargs)
+        calls: list[str] = []
+        opt.register_step_pre_hook(lambda *args, calls=calls: calls.append("pre"))
+        opt.register_step_post_hook(lambda *args, calls=calls: calls.append("post"))
+        for factor in (1.0, 2.0):
+            p.grad = grad * factor
+            opt.step()
+        assert calls == ["pre", "post"] * 2
+        results.append((p.detach(), torch.autograd.grad(p.sum(), (start, grad))))
+        if module is fused_optim:
+            assert opt.group_backends() == [fused_optim.optim.TORCH_OPTIM]
+    (p, grads), (expected_p, expected_grads) = results
+    assert torch.equal(p, expected_p)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize(
+    "extra", [{"backend": "cpu"}, {"master_weights": True}, {"state_dtype": torch.bfloat16}]
+)
+def test_differentiable_with_fused_only_options_raises_value_error(cls_name, extra):
+    with pytest.raises(ValueError, match=r"differentiable=True runs torch\.optim"):
+        getattr(fused_optim, cls_name)(_two_params(), differentiable=True, **extra)
 
 
 @pytest.mark.parametrize("cls_name", CLASSES)

@@ -44,7 +44,10 @@ from ._state import (
     real_view,
 )
 
-__all__ = ["MASTER_KEY", "FusedOptimizerMixin", "Precision"]
+__all__ = ["MASTER_KEY", "TORCH_OPTIM", "FusedOptimizerMixin", "Precision"]
+
+#: What ``group_backends()`` reports for groups that torch.optim's own step updates.
+TORCH_OPTIM = "torch.optim (differentiable)"
 
 
 class FusedOptimizerMixin:
@@ -60,12 +63,12 @@ class FusedOptimizerMixin:
 
     def _setup_fused(self, backend: str | None, differentiable: bool, precision: Precision) -> None:
         validate_request(backend)
-        if differentiable:
-            raise NotImplementedError(
-                f"fused_optim.{type(self).__name__} does not support differentiable=True: its "
-                f"kernels update tensors in place outside autograd. Use torch.optim."
-                f"{type(self).__name__}(..., differentiable=True) to differentiate through "
-                "the optimizer step."
+        if differentiable and (backend is not None or precision != Precision()):
+            raise ValueError(
+                f"differentiable=True runs torch.optim.{type(self).__name__}'s own implementation "
+                "(fused_optim's kernels update tensors in place outside autograd); it cannot be "
+                "combined with backend= or the precision modes (state_dtype, master_weights, "
+                "stochastic_rounding)"
             )
         self._backend = backend
         self._precision = precision
@@ -96,6 +99,10 @@ class FusedOptimizerMixin:
         caller = sys._getframe(1).f_globals.get("__name__", "")
         return caller.startswith(("torch.amp.", "torch.cuda.amp.", "torch.distributed."))
 
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        """torch.optim's constructors set it with ``fused=True``; the getter above decides."""
+
     @property
     def backend(self) -> str | None:
         """The backend asked for at construction (None: chosen per device)."""
@@ -116,9 +123,13 @@ class FusedOptimizerMixin:
         return bool(self.step_skipped)
 
     def group_backends(self) -> list[str]:
-        """Name of the backend each param group's tensors are updated by ("a+b" if mixed)."""
+        """Name of the backend each param group's tensors are updated by ("a+b" if mixed;
+        ``TORCH_OPTIM`` when ``differentiable=True`` hands the step to torch.optim)."""
         names = []
         for group in self.param_groups:
+            if self._differentiable():
+                names.append(TORCH_OPTIM)
+                continue
             chosen = {
                 select_backend(self._backend, p.device, self._sparse(p)).NAME
                 for p in group["params"]
@@ -143,6 +154,22 @@ class FusedOptimizerMixin:
         )
         check()
 
+    def _differentiable(self) -> bool:
+        return bool(self.defaults.get("differentiable")) or any(
+            group.get("differentiable") for group in self.param_groups
+        )
+
+    def _torch_step(self, closure):
+        """torch.optim's own ``step`` (the parent class's), without the hooks torch wrapped
+        around it a second time: ``step()`` has already run them."""
+        for cls in type(self).__mro__:
+            if cls.__module__.startswith("torch.optim") and "step" in cls.__dict__:
+                torch_step = cls.__dict__["step"]
+                while getattr(torch_step, "hooked", False):
+                    torch_step = torch_step.__wrapped__
+                return torch_step(self, closure)
+        raise TypeError(f"{type(self).__name__} has no torch.optim parent with a step")
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         """Perform a single optimization step.
@@ -156,7 +183,12 @@ class FusedOptimizerMixin:
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the
                 loss.
+
+        With ``differentiable=True`` the step is torch.optim's own (the parent class's), which
+        autograd can differentiate through.
         """
+        if self._differentiable():
+            return self._torch_step(closure)
         self._graph_capture_check()
         loss = None
         if closure is not None:

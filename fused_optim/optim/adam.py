@@ -41,7 +41,9 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         maximize (bool): maximize the objective. Default: False.
         capturable (bool): keep ``step`` on the params' device and read it (and a tensor lr)
             there, so the step can be captured in a CUDA graph. Default: False.
-        differentiable (bool): must be False (True raises ``NotImplementedError``).
+        differentiable (bool): run torch.optim's own step (the parent class's), which autograd
+            can differentiate through, instead of the fused kernels; not combined with
+            ``backend`` or the precision modes (``ValueError``). Default: False.
             Default: False.
         fused (bool, optional): accepted for compatibility; no effect. Default: None.
         decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.

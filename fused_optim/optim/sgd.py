@@ -35,7 +35,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         nesterov (bool): Nesterov momentum. Default: False.
         maximize (bool): maximize the objective instead of minimizing. Default: False.
         foreach (bool, optional): accepted for compatibility; no effect. Default: None.
-        differentiable (bool): must be False (True raises ``NotImplementedError``).
+        differentiable (bool): run torch.optim's own step (the parent class's), which autograd
+            can differentiate through, instead of the fused kernels; not combined with
+            ``backend`` or the precision modes (``ValueError``). Default: False.
             Default: False.
         fused (bool, optional): accepted for compatibility; no effect (the update is always
             fused). Default: None.
