@@ -462,3 +462,43 @@ def test_load_state_dict_errors_match_torch_and_change_nothing(cls_name, corrupt
     ] == groups_before
     assert [p for g in opt.param_groups for p in g["params"]] == params
     assert opt.backend == backend_before
+
+
+# --------------------------------------------------------------------------------------------
+# step(): fused=True applies torch's fused-path validation
+
+
+# torch's fused SGD validates only the first param with a grad (a later meta param reaches its
+# kernel, which raises NotImplementedError); its Adam and AdamW validate every new param.
+FUSED_VALIDATION_CASES = [
+    (cls_name, kind)
+    for cls_name in CLASSES
+    for kind in ("meta", "complex", *(("float64-then-meta",) if cls_name != "SGD" else ()))
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("cls_name,kind", FUSED_VALIDATION_CASES)
+def test_fused_true_rejects_what_torch_fused_rejects(cls_name, kind, backend):
+    """``fused=True`` with a param on the meta device or a complex param: torch.optim's
+    RuntimeError and message, at the first step, raised before any param, state or step count
+    changes (also when a valid param comes first)."""
+
+    def params():
+        bad = (torch.randn(3, dtype=torch.complex64) if kind == "complex"
+               else torch.empty(3, device="meta"))  # fmt: skip
+        first = [torch.randn(4, dtype=torch.float64)] if kind.startswith("float64") else []
+        out = [t.requires_grad_() for t in [*first, bad]]
+        for p in out:
+            p.grad = torch.ones_like(p)
+        return out
+
+    kwargs = {"momentum": 0.9} if cls_name == "SGD" else {}
+    torch_error = _raised(
+        lambda: getattr(torch.optim, cls_name)(params(), fused=True, **kwargs).step()
+    )
+    fused_params = params()
+    opt = getattr(fused_optim, cls_name)(fused_params, fused=True, backend=backend, **kwargs)
+    snapshot = _snapshot(opt, [p for p in fused_params if p.device.type != "meta"])
+    _assert_same_error(_raised(opt.step), torch_error)
+    _assert_unchanged(opt, [p for p in fused_params if p.device.type != "meta"], snapshot)

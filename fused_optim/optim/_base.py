@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from ..backends import host_checks, preload, select_backend, validate_request
 from ..backends.compiled import SlotPool, prepare_state
@@ -221,6 +222,10 @@ class FusedOptimizerMixin:
             is_sparse = bool(params) and is_sparse_any(group_grads)
             if params:
                 self._check_group(group, group_grads, is_sparse)
+                if group.get("fused"):
+                    # torch.optim's fused-path validation, with its message (devices, dtypes).
+                    for p in params:
+                        _device_dtype_check_for_fused(p)
             sparse.append(is_sparse)
             structure.append(self._structure(group) if params else None)
             hypers.append(self._hyper(group) if params else None)
