@@ -502,3 +502,25 @@ def test_fused_true_rejects_what_torch_fused_rejects(cls_name, kind, backend):
     snapshot = _snapshot(opt, [p for p in fused_params if p.device.type != "meta"])
     _assert_same_error(_raised(opt.step), torch_error)
     _assert_unchanged(opt, [p for p in fused_params if p.device.type != "meta"], snapshot)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+def test_amsgrad_switched_on_mid_run_raises_torchs_key_error(cls_name, backend):
+    """torch.optim creates ``max_exp_avg_sq`` with a param's first state only: switching amsgrad
+    on after steps without it raises KeyError('max_exp_avg_sq'); fused_optim raises it too,
+    before any param, state or step count changes, and creates no state."""
+    errors, runs = [], []
+    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
+        params = _two_params()
+        opt = getattr(module, cls_name)(params, lr=0.1, **kwargs)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["amsgrad"] = True
+        snapshot = _snapshot(opt, params)
+        errors.append(_raised(opt.step))
+        runs.append((opt, params, snapshot))
+    _assert_same_error(errors[1], errors[0])
+    opt, params, snapshot = runs[1]
+    _assert_unchanged(opt, params, snapshot)

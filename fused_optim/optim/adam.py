@@ -132,6 +132,13 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
+        if group["amsgrad"]:
+            # torch.optim creates max_exp_avg_sq only with a param's first state: amsgrad
+            # switched on after steps without it finds none (its KeyError, nothing changed).
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p.grad is not None and state and "max_exp_avg_sq" not in state:
+                    raise KeyError("max_exp_avg_sq")
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
