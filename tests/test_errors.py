@@ -524,3 +524,52 @@ def test_amsgrad_switched_on_mid_run_raises_torchs_key_error(cls_name, backend):
     _assert_same_error(errors[1], errors[0])
     opt, params, snapshot = runs[1]
     _assert_unchanged(opt, params, snapshot)
+
+
+def _drop_state(key):
+    def corrupt(opt, params):
+        del opt.state[params[0]][key]
+
+    return corrupt
+
+
+def _set_group(key, value):
+    def corrupt(opt, params):
+        opt.param_groups[0][key] = value
+
+    return corrupt
+
+
+STEP_CORRUPTIONS = [
+    ("Adam", "exp_avg missing", _drop_state("exp_avg")),
+    ("Adam", "exp_avg_sq missing", _drop_state("exp_avg_sq")),
+    ("AdamW", "step missing", _drop_state("step")),
+    ("Adam", "beta1 set to 1", _set_group("betas", (1.0, 0.999))),
+    ("AdamW", "beta1 set to -1", _set_group("betas", (-1.0, 0.999))),
+    ("Adam", "lr a string", _set_group("lr", "0.1")),
+    ("SGD", "lr a string", _set_group("lr", "0.1")),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize(
+    "cls_name,what,corrupt", STEP_CORRUPTIONS, ids=[f"{c}-{w}" for c, w, _ in STEP_CORRUPTIONS]
+)
+def test_step_errors_match_torch_and_change_nothing(cls_name, what, corrupt, backend):
+    """State or values a later step cannot use (a state entry deleted, beta1 set to +-1 after
+    construction, an lr that is not a number): torch.optim's exception type and message, raised
+    before any param, state or step count changes."""
+    errors, runs = [], []
+    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
+        params = _two_params()
+        extra = {"momentum": 0.9} if cls_name == "SGD" else {}
+        opt = getattr(module, cls_name)(params, lr=0.1, **extra, **kwargs)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        corrupt(opt, params)
+        snapshot = _snapshot(opt, params)
+        errors.append(_raised(opt.step))
+        runs.append((opt, params, snapshot))
+    _assert_same_error(errors[1], errors[0])
+    _assert_unchanged(*runs[1])

@@ -222,6 +222,7 @@ class FusedOptimizerMixin:
             is_sparse = bool(params) and is_sparse_any(group_grads)
             if params:
                 self._check_group(group, group_grads, is_sparse)
+                self._check_state(group)
                 if group.get("fused"):
                     # torch.optim's fused-path validation, with its message (devices, dtypes).
                     for p in params:
@@ -507,6 +508,11 @@ class FusedOptimizerMixin:
 
     def _check_group(self, group: dict, grads: list[Tensor], sparse: bool) -> None:
         """Raise torch.optim's error for bad input in this group; change nothing."""
+
+    def _check_state(self, group: dict) -> None:
+        """Raise torch.optim's error for state this group's step would fail on; change nothing.
+        Runs when the step plan is checked in full (the fast path checks that no state changed
+        since)."""
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         raise NotImplementedError

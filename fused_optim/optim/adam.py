@@ -132,13 +132,33 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             raise RuntimeError(
                 "lr as a Tensor is not supported for capturable=False and foreach=True"
             )
-        if group["amsgrad"]:
-            # torch.optim creates max_exp_avg_sq only with a param's first state: amsgrad
-            # switched on after steps without it finds none (its KeyError, nothing changed).
+        if torch.compiler.is_compiling():
+            return  # values are graph inputs there: checking them would specialize on them
+        lr, beta1 = group["lr"], group["betas"][0]
+        if not isinstance(lr, Tensor):
+            _ = lr / 1.0  # torch.optim's step size, lr / bias_correction1: its TypeError
+        if not group["capturable"] and isinstance(beta1, (int, float)) and abs(beta1) == 1:
+            # torch.optim's host arithmetic divides by 1 - beta1 ** step: where that is 0 it
+            # raises ZeroDivisionError (before its update touches anything, as here).
             for p in group["params"]:
-                state = self.state.get(p)
-                if p.grad is not None and state and "max_exp_avg_sq" not in state:
-                    raise KeyError("max_exp_avg_sq")
+                if p.grad is not None:
+                    step = self.state.get(p, {}).get("step")
+                    _ = lr / (1 - beta1 ** (float(step) + 1 if step is not None else 1.0))
+
+    def _check_state(self, group: dict) -> None:
+        # torch.optim's _init_group reads these from every param's non-empty state, in this
+        # order: a missing one is its KeyError, raised before the update (amsgrad switched on
+        # after steps without it finds no max_exp_avg_sq).
+        if torch.compiler.is_compiling():
+            return  # dynamo guards the state dicts a traced step reads; nothing to check here
+        keys = ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ()))
+        for p in group["params"]:
+            state = self.state.get(p)
+            if p.grad is None or not state:
+                continue
+            for key in (*keys, "step"):
+                if key not in state:
+                    raise KeyError(key)
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]

@@ -118,6 +118,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             raise RuntimeError(
                 "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
             )
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+            _ = -lr  # torch.optim's update, param.add_(grad, alpha=-lr): its TypeError
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         # As torch.optim: state entries exist only with momentum (or a precision mode that
