@@ -573,3 +573,51 @@ def test_step_errors_match_torch_and_change_nothing(cls_name, what, corrupt, bac
         runs.append((opt, params, snapshot))
     _assert_same_error(errors[1], errors[0])
     _assert_unchanged(*runs[1])
+
+
+def _grad_float64(opt, params):
+    params[0].grad.data = params[0].grad.data.double()
+
+
+def _param_data_float64(opt, params):
+    params[1].data = params[1].data.double()
+    params[1].grad.data = params[1].grad.data.double()
+
+
+# (corruption, whether the optimizer stepped before it). p.data and its grad made fp64 before
+# the first step is no error: the states are then created in fp64.
+DTYPE_CORRUPTIONS = [
+    pytest.param(_grad_float64, False, id="fp64-grad-with-state"),
+    pytest.param(_grad_float64, True, id="fp64-grad-first-step"),
+    pytest.param(_param_data_float64, False, id="fp64-data-with-state"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("corrupt,first_step", DTYPE_CORRUPTIONS)
+def test_grad_of_another_dtype_raises_torchs_error(cls_name, corrupt, first_step, backend):
+    """An fp64 grad for an fp32 param (or p.data and its grad replaced by fp64 ones): torch.optim
+    fails in its first update op (exp_avg.lerp_(grad, ...)); fused_optim raises the same error
+    before anything changes, also on the first step."""
+    errors, runs = [], []
+    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
+        params = _two_params()
+        opt = getattr(module, cls_name)(params, lr=0.1, **kwargs)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if not first_step:
+            opt.step()
+        # The state is copied before the grads change dtype (deepcopy cannot copy such params).
+        _, state_before, count = _snapshot(opt, params)
+        corrupt(opt, params)
+        params_before = [p.detach().clone() for p in params]
+        errors.append(_raised(opt.step))
+        runs.append((opt, params, (params_before, state_before, count)))
+    _assert_same_error(errors[1], errors[0])
+    opt, params, (params_before, state_before, count) = runs[1]
+    assert len(opt.state) == count
+    for p, b in zip(params, params_before):
+        assert p.dtype == b.dtype and torch.equal(p, b)
+    for (_, a), (_, b) in zip(opt.state.items(), state_before.items()):
+        _assert_tree_equal(a, b)

@@ -471,6 +471,9 @@ class HostPlan {
       }
       h.plan_.add(arrays, writes);
       h.signatures_.emplace_back(p);
+      // The grad dtype the full step checked (torch.optim's rules): another one takes the full
+      // path again, which raises torch's error where torch would.
+      h.grad_dtypes_.push_back(p.grad().defined() ? p.grad().scalar_type() : at::kFloat);
       for (const auto& column : states) h.held_.push_back(column[i]);
       if (!masters.empty()) h.held_.push_back(masters[i]);
     }
@@ -492,9 +495,7 @@ class HostPlan {
       const Tensor& g = p.grad();
       if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.numel() != p.numel())
         return false;
-      if (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble &&
-          g.scalar_type() != at::kBFloat16 && g.scalar_type() != at::kHalf)
-        return false;
+      if (g.scalar_type() != grad_dtypes_[i]) return false;
     }
     for (size_t k = 0; k < held_.size(); ++k) {
       if (!held_signatures_[k].holds(held_[k])) return false;
@@ -552,6 +553,7 @@ class HostPlan {
   Plan plan_;
   std::vector<Tensor> params_, steps_, held_;
   std::vector<Signature> signatures_, held_signatures_;
+  std::vector<at::ScalarType> grad_dtypes_;
   std::vector<int64_t> groups_, indices_;
   AdamArgs adam_args_{};
   SgdArgs sgd_args_{};

@@ -64,7 +64,7 @@ class FusedOptimizerMixin:
 
     def _setup_fused(self, backend: str | None, differentiable: bool, precision: Precision) -> None:
         validate_request(backend)
-        if differentiable and (backend is not None or precision != Precision()):
+        if differentiable and (backend is not None or not precision.off):
             raise ValueError(
                 f"differentiable=True runs torch.optim.{type(self).__name__}'s own implementation "
                 "(fused_optim's kernels update tensors in place outside autograd); it cannot be "

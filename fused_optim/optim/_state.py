@@ -97,6 +97,11 @@ class Precision:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 
+    @property
+    def off(self) -> bool:
+        """No mode is on: torch.optim's numbers (the seed alone changes nothing)."""
+        return self.state_dtype is None and not self.master_weights and not self.stochastic_rounding
+
     def state_dtype_for(self, p: Tensor) -> torch.dtype:
         """dtype of a new state tensor for ``p`` (real: a complex param's states are complex,
         and the backends see their real views)."""
