@@ -548,6 +548,8 @@ STEP_CORRUPTIONS = [
     ("AdamW", "beta1 set to -1", _set_group("betas", (-1.0, 0.999))),
     ("Adam", "lr a string", _set_group("lr", "0.1")),
     ("SGD", "lr a string", _set_group("lr", "0.1")),
+    ("Adam", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
+    ("SGD", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
 ]
 
 

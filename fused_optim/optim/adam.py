@@ -140,6 +140,10 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         lr, beta1 = group["lr"], group["betas"][0]
         if not isinstance(lr, Tensor):
             _ = lr / 1.0  # torch.optim's step size, lr / bias_correction1: its TypeError
+        elif lr.numel() != 1 and not group["capturable"]:
+            # torch.optim's update, param.addcdiv_(exp_avg, denom, value=-step_size), with a
+            # step size of several elements: its TypeError.
+            torch.zeros(1).addcdiv_(torch.zeros(1), torch.ones(1), value=-(lr.cpu() / 1.0))
         if not group["capturable"] and isinstance(beta1, (int, float)) and abs(beta1) == 1:
             # torch.optim's host arithmetic divides by 1 - beta1 ** step: where that is 0 it
             # raises ZeroDivisionError (before its update touches anything, as here).

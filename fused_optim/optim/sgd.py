@@ -119,8 +119,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
                 "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
             )
         lr = group["lr"]
-        if not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
-            _ = -lr  # torch.optim's update, param.add_(grad, alpha=-lr): its TypeError
+        if torch.compiler.is_compiling():
+            return
+        # torch.optim's update, param.add_(grad, alpha=-lr): its TypeError for an lr that is
+        # not a number, or a tensor of several elements.
+        if not isinstance(lr, Tensor):
+            _ = -lr
+        elif lr.numel() != 1:
+            torch.zeros(1).add_(torch.zeros(1), alpha=-lr.cpu())
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         # As torch.optim: state entries exist only with momentum (or a precision mode that
