@@ -15,12 +15,24 @@ import fused_optim
 from fused_optim import testing
 from fused_optim.backends import select_backend
 
-__all__ = ["AUTO_CPU", "BLOCK", "DTYPES", "OPTIMIZERS", "SHAPES", "optimizer_cases"]
+__all__ = ["AUTO_CPU", "BLOCK", "DTYPES", "OPTIMIZERS", "SHAPES", "cpu_backends", "optimizer_cases"]
 
 OPTIMIZERS = {
     name: (getattr(torch.optim, name), getattr(fused_optim, name), testing.CONFIGS[name])
     for name in testing.OPTIMIZERS
 }
+
+
+def cpu_backends() -> list:
+    """pytest params of every backend that updates CPU tensors (the C++ ``cpu`` backend, Triton
+    through its interpreter, the reference), each skipped with its reason where it cannot run
+    (the pure-Python install has no C++ extension)."""
+    params = []
+    for name in ("cpu", "triton", "reference"):
+        available, reason = fused_optim.backends._module(name).is_available(torch.device("cpu"))
+        marks = () if available else pytest.mark.skip(reason=f"backend {name!r}: {reason}")
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
 
 
 def optimizer_cases():

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 import fused_optim
 from fused_optim import testing
 
+from cases import cpu_backends
+
 # Skipped steps still evaluate the masked-off lanes (e.g. 0/0 with step 0) in Triton's
 # interpreter, which numpy reports; nothing is stored from them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -466,7 +468,7 @@ def _lightning_optimizer_handles_unscaling(optimizer) -> bool:
     return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
-@pytest.mark.parametrize("backend", ["cpu", *BACKENDS])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_grad_scaler_alone_is_told_the_step_unscales(backend):
     """GradScaler hands the step grad_scale and found_inf (the kernels unscale and skip), while
     code outside torch's amp, Lightning's clipping check among it, reads False."""
@@ -488,7 +490,7 @@ def test_grad_scaler_alone_is_told_the_step_unscales(backend):
     assert float(grad_scale) == INIT_SCALE and float(found_inf) == 0
 
 
-@pytest.mark.parametrize("backend", ["cpu", *BACKENDS])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_bf16_autocast_with_gradient_clipping_as_lightning_runs_it(backend):
     """Lightning's ``Trainer(precision="bf16-mixed", gradient_clip_val=1.0)``: bf16 autocast, no
     scaler, its clipping check, ``clip_grad_norm_``, ``step``. It trains, and matches torch.optim

@@ -12,7 +12,9 @@ from torch._dynamo.utils import counters
 
 import fused_optim
 
-BACKENDS = ["cpu", "triton", "reference"]
+from cases import cpu_backends
+
+BACKENDS = cpu_backends()
 CONFIGS = {
     "AdamW": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1),
     "Adam-amsgrad": dict(lr=0.01, amsgrad=True, weight_decay=0.01),

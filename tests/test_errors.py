@@ -16,6 +16,8 @@ from torch import nn
 
 import fused_optim
 
+from cases import cpu_backends
+
 CLASSES = ("SGD", "Adam", "AdamW")
 ADAMS = ("Adam", "AdamW")
 
@@ -477,7 +479,7 @@ FUSED_VALIDATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls_name,kind", FUSED_VALIDATION_CASES)
 def test_fused_true_rejects_what_torch_fused_rejects(cls_name, kind, backend):
     """``fused=True`` with a param on the meta device or a complex param: torch.optim's
@@ -504,7 +506,7 @@ def test_fused_true_rejects_what_torch_fused_rejects(cls_name, kind, backend):
     _assert_unchanged(opt, [p for p in fused_params if p.device.type != "meta"], snapshot)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 def test_amsgrad_switched_on_mid_run_raises_torchs_key_error(cls_name, backend):
     """torch.optim creates ``max_exp_avg_sq`` with a param's first state only: switching amsgrad
@@ -553,7 +555,7 @@ STEP_CORRUPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize(
     "cls_name,what,corrupt", STEP_CORRUPTIONS, ids=[f"{c}-{w}" for c, w, _ in STEP_CORRUPTIONS]
 )
@@ -595,7 +597,7 @@ DTYPE_CORRUPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("corrupt,first_step", DTYPE_CORRUPTIONS)
 def test_grad_of_another_dtype_raises_torchs_error(cls_name, corrupt, first_step, backend):
