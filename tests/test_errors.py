@@ -542,6 +542,13 @@ def _set_group(key, value):
     return corrupt
 
 
+def _drop_group_key(key):
+    def corrupt(opt, params):
+        del opt.param_groups[0][key]
+
+    return corrupt
+
+
 STEP_CORRUPTIONS = [
     ("Adam", "exp_avg missing", _drop_state("exp_avg")),
     ("Adam", "exp_avg_sq missing", _drop_state("exp_avg_sq")),
@@ -551,6 +558,9 @@ STEP_CORRUPTIONS = [
     ("Adam", "lr a string", _set_group("lr", "0.1")),
     ("SGD", "lr a string", _set_group("lr", "0.1")),
     ("Adam", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
+    ("Adam", "betas missing from the group", _drop_group_key("betas")),
+    ("SGD", "momentum missing from the group", _drop_group_key("momentum")),
+    ("AdamW", "weight_decay missing from the group", _drop_group_key("weight_decay")),
     ("SGD", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
 ]
 
@@ -625,3 +635,22 @@ def test_grad_of_another_dtype_raises_torchs_error(cls_name, corrupt, first_step
         assert p.dtype == b.dtype and torch.equal(p, b)
     for (_, a), (_, b) in zip(opt.state.items(), state_before.items()):
         _assert_tree_equal(a, b)
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+def test_checkpoint_without_step_raises_torchs_key_error(cls_name):
+    """A checkpoint whose state lacks ``step``: torch.optim's load_state_dict raises
+    KeyError('step'); so does fused_optim's (the count is not restarted on top of the loaded
+    moments)."""
+    errors = []
+    for module in (torch.optim, fused_optim):
+        params = _two_params()
+        opt = getattr(module, cls_name)(params, lr=0.1)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        del saved["state"][0]["step"]
+        fresh = getattr(module, cls_name)(_two_params(), lr=0.1)
+        errors.append(_raised(lambda fresh=fresh, saved=saved: fresh.load_state_dict(saved)))
+    _assert_same_error(errors[1], errors[0])
