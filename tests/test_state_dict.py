@@ -15,6 +15,8 @@ import torch
 
 import fused_optim
 
+from cases import cpu_backends
+
 CASES = [
     ("SGD", {"lr": 0.1}),
     ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
@@ -332,3 +334,31 @@ def test_load_state_dict_replaces_hyperparameters_like_torch(cls_name):
     strip = [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
     assert [{k: v for k, v in g.items() if k != "params"} for g in fused.param_groups] == strip
     assert fused.param_groups[0]["lr"] == 0.2
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+def test_steps_of_shape_one_keep_their_shape(cls_name, backend):
+    """A checkpoint whose ``step`` tensors have shape (1,): torch.optim keeps that shape (it
+    adds to them in place), and so does fused_optim, with the same params after more steps."""
+    results = []
+    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
+        torch.manual_seed(0)
+        params = [torch.randn(4, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
+        opt = getattr(module, cls_name)(params, lr=0.1, **kwargs)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        for entry in saved["state"].values():
+            entry["step"] = entry["step"].reshape(1)
+        opt.load_state_dict(saved)
+        for _ in range(2):
+            opt.step()
+        steps = [entry["step"] for entry in opt.state_dict()["state"].values()]
+        results.append(([p.detach().clone() for p in params], steps))
+    (torch_params, torch_steps), (params, steps) = results
+    assert [s.shape for s in steps] == [s.shape for s in torch_steps] == [(1,), (1,)]
+    assert all(torch.equal(s, t) for s, t in zip(steps, torch_steps))
+    for p, t in zip(params, torch_params):
+        torch.testing.assert_close(p, t, rtol=0, atol=0)

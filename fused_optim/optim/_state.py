@@ -143,7 +143,8 @@ def new_step(device: torch.device) -> Tensor:
 
 def gather_steps(states: list[dict], devices: list[torch.device]) -> list[Tensor]:
     """Move each ``state["step"]`` to its device in ``devices`` and make the steps that share a
-    (device, dtype) consecutive 0-dim views of one buffer. Returns the buffers."""
+    (device, dtype) consecutive views of one buffer, each of its own shape (0-dim, or the
+    shape (1,) of some checkpoints, kept as torch.optim keeps it). Returns the buffers."""
     by_key: dict[tuple, list[int]] = {}
     for i, (state, device) in enumerate(zip(states, devices)):
         step = state["step"]
@@ -154,7 +155,8 @@ def gather_steps(states: list[dict], devices: list[torch.device]) -> list[Tensor
     for positions in by_key.values():
         buffer = torch.stack([states[i]["step"].reshape(()) for i in positions])
         for j, i in enumerate(positions):
-            states[i]["step"] = buffer[j]
+            shape = states[i]["step"].shape
+            states[i]["step"] = buffer[j] if not shape else buffer[j].view(shape)
         buffers.append(buffer)
     return buffers
 
