@@ -17,7 +17,7 @@ from torch.optim import lr_scheduler
 
 import fused_optim
 
-from cases import AUTO_CPU
+from cases import AUTO_CPU, cpu_backends
 
 CLASSES = ("SGD", "Adam", "AdamW")
 
@@ -564,3 +564,31 @@ def test_fused_and_foreach_flags_are_accepted(cls_name, flags):
         train_step(mf, fused, i)
         train_step(mt, ref, i)
     assert_match_and_moved(mf.parameters(), mt.parameters(), initial)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cls_name", ["SGD", "Adam", "AdamW"])
+def test_integer_lr_tensor_and_integer_step_follow_torch(cls_name, backend):
+    """An int64 lr tensor (torch.optim's arithmetic promotes it to the default float dtype), and
+    a checkpoint whose ``step`` is an int64 tensor: the same params and steps as torch.optim."""
+    results = []
+    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
+        params = [torch.tensor([0.5, -0.3, 1.7], requires_grad=True)]
+        extra = {"momentum": 0.9} if cls_name == "SGD" else {"weight_decay": 0.1}
+        opt = getattr(module, cls_name)(params, lr=torch.tensor(1), **extra, **kwargs)
+        for number in range(3):
+            params[0].grad = torch.tensor([1.0, 0.5, -2.0]) * (number + 1)
+            opt.step()
+            if number == 0 and cls_name != "SGD":
+                saved = copy.deepcopy(opt.state_dict())
+                saved["state"][0]["step"] = saved["state"][0]["step"].to(torch.int64)
+                opt.load_state_dict(saved)
+        steps = [entry.get("step") for entry in opt.state_dict()["state"].values()]
+        results.append((params[0].detach().clone(), steps))
+    (p, steps), (torch_p, torch_steps) = results[1], results[0]
+    torch.testing.assert_close(p, torch_p, rtol=0, atol=0)
+    assert not torch.equal(p, torch.tensor([0.5, -0.3, 1.7]))
+    for s, t in zip(steps, torch_steps):
+        assert (s is None) == (t is None)
+        if s is not None:
+            assert s.dtype == t.dtype and torch.equal(s, t)

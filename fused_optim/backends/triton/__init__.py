@@ -77,6 +77,10 @@ def _lr_flags(work: Work, hypers) -> dict:
     there) and LR_DTYPE (the dtype of the scalar math around lr). The optimizer buckets groups
     by the kind of their lr, so one kind holds for the whole launch."""
     lr = hypers[0].lr
+    if isinstance(lr, Tensor) and not lr.is_floating_point():
+        # torch.optim's arithmetic promotes an integer lr to the default float dtype; the
+        # kernel gets its value from the table (read here: a sync for a GPU tensor).
+        return dict(LR_FROM_POINTER=False, LR_DTYPE=_tl_dtype(torch.get_default_dtype()))
     on_device = isinstance(lr, Tensor) and lr.device == work.device
     dtype = lr.dtype if isinstance(lr, Tensor) else torch.float64
     return dict(LR_FROM_POINTER=on_device, LR_DTYPE=_tl_dtype(dtype))
