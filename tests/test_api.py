@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 import fused_optim
+from fused_optim import testing
 
 from cases import AUTO_CPU, cpu_backends
 
@@ -566,18 +567,32 @@ def test_fused_and_foreach_flags_are_accepted(cls_name, flags):
     assert_match_and_moved(mf.parameters(), mt.parameters(), initial)
 
 
+LR_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64]
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls_name", ["SGD", "Adam", "AdamW"])
-def test_integer_lr_tensor_and_integer_step_follow_torch(cls_name, backend):
-    """An int64 lr tensor (torch.optim's arithmetic promotes it to the default float dtype), and
-    a checkpoint whose ``step`` is an int64 tensor: the same params and steps as torch.optim."""
+@pytest.mark.parametrize("lr_dtype", LR_DTYPES, ids=str)
+def test_lr_tensor_of_every_dtype_follows_torch(cls_name, lr_dtype, backend):
+    """A tensor lr of any dtype torch accepts: torch.optim's arithmetic around it (fp64 and fp32
+    as they are, bf16/fp16 one fp32 operation at a time rounded to the lr's dtype, an integer
+    promoted to the default float dtype), bitwise; and a checkpoint whose ``step`` is an int64
+    tensor."""
+    lr = torch.tensor(1 if lr_dtype == torch.int64 else 0.0123, dtype=lr_dtype)
+    generator = torch.Generator().manual_seed(7)
+    start = torch.randn(64, generator=generator)
+    grads = [torch.randn(64, generator=generator) for _ in range(3)]
+    # torch.optim with its fp32 sqrt correctly rounded (torch's own CPU sqrt is off by an ulp
+    # for some inputs, depending on the CPU): its arithmetic, on every machine.
+    exact_torch = testing.correctly_rounded_optimizer(getattr(torch.optim, cls_name))
     results = []
-    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
-        params = [torch.tensor([0.5, -0.3, 1.7], requires_grad=True)]
+    for make, kwargs in ((exact_torch, {"foreach": False}),
+                         (getattr(fused_optim, cls_name), {"backend": backend})):  # fmt: skip
+        params = [start.clone().requires_grad_()]
         extra = {"momentum": 0.9} if cls_name == "SGD" else {"weight_decay": 0.1}
-        opt = getattr(module, cls_name)(params, lr=torch.tensor(1), **extra, **kwargs)
-        for number in range(3):
-            params[0].grad = torch.tensor([1.0, 0.5, -2.0]) * (number + 1)
+        opt = make(params, lr=lr.clone(), **extra, **kwargs)
+        for number, grad in enumerate(grads):
+            params[0].grad = grad.clone()
             opt.step()
             if number == 0 and cls_name != "SGD":
                 saved = copy.deepcopy(opt.state_dict())
@@ -585,9 +600,9 @@ def test_integer_lr_tensor_and_integer_step_follow_torch(cls_name, backend):
                 opt.load_state_dict(saved)
         steps = [entry.get("step") for entry in opt.state_dict()["state"].values()]
         results.append((params[0].detach().clone(), steps))
-    (p, steps), (torch_p, torch_steps) = results[1], results[0]
+    (torch_p, torch_steps), (p, steps) = results
     torch.testing.assert_close(p, torch_p, rtol=0, atol=0)
-    assert not torch.equal(p, torch.tensor([0.5, -0.3, 1.7]))
+    assert not torch.equal(p, start)
     for s, t in zip(steps, torch_steps):
         assert (s is None) == (t is None)
         if s is not None:

@@ -646,7 +646,7 @@ def test_ops_trace_under_torch_compile():
             [],
             hyper,
             [0] * len(params),
-            False,
+            0,  # lr_kind: a float lr
             False,
             False,
             True,

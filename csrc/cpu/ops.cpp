@@ -316,17 +316,28 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   plan.run(args, sgd_base, sgd_avx2, sgd_avx512);
 }
 
+// How the scalar math around lr is rounded: fp64 for a Python float lr (torch.optim's host
+// arithmetic); for a tensor lr, torch.optim's tensor arithmetic in the lr's dtype: fp32 (also
+// for an integer lr, which it promotes to the default float dtype), or bf16/fp16, where each
+// operation computes in fp32 and rounds to the lr's dtype.
+enum LrKind : int64_t { kLrDouble = 0, kLrFloat = 1, kLrBFloat16 = 2, kLrHalf = 3 };
+
+inline float round_to_lr(float x, int64_t lr_kind) {
+  if (lr_kind == kLrBFloat16) return static_cast<float>(c10::BFloat16(x));
+  if (lr_kind == kLrHalf) return static_cast<float>(c10::Half(x));
+  return x;
+}
+
 // Adam's per-tensor scalars from its group's row of the hyperparameter table and its step,
 // as backends/reference.py computes them: bias corrections in fp64 (Python's float ** is C's
-// pow); the scalar math around lr in fp64 for a float lr (torch.optim's host arithmetic) and in
-// fp32 for an fp32 tensor lr (torch.optim's tensor arithmetic). Consecutive tensors of one group
-// at one step share the computation.
+// pow); the scalar math around lr as LrKind says. Consecutive tensors of one group at one step
+// share the computation.
 struct AdamScalarCache {
   double step = std::nan("");
   const double* row = nullptr;
   double neg_step_size = 0.0, bias_correction2_sqrt = 1.0, decay = 1.0;
 
-  void fill(Task& task, const double* group_row, double task_step, bool lr_in_float,
+  void fill(Task& task, const double* group_row, double task_step, int64_t lr_kind,
             bool tensor_bias_corrections) {
     task.hyper = group_row;
     if (!(task_step == step) || group_row != row) {
@@ -336,10 +347,12 @@ struct AdamScalarCache {
       const double bias_correction1 = 1.0 - std::pow(row[kHyperBeta1], step);
       const double bc2 = 1.0 - std::pow(row[kHyperBeta2], step);
       bias_correction2_sqrt = tensor_bias_corrections ? std::sqrt(bc2) : std::pow(bc2, 0.5);
-      if (lr_in_float) {
+      if (lr_kind != kLrDouble) {
         const float lr_f = static_cast<float>(lr_value);
-        neg_step_size = static_cast<double>(-(lr_f / static_cast<float>(bias_correction1)));
-        decay = static_cast<double>(1.0f - lr_f * static_cast<float>(weight_decay));
+        const float step_size = round_to_lr(lr_f / static_cast<float>(bias_correction1), lr_kind);
+        const float product = round_to_lr(lr_f * static_cast<float>(weight_decay), lr_kind);
+        neg_step_size = -static_cast<double>(step_size);
+        decay = static_cast<double>(round_to_lr(1.0f - product, lr_kind));
       } else {
         neg_step_size = -(lr_value / bias_correction1);
         decay = 1.0 - lr_value * weight_decay;
@@ -353,7 +366,7 @@ struct AdamScalarCache {
 
 void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
            TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params,
-           const Tensor& hyper, at::IntArrayRef groups, bool lr_in_float, bool amsgrad,
+           const Tensor& hyper, at::IntArrayRef groups, int64_t lr_kind, bool amsgrad,
            bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections,
            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
            bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
@@ -388,7 +401,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
     if (!master_params.empty()) arrays[kMaster] = &master_params[i];
     Task& task = plan.add(arrays, writes);
     const double step = scalar_value(steps[i]);
-    scalars.fill(task, rows + groups[i] * kHyperColumns, step, lr_in_float,
+    scalars.fill(task, rows + groups[i] * kHyperColumns, step, lr_kind,
                  tensor_bias_corrections);
     if (stochastic_rounding) task.sr_key = sr_key(seed, step, param_index(param_indices, i));
   }
@@ -425,7 +438,7 @@ class HostPlan {
       std::vector<Tensor> params, std::vector<std::vector<Tensor>> states,
       std::vector<Tensor> masters, std::vector<Tensor> steps, std::vector<int64_t> groups,
       std::vector<int64_t> indices, bool adam, bool amsgrad_or_momentum, bool maximize,
-      bool decoupled_or_nesterov, bool tensor_bias_corrections, bool lr_in_float,
+      bool decoupled_or_nesterov, bool tensor_bias_corrections, int64_t lr_kind,
       bool stochastic_rounding, int64_t seed) {
     auto plan = std::shared_ptr<HostPlan>(new HostPlan());
     HostPlan& h = *plan;
@@ -436,7 +449,7 @@ class HostPlan {
     for (const auto& column : states)
       if (column.size() != count) return nullptr;
     h.adam_ = adam;
-    h.lr_in_float_ = lr_in_float;
+    h.lr_kind_ = lr_kind;
     h.tensor_bias_corrections_ = tensor_bias_corrections;
     h.seed_ = seed;
     h.stochastic_rounding_ = stochastic_rounding;
@@ -525,7 +538,7 @@ class HostPlan {
       const double* row = rows + groups_[i] * kHyperColumns;
       const double step = steps_.empty() ? 0.0 : scalar_value(steps_[i]);
       if (adam_) {
-        scalars.fill(task, row, step, lr_in_float_, tensor_bias_corrections_);
+        scalars.fill(task, row, step, lr_kind_, tensor_bias_corrections_);
       } else {
         task.hyper = row;
       }
@@ -557,7 +570,8 @@ class HostPlan {
   std::vector<int64_t> groups_, indices_;
   AdamArgs adam_args_{};
   SgdArgs sgd_args_{};
-  bool adam_ = true, lr_in_float_ = false, tensor_bias_corrections_ = false;
+  bool adam_ = true, tensor_bias_corrections_ = false;
+  int64_t lr_kind_ = kLrDouble;
   bool stochastic_rounding_ = false;
   int64_t seed_ = 0;
 };
@@ -752,7 +766,7 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
   m.def(
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] steps, "
-      "Tensor(f!)[] master_params, Tensor hyper, int[] groups, bool lr_in_float, bool amsgrad, "
+      "Tensor(f!)[] master_params, Tensor hyper, int[] groups, int lr_kind, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections, "
       "Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, int seed, "
       "int[] param_indices) -> ()");

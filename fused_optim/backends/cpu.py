@@ -144,7 +144,7 @@ def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | No
         flags.maximize,
         flags.decoupled_weight_decay if adam else flags.nesterov,
         flags.tensor_bias_corrections if adam else False,
-        isinstance(lr, Tensor) and lr.dtype != torch.float64,
+        _lr_kind(hypers),
         context.stochastic_rounding,
         _seed(context.seed),
     )
@@ -159,6 +159,18 @@ def _hyper_table(hypers) -> Tensor:
         return plans.hyper_tensor(hypers)
     rows, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
     return plans.hyper_host_table(rows, None)
+
+
+_LR_KINDS = {torch.float64: 0, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _lr_kind(hypers) -> int:
+    """How the kernel rounds the scalar math around lr (csrc/cpu/ops.cpp's LrKind): fp64 for a
+    float lr, the tensor's dtype for a tensor lr (fp32 also for an integer one, which torch
+    promotes to the default float dtype). The optimizer buckets groups by the kind of their
+    lr, so the first group's holds for the call."""
+    lr = hypers[0].lr
+    return _LR_KINDS.get(lr.dtype, 1) if isinstance(lr, Tensor) else 0
 
 
 def _seed(seed: int) -> int:
@@ -211,8 +223,6 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
     params = work.params
     if not params:
         return []
-    lr = hypers[0].lr  # the optimizer buckets groups by the kind of their lr
-    lr_in_float = isinstance(lr, Tensor) and lr.dtype != torch.float64
     torch.ops.fused_optim.adam_(
         params,
         work.grads,
@@ -223,7 +233,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
         work.masters,
         _hyper_table(hypers),
         work.groups,
-        lr_in_float,
+        _lr_kind(hypers),
         flags.amsgrad,
         flags.maximize,
         flags.decoupled_weight_decay,

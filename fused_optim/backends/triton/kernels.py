@@ -371,8 +371,16 @@ def adam_kernel(
     # The scalar math around lr runs in LR_DTYPE: fp64 for a float lr (torch.optim's host
     # arithmetic), the tensor's dtype for a tensor lr (torch.optim's tensor arithmetic).
     lr_t = _lr_of(hyper, hyper_bits + group * HYPER_ROW, LR_FROM_POINTER, LR_DTYPE)
-    neg_step_size64 = (-_div(lr_t, bias_correction1.to(LR_DTYPE))).to(tl.float64)
-    decay64 = (1.0 - lr_t * wd64.to(LR_DTYPE)).to(tl.float64)
+    if LR_DTYPE == tl.bfloat16 or LR_DTYPE == tl.float16:
+        # torch's bf16/fp16 tensor arithmetic: each operation in fp32, rounded to the lr's dtype.
+        lr32 = lr_t.to(tl.float32)
+        step_size = _round_to(tl.div_rn(lr32, bias_correction1.to(tl.float32)), LR_DTYPE)
+        neg_step_size64 = -(step_size.to(tl.float64))
+        product = _round_to(lr32 * wd64.to(tl.float32), LR_DTYPE).to(tl.float32)
+        decay64 = _round_to(1.0 - product, LR_DTYPE).to(tl.float64)
+    else:
+        neg_step_size64 = (-_div(lr_t, bias_correction1.to(LR_DTYPE))).to(tl.float64)
+        decay64 = (1.0 - lr_t * wd64.to(LR_DTYPE)).to(tl.float64)
     neg_step_size = neg_step_size64.to(COMPUTE_DTYPE)
 
     if HAS_MASTER:
