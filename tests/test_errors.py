@@ -506,26 +506,35 @@ def test_fused_true_rejects_what_torch_fused_rejects(cls_name, kind, backend):
     _assert_unchanged(opt, [p for p in fused_params if p.device.type != "meta"], snapshot)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
-def test_amsgrad_switched_on_mid_run_raises_torchs_key_error(cls_name, backend):
-    """torch.optim creates ``max_exp_avg_sq`` with a param's first state only: switching amsgrad
-    on after steps without it raises KeyError('max_exp_avg_sq'); fused_optim raises it too,
-    before any param, state or step count changes, and creates no state."""
+def _errors_after(cls_name, backend, corrupt, first_step=False):
+    """(torch.optim's error, fused_optim's error, (fused_optim's optimizer, params, what they
+    held just before its failing step)) for the same ``corrupt(opt, params)``, applied after
+    one step (or before the first)."""
     errors, runs = [], []
     for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
         params = _two_params()
-        opt = getattr(module, cls_name)(params, lr=0.1, **kwargs)
+        extra = {"momentum": 0.9} if cls_name == "SGD" else {}
+        opt = getattr(module, cls_name)(params, lr=0.1, **extra, **kwargs)
         for p in params:
             p.grad = torch.ones_like(p)
-        opt.step()
-        opt.param_groups[0]["amsgrad"] = True
-        snapshot = _snapshot(opt, params)
+        if not first_step:
+            opt.step()
+        corrupt(opt, params)
+        # The state dicts' values only: deepcopy cannot copy params whose grad changed dtype.
+        before = [p.detach().clone() for p in params], copy.deepcopy(list(opt.state.values()))
         errors.append(_raised(opt.step))
-        runs.append((opt, params, snapshot))
-    _assert_same_error(errors[1], errors[0])
-    opt, params, snapshot = runs[1]
-    _assert_unchanged(opt, params, snapshot)
+        runs.append((opt, params, before))
+    return errors[0], errors[1], runs[1]
+
+
+def _assert_untouched(opt, params, before) -> None:
+    params_before, states_before = before
+    for p, b in zip(params, params_before):
+        assert p.dtype == b.dtype and torch.equal(p, b)
+    states = list(opt.state.values())
+    assert len(states) == len(states_before)
+    for a, b in zip(states, states_before):
+        _assert_tree_equal(a, b)
 
 
 def _drop_state(key):
@@ -558,6 +567,8 @@ STEP_CORRUPTIONS = [
     ("Adam", "lr a string", _set_group("lr", "0.1")),
     ("SGD", "lr a string", _set_group("lr", "0.1")),
     ("Adam", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
+    ("Adam", "amsgrad switched on mid-run", _set_group("amsgrad", True)),
+    ("AdamW", "amsgrad switched on mid-run", _set_group("amsgrad", True)),
     ("Adam", "betas missing from the group", _drop_group_key("betas")),
     ("SGD", "momentum missing from the group", _drop_group_key("momentum")),
     ("AdamW", "weight_decay missing from the group", _drop_group_key("weight_decay")),
@@ -570,23 +581,13 @@ STEP_CORRUPTIONS = [
     "cls_name,what,corrupt", STEP_CORRUPTIONS, ids=[f"{c}-{w}" for c, w, _ in STEP_CORRUPTIONS]
 )
 def test_step_errors_match_torch_and_change_nothing(cls_name, what, corrupt, backend):
-    """State or values a later step cannot use (a state entry deleted, beta1 set to +-1 after
-    construction, an lr that is not a number): torch.optim's exception type and message, raised
-    before any param, state or step count changes."""
-    errors, runs = [], []
-    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
-        params = _two_params()
-        extra = {"momentum": 0.9} if cls_name == "SGD" else {}
-        opt = getattr(module, cls_name)(params, lr=0.1, **extra, **kwargs)
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-        corrupt(opt, params)
-        snapshot = _snapshot(opt, params)
-        errors.append(_raised(opt.step))
-        runs.append((opt, params, snapshot))
-    _assert_same_error(errors[1], errors[0])
-    _assert_unchanged(*runs[1])
+    """State or values a later step cannot use (a state entry deleted, amsgrad switched on
+    after steps without it, beta1 set to +-1 after construction, an lr that is not a number):
+    torch.optim's exception type and message, raised before any param, state or step count
+    changes."""
+    torch_error, fused_error, fused_run = _errors_after(cls_name, backend, corrupt)
+    _assert_same_error(fused_error, torch_error)
+    _assert_untouched(*fused_run)
 
 
 def _grad_float64(opt, params):
@@ -614,27 +615,9 @@ def test_grad_of_another_dtype_raises_torchs_error(cls_name, corrupt, first_step
     """An fp64 grad for an fp32 param (or p.data and its grad replaced by fp64 ones): torch.optim
     fails in its first update op (exp_avg.lerp_(grad, ...)); fused_optim raises the same error
     before anything changes, also on the first step."""
-    errors, runs = [], []
-    for module, kwargs in ((torch.optim, {"foreach": False}), (fused_optim, {"backend": backend})):
-        params = _two_params()
-        opt = getattr(module, cls_name)(params, lr=0.1, **kwargs)
-        for p in params:
-            p.grad = torch.ones_like(p)
-        if not first_step:
-            opt.step()
-        # The state is copied before the grads change dtype (deepcopy cannot copy such params).
-        _, state_before, count = _snapshot(opt, params)
-        corrupt(opt, params)
-        params_before = [p.detach().clone() for p in params]
-        errors.append(_raised(opt.step))
-        runs.append((opt, params, (params_before, state_before, count)))
-    _assert_same_error(errors[1], errors[0])
-    opt, params, (params_before, state_before, count) = runs[1]
-    assert len(opt.state) == count
-    for p, b in zip(params, params_before):
-        assert p.dtype == b.dtype and torch.equal(p, b)
-    for (_, a), (_, b) in zip(opt.state.items(), state_before.items()):
-        _assert_tree_equal(a, b)
+    torch_error, fused_error, fused_run = _errors_after(cls_name, backend, corrupt, first_step)
+    _assert_same_error(fused_error, torch_error)
+    _assert_untouched(*fused_run)
 
 
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])

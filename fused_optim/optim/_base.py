@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ from ._state import (
 )
 
 __all__ = ["MASTER_KEY", "TORCH_OPTIM", "FusedOptimizerMixin", "Precision"]
+
+_dtype = attrgetter("dtype")
 
 #: What ``group_backends()`` reports for groups that torch.optim's own step updates.
 TORCH_OPTIM = "torch.optim (differentiable)"
@@ -156,9 +159,8 @@ class FusedOptimizerMixin:
         check()
 
     def _differentiable(self) -> bool:
-        return bool(self.defaults.get("differentiable")) or any(
-            group.get("differentiable") for group in self.param_groups
-        )
+        # Set at construction, as torch.optim's own step reads it (its grad mode): O(1) per step.
+        return bool(self.defaults.get("differentiable"))
 
     def _torch_step(self, closure):
         """torch.optim's own ``step`` (the parent class's), without the hooks torch wrapped
@@ -222,7 +224,6 @@ class FusedOptimizerMixin:
             is_sparse = bool(params) and is_sparse_any(group_grads)
             if params:
                 self._check_group(group, group_grads, is_sparse)
-                self._check_state(group)
                 if group.get("fused"):
                     # torch.optim's fused-path validation, with its message (devices, dtypes).
                     for p in params:
@@ -334,10 +335,20 @@ class FusedOptimizerMixin:
             return
         check = self._check_value(with_grads, keys)
         plan = self._plan
-        if plan is None or not plan.matches(check, structure, sparse):
+        rebuild = plan is None or not plan.matches(check, structure, sparse)
+        all_grads = flat(grads)
+        grad_dtypes = list(map(_dtype, all_grads))
+        # Per-param state checks, only when the plan (params, state dicts and tensors) or a
+        # grad's dtype changed since they last passed.
+        if rebuild or grad_dtypes != plan.grad_dtypes:
+            for group, group_params in zip(self.param_groups, with_grads):
+                if group_params:
+                    self._check_state(group)
+        if rebuild:
             plan = self._plan = self._build_plan(with_grads, keys, structure, sparse)
+        plan.grad_dtypes = grad_dtypes
         advance_steps(plan.step_buffers, context.found_inf)
-        flat_grads = plan.real_grads(flat(grads))
+        flat_grads = plan.real_grads(all_grads)
         run = self.ALGORITHM
         created_state = False
         for bucket in plan.buckets:
@@ -510,9 +521,9 @@ class FusedOptimizerMixin:
         """Raise torch.optim's error for bad input in this group; change nothing."""
 
     def _check_state(self, group: dict) -> None:
-        """Raise torch.optim's error for state this group's step would fail on; change nothing.
-        Runs when the step plan is checked in full (the fast path checks that no state changed
-        since)."""
+        """Raise torch.optim's error for state (or a grad's dtype) this group's step would fail
+        on; change nothing. Runs in eager steps when the step plan is rebuilt or a grad's dtype
+        changed (the plan's fingerprint and the fast path's checks cover everything else)."""
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         raise NotImplementedError

@@ -84,6 +84,7 @@ class StepPlan:
         self.buckets: list[Bucket] = []
         self.fast: FastPath | None = None
         self.fast_tried = False
+        self.grad_dtypes: list | None = None  # of the last step's grads (see _base._step)
 
     def matches(self, check, structure, sparse) -> bool:
         return structure == self.structure and sparse == self.sparse and check == self.check

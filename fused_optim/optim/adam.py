@@ -156,8 +156,6 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         # torch.optim's _init_group reads these from every param's non-empty state, in this
         # order: a missing one is its KeyError, raised before the update (amsgrad switched on
         # after steps without it finds no max_exp_avg_sq).
-        if torch.compiler.is_compiling():
-            return  # dynamo guards the state dicts a traced step reads; nothing to check here
         keys = ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ()))
         torch_numbers = self._precision.off
         for p in group["params"]:
