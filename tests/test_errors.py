@@ -558,6 +558,20 @@ def _drop_group_key(key):
     return corrupt
 
 
+def _grad_data(shape):
+    def corrupt(opt, params):
+        params[0].grad.data = torch.ones(shape)
+
+    return corrupt
+
+
+def _state_data(key, shape):
+    def corrupt(opt, params):
+        opt.state[params[0]][key].data = torch.zeros(shape)
+
+    return corrupt
+
+
 STEP_CORRUPTIONS = [
     ("Adam", "exp_avg missing", _drop_state("exp_avg")),
     ("Adam", "exp_avg_sq missing", _drop_state("exp_avg_sq")),
@@ -573,6 +587,14 @@ STEP_CORRUPTIONS = [
     ("SGD", "momentum missing from the group", _drop_group_key("momentum")),
     ("AdamW", "weight_decay missing from the group", _drop_group_key("weight_decay")),
     ("SGD", "lr a 2-element tensor", _set_group("lr", torch.tensor([0.1, 0.2]))),
+    # params[0] is (3, 2): shapes that do not broadcast to it, set through .data.
+    ("Adam", "grad of a shape that does not broadcast", _grad_data((5, 2))),
+    ("SGD", "grad of a shape that does not broadcast", _grad_data((3, 5))),
+    ("AdamW", "grad of the same numel, another shape", _grad_data((6,))),
+    ("SGD", "grad of the same numel, another shape", _grad_data((2, 3))),
+    ("Adam", "exp_avg_sq of another shape", _state_data("exp_avg_sq", (4, 2))),
+    ("AdamW", "exp_avg of the same numel, another shape", _state_data("exp_avg", (6,))),
+    ("SGD", "momentum buffer of another shape", _state_data("momentum_buffer", (3, 3))),
 ]
 
 
@@ -599,6 +621,13 @@ def _param_data_float64(opt, params):
     params[1].grad.data = params[1].grad.data.double()
 
 
+def _param_int64(opt, params):
+    # An integer tensor cannot require grad: torch.optim takes it as a plain tensor.
+    params[1].requires_grad_(False)
+    params[1].data = params[1].data.long()
+    params[1].grad = torch.ones_like(params[1])
+
+
 # (corruption, whether the optimizer stepped before it). p.data and its grad made fp64 before
 # the first step is no error: the states are then created in fp64.
 DTYPE_CORRUPTIONS = [
@@ -606,6 +635,36 @@ DTYPE_CORRUPTIONS = [
     pytest.param(_grad_float64, True, id="fp64-grad-first-step"),
     pytest.param(_param_data_float64, False, id="fp64-data-with-state"),
 ]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("first_step", [True, False], ids=["first-step", "with-state"])
+def test_integer_param_raises_torchs_error(cls_name, first_step, backend):
+    """A param (and its grad) of an integer dtype: torch.optim raises in its update (SGD:
+    alpha must not be a floating point number; Adam: lerp not implemented for Long, or a cast
+    error); fused_optim raises the same before any param, state or step count changes."""
+    torch_error, fused_error, fused_run = _errors_after(cls_name, backend, _param_int64, first_step)
+    _assert_same_error(fused_error, torch_error)
+    _assert_untouched(*fused_run)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_checkpoint_state_of_another_shape_raises_torchs_error(cls_name, backend):
+    """A checkpoint whose state tensor does not broadcast to its param (the wrong model's
+    checkpoint): torch.optim's load accepts it and its step raises; fused_optim's step raises
+    the same, changing nothing."""
+
+    def corrupt(opt, params):
+        saved = opt.state_dict()
+        key = "momentum_buffer" if cls_name == "SGD" else "exp_avg"
+        saved["state"][0][key] = torch.zeros(4, 4)
+        opt.load_state_dict(saved)
+
+    torch_error, fused_error, fused_run = _errors_after(cls_name, backend, corrupt)
+    _assert_same_error(fused_error, torch_error)
+    _assert_untouched(*fused_run)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

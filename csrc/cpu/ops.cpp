@@ -499,14 +499,15 @@ class HostPlan {
   }
 
   // Whether the plan still holds: every param and state keeps its signature and every param has
-  // a dense CPU grad of its size. Changes nothing.
+  // a dense CPU grad of its shape (any other shape is torch.optim's broadcast, or its error: the
+  // full step decides). Changes nothing.
   bool check() const {
     const size_t count = params_.size();
     for (size_t i = 0; i < count; ++i) {
       const Tensor& p = params_[i];
       if (!signatures_[i].holds(p)) return false;
       const Tensor& g = p.grad();
-      if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.numel() != p.numel())
+      if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.sizes() != p.sizes())
         return false;
       if (g.scalar_type() != grad_dtypes_[i]) return false;
     }

@@ -10,7 +10,9 @@ precision modes) lives in ``_state``.
 from __future__ import annotations
 
 import sys
+from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from operator import attrgetter
 from typing import Any
 
@@ -34,6 +36,7 @@ from ._engine import (
     state_fingerprint,
 )
 from ._state import (
+    LOW_PRECISION,
     MASTER_KEY,
     Precision,
     advance_steps,
@@ -49,6 +52,27 @@ from ._state import (
 __all__ = ["MASTER_KEY", "TORCH_OPTIM", "FusedOptimizerMixin", "Precision"]
 
 _dtype = attrgetter("dtype")
+_shape = attrgetter("shape")
+
+
+@contextmanager
+def _amp_attributes_hidden(optimizer):
+    """GradScaler's ``grad_scale`` and ``found_inf`` removed while torch.optim's for-loop step
+    runs (it asserts they are absent), then put back."""
+    hidden = {
+        k: optimizer.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in optimizer.__dict__
+    }
+    try:
+        yield
+    finally:
+        optimizer.__dict__.update(hidden)
+
+
+def unscale_grad_(grad: Tensor, grad_scale: Tensor) -> None:
+    """``grad / grad_scale`` in fp32 (fp64 for fp64 grads), written back, as the kernels do."""
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    grad.copy_(grad.to(compute) / grad_scale.to(device=grad.device, dtype=compute))
+
 
 #: What ``group_backends()`` reports for groups that torch.optim's own step updates.
 TORCH_OPTIM = "torch.optim (differentiable)"
@@ -344,6 +368,10 @@ class FusedOptimizerMixin:
             for group, group_params in zip(self.param_groups, with_grads):
                 if group_params:
                     self._check_state(group)
+        odd = self._outside_kernels(with_grads, all_grads, grad_dtypes, keys, rebuild)
+        if odd is not None:
+            self._torch_fallback_step(odd, context)
+            return
         if rebuild:
             plan = self._plan = self._build_plan(with_grads, keys, structure, sparse)
         plan.grad_dtypes = grad_dtypes
@@ -366,6 +394,116 @@ class FusedOptimizerMixin:
         elif not plan.fast_tried:
             plan.fast_tried = True
             plan.fast = self._fast_path(plan, hypers, context)
+
+    def _outside_kernels(
+        self, with_grads, grads, grad_dtypes, keys, rebuild: bool
+    ) -> list[Tensor] | None:
+        """What the fused kernels do not update as torch.optim does, and torch.optim's own step
+        must: None when nothing; else the params whose step may raise (replayed first).
+
+        - a grad, or a state tensor, whose shape is not its param's (set through ``.data`` or
+          a checkpoint): torch.optim broadcasts it, or raises;
+        - a param of an integer or bool dtype: torch.optim raises;
+        - without precision modes, a grad whose dtype is not its param's, or a state whose
+          dtype is not its grad's (but fp32 states of bf16/fp16 params, which the kernels
+          update as torch.optim does): torch.optim raises (Adam), or keeps the grad's dtype in
+          the momentum buffer (SGD);
+        - a param listed twice in a group: torch.optim updates it twice, counting two steps.
+
+        Grads are checked on every full-path step (the fast path's checks cover them); states,
+        dtypes and repeats when the plan is rebuilt (its fingerprint covers the state tensors'
+        shapes and dtypes, and the params' storage).
+        """
+        params = flat(with_grads)
+        shapes = list(map(_shape, params))
+        suspects: set[int] = set()
+        if list(map(_shape, grads)) != shapes:
+            suspects.update(i for i, (g, s) in enumerate(zip(grads, shapes)) if g.shape != s)
+        torch_numbers = self._precision.off
+        if torch_numbers and grad_dtypes != list(map(_dtype, params)):
+            suspects.update(i for i, (g, p) in enumerate(zip(grads, params)) if g.dtype != p.dtype)
+        repeated = False
+        if rebuild:
+            state_keys = {key for key in flat([list(k) for k in keys])} - {"step", MASTER_KEY}
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if not (p.is_floating_point() or p.is_complex()):
+                    suspects.add(i)
+                state = self.state.get(p)
+                if not state or not state_keys:
+                    continue
+                for key in state_keys & state.keys():
+                    value = state[key]
+                    if not isinstance(value, Tensor):
+                        continue
+                    if value.shape != p.shape or (
+                        torch_numbers
+                        and value.dtype != g.dtype
+                        and not (value.dtype == torch.float32 and p.dtype in LOW_PRECISION)
+                    ):
+                        suspects.add(i)
+            repeated = any(len(set(map(id, ps))) != len(ps) for ps in with_grads)
+        if not suspects and not repeated:
+            return None
+        return [params[i] for i in sorted(suspects)]
+
+    def _torch_fallback_step(self, suspects: list[Tensor], context: StepContext) -> None:
+        """The step torch.optim's for-loop takes, for a configuration ``_outside_kernels``
+        found (rare by construction: these are what torch.optim itself accepts with a warning,
+        broadcasts, or rejects). Its errors are found first by replaying its step on copies of
+        the params that may raise, and raised before anything changes. GradScaler's unscale and
+        skip are applied here, as the kernels would (a host sync). The precision modes have no
+        torch.optim equivalent: with them, a ValueError."""
+        self._replay_on_copies(suspects)
+        if not self._precision.off:
+            raise ValueError(
+                "fused_optim: with state_dtype, master_weights or stochastic_rounding, every "
+                "grad and state must have its param's shape, every param a floating-point "
+                "dtype, and no param may be listed twice in a group"
+            )
+        grad_scale, found_inf = context.grad_scale, context.found_inf
+        if found_inf is not None and bool(found_inf != 0):
+            return
+        if grad_scale is not None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        unscale_grad_(p.grad, grad_scale)
+        with _amp_attributes_hidden(self):
+            self._torch_step(None)
+        self._plan = None
+
+    def _replay_on_copies(self, suspects: list[Tensor]) -> None:
+        """Run torch.optim's step on copies of ``suspects`` (with copies of their grads and
+        state, in their own groups) and let its exception through: torch.optim's type and
+        message, with nothing of the optimizer's touched."""
+        if not suspects:
+            return
+        chosen = set(map(id, suspects))
+        groups = []
+        state: dict = defaultdict(dict)
+        for group in self.param_groups:
+            copies = []
+            for p in group["params"]:
+                if id(p) not in chosen or p.grad is None:
+                    continue
+                twin = p.detach().clone()
+                twin.grad = torch.zeros_like(twin)
+                twin.grad.data = p.grad.detach().clone()  # any shape and dtype, as p's
+                copies.append(twin)
+                if p in self.state:
+                    state[twin] = {
+                        k: v.clone() if isinstance(v, Tensor) else v
+                        for k, v in self.state[p].items()
+                    }
+            if copies:
+                groups.append({**group, "params": copies})
+        kept = self.param_groups, self.state
+        self.param_groups, self.state = groups, state
+        try:
+            with _amp_attributes_hidden(self):
+                self._torch_step(None)
+        finally:
+            self.param_groups, self.state = kept
 
     def _amp_kind(self, context: StepContext) -> tuple[bool, bool]:
         return (context.grad_scale is None, context.found_inf is None)

@@ -12,6 +12,7 @@ every tensor's address, dtype, shape and strides.
 
 from __future__ import annotations
 
+from itertools import repeat
 from operator import attrgetter, methodcaller
 
 import torch
@@ -31,13 +32,16 @@ def fingerprint(params: list[Tensor]) -> list:
 
 
 def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
-    """The same for state: the state dicts, and the tensors under ``keys`` in them (None when a
-    param has no state yet)."""
+    """The same for state: the state dicts, and the tensors under ``keys`` in them with their
+    shapes and dtypes (which ``.data`` can change), or None when a param has no state yet."""
     if None in states:
         return None
     result = [list(map(id, states))]
     for key in keys:
-        result.append(list(map(id, map(methodcaller("get", key), states))))
+        column = list(map(methodcaller("get", key), states))
+        result.append(list(map(id, column)))
+        result.append(list(map(getattr, column, repeat("shape"), repeat(None))))
+        result.append(list(map(getattr, column, repeat("dtype"), repeat(None))))
     return result
 
 

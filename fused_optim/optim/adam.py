@@ -12,9 +12,6 @@ from ._base import FusedOptimizerMixin, Precision
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
 class Adam(FusedOptimizerMixin, torch.optim.Adam):
     r"""Adam (Kingma & Ba), fused; AdamW when ``decoupled_weight_decay=True``.
 
@@ -47,7 +44,6 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         differentiable (bool): run torch.optim's own step (the parent class's), which autograd
             can differentiate through, instead of the fused kernels; not combined with
             ``backend`` or the precision modes (``ValueError``). Default: False.
-            Default: False.
         fused (bool, optional): accepted for compatibility; no effect. Default: None.
         decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.
         backend (str, optional): ``None`` (auto), ``"triton"`` or ``"reference"``. Default: None.
@@ -155,28 +151,16 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
     def _check_state(self, group: dict) -> None:
         # torch.optim's _init_group reads these from every param's non-empty state, in this
         # order: a missing one is its KeyError, raised before the update (amsgrad switched on
-        # after steps without it finds no max_exp_avg_sq).
+        # after steps without it finds no max_exp_avg_sq). States or grads of other dtypes
+        # and shapes are replayed through torch.optim's step (``_outside_kernels``).
         keys = ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ()))
-        torch_numbers = self._precision.off
         for p in group["params"]:
             state = self.state.get(p)
-            if p.grad is None:
+            if p.grad is None or not state:
                 continue
-            for key in (*keys, "step") if state else ():
+            for key in (*keys, "step"):
                 if key not in state:
                     raise KeyError(key)
-            exp_avg = state.get("exp_avg") if state else None
-            state_dtype = p.dtype if exp_avg is None else exp_avg.dtype
-            grad_dtype = p.grad.dtype
-            # fp32 states loaded for bf16/fp16 params are kept fp32 (``load_state_dict``).
-            kept_fp32 = (
-                state_dtype == torch.float32 and grad_dtype == p.dtype and p.dtype in LOW_PRECISION
-            )
-            if torch_numbers and grad_dtype != state_dtype and not kept_fp32 and not p.is_complex():
-                # torch.optim's first update op, exp_avg.lerp_(grad, 1 - beta1), on two
-                # one-element tensors: its error for a grad of another dtype (an fp64 grad, or
-                # p.data replaced by fp64 data), with its message.
-                torch.zeros(1, dtype=state_dtype).lerp_(torch.zeros(1, dtype=grad_dtype), 0.5)
 
     def _init_state(self, group: dict, p: Tensor) -> dict:
         state = self.state[p]
