@@ -51,6 +51,7 @@ def compile_for_sm90(kernel, constants: dict):
 
 
 COMMON = dict(ALIGNED=True, BLOCK=1024, LR_FROM_POINTER=False, MAXIMIZE=False)
+COMMON.update(COMPLEX_ARITHMETIC=False)
 PLAIN = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=False)
 PLAIN.update(STOCHASTIC_ROUNDING=False, STEP_FROM_POINTER=False)
 

@@ -651,6 +651,7 @@ def test_ops_trace_under_torch_compile():
             False,
             True,
             False,
+            False,  # complex_arithmetic
             None,
             None,
             False,

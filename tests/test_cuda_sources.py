@@ -359,7 +359,7 @@ def _emulated_op(library, name):
     names = [argument for _, argument in raw_op_schemas()[name]]
     tail_names = (
         ["momentum", "nesterov"] if name == "sgd_" else ["amsgrad", "decoupled_weight_decay"]
-    )
+    ) + ["complex_arithmetic"]
 
     def op(*args):
         a = dict(zip(names, args, strict=True))
@@ -693,6 +693,44 @@ def test_emulated_optimizer_with_three_groups(emulated_backend, monkeypatch, nam
             assert len(LAUNCHES) == len(grads)
         results.append([p.detach() for p in params])
     _close(results[0], results[1], "param", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("SGD", dict(momentum=0.9, dampening=0.3, weight_decay=0.01)),
+        ("SGD", dict(momentum=0.9, nesterov=True, maximize=True)),
+        ("Adam", dict(weight_decay=0.01)),
+    ],
+    ids=["sgd-dampening-wd", "sgd-nesterov", "adam-l2"],
+)
+def test_emulated_complex_params_follow_torchs_complex_arithmetic(
+    emulated_backend, monkeypatch, name, options
+):
+    """Complex params with real ones in one group, backend='cuda' (the emulation): bitwise the
+    reference backend, whose complex arithmetic (products rounded before the add) follows
+    torch.optim's (tests/test_api.py)."""
+    import fused_optim
+
+    monkeypatch.setattr(cuda_backend, "is_available", lambda device: (True, ""))
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(33, 17), (4097,), (5,)]
+    initial = [torch.randn(s, dtype=torch.complex64, generator=gen) for s in shapes]
+    initial.append(torch.randn(300, generator=gen))
+    grads = [
+        [torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in initial] for _ in range(3)
+    ]
+    results = []
+    for backend in ("cuda", "reference"):
+        params = [torch.nn.Parameter(t.clone()) for t in initial]
+        optimizer = getattr(fused_optim, name)(params, lr=0.05, backend=backend, **options)
+        for g in grads:
+            for p, grad in zip(params, g):
+                p.grad = grad.clone()
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    _close(results[0], results[1], "param", rtol=0, atol=0)
+    assert not torch.equal(results[0][0], initial[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -38,6 +38,7 @@ struct Chunk {
 // Per-launch flags; the hyperparameters are per group (Task::hyper).
 struct SgdArgs {
   bool has_momentum, nesterov, maximize;
+  bool complex_arithmetic;  // the params are real views of complex ones (math/update.h)
   bool has_grad_scale;
   double grad_scale;
   bool stochastic_rounding;
@@ -45,6 +46,7 @@ struct SgdArgs {
 
 struct AdamArgs {
   bool amsgrad, maximize, decoupled_weight_decay;
+  bool complex_arithmetic;  // the params are real views of complex ones (math/update.h)
   bool has_grad_scale;
   double grad_scale;
   bool stochastic_rounding;

@@ -188,13 +188,14 @@ inline void unscale_grad(const Task& task, T* g, bool g_direct, int64_t offset, 
 
 // ---------------------------------------------------------------------------------------- Adam
 
-template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupled>
+template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupled, bool kComplex>
 inline void adam_loop(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                       T* __restrict vmax, int64_t n, const fmath::AdamScalars<T> scalars) {
   for (int64_t i = 0; i < n; ++i) {
     T pi = p[i], mi = m[i], vi = v[i];
     T xi = kAmsgrad ? vmax[i] : T(0);
-    fmath::adam_update<T, kAmsgrad, kMaximize, kDecoupled>(pi, g[i], mi, vi, xi, scalars);
+    fmath::adam_update<T, kAmsgrad, kMaximize, kDecoupled, kComplex>(pi, g[i], mi, vi, xi,
+                                                                     scalars);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -511,7 +512,10 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
   s.weight_decay = static_cast<T>(hyper[::fused_optim::kHyperWeightDecay]);
   s.decay = static_cast<T>(task.scalar[2]);
 #ifdef FUSED_OPTIM_HAVE_AVX2
-  if (adam_fast_chunk<T, kAmsgrad, kMaximize, kDecoupled>(task, chunk, args, s)) return;
+  if (!args.complex_arithmetic &&
+      adam_fast_chunk<T, kAmsgrad, kMaximize, kDecoupled>(task, chunk, args, s)) {
+    return;
+  }
 #endif
   const T scale = static_cast<T>(args.grad_scale);
   const int p_slot = task.data[fcpu::kMaster] != nullptr ? fcpu::kMaster : fcpu::kParam;
@@ -527,7 +531,11 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
     T* m = open_block(task, fcpu::kState0, offset, n, mb, md);
     T* v = open_block(task, fcpu::kState1, offset, n, vb, vd);
     T* x = kAmsgrad ? open_block(task, fcpu::kState2, offset, n, xb, xd) : xb;
-    adam_loop<T, kAmsgrad, kMaximize, kDecoupled>(p, g, m, v, x, n, s);
+    if (args.complex_arithmetic) {
+      adam_loop<T, kAmsgrad, kMaximize, kDecoupled, true>(p, g, m, v, x, n, s);
+    } else {
+      adam_loop<T, kAmsgrad, kMaximize, kDecoupled, false>(p, g, m, v, x, n, s);
+    }
     if (!md) store_block(m, task.dtype[fcpu::kState0], task.data[fcpu::kState0], offset, n);
     if (!vd) store_block(v, task.dtype[fcpu::kState1], task.data[fcpu::kState1], offset, n);
     if (kAmsgrad && !xd) {
@@ -565,13 +573,14 @@ inline void adam_dispatch(const Task* tasks, const Chunk* chunks, int64_t num_ch
 
 // ----------------------------------------------------------------------------------------- SGD
 
-template <typename T, bool kMomentum, bool kNesterov, bool kMaximize>
+template <typename T, bool kMomentum, bool kNesterov, bool kMaximize, bool kComplex>
 inline void sgd_loop(T* __restrict p, const T* __restrict g, T* __restrict buf, bool new_buffer,
                      int64_t n, const fmath::SgdScalars<T> scalars) {
   for (int64_t i = 0; i < n; ++i) {
     T pi = p[i];
     T bi = kMomentum ? buf[i] : T(0);
-    fmath::sgd_update<T, kMomentum, kNesterov, kMaximize>(pi, g[i], bi, new_buffer, scalars);
+    fmath::sgd_update<T, kMomentum, kNesterov, kMaximize, kComplex>(pi, g[i], bi, new_buffer,
+                                                                    scalars);
     p[i] = pi;
     if (kMomentum) buf[i] = bi;
   }
@@ -607,7 +616,11 @@ void sgd_chunk(const Task& task, const Chunk& chunk, const SgdArgs& args) {
         b = open_block(task, fcpu::kState0, offset, n, bb, bd);
       }
     }
-    sgd_loop<T, kMomentum, kNesterov, kMaximize>(p, g, b, task.new_buffer, n, s);
+    if (args.complex_arithmetic) {
+      sgd_loop<T, kMomentum, kNesterov, kMaximize, true>(p, g, b, task.new_buffer, n, s);
+    } else {
+      sgd_loop<T, kMomentum, kNesterov, kMaximize, false>(p, g, b, task.new_buffer, n, s);
+    }
     if (kMomentum && !bd) {
       store_block(b, task.dtype[fcpu::kState0], task.data[fcpu::kState0], offset, n);
     }

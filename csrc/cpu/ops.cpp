@@ -278,7 +278,7 @@ const double* hyper_rows(const Tensor& hyper, at::IntArrayRef groups) {
 void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
           at::IntArrayRef new_buffer_flags, TensorList steps, TensorList master_params,
           const Tensor& hyper, at::IntArrayRef groups, bool has_momentum, bool nesterov,
-          bool maximize, const std::optional<Tensor>& grad_scale,
+          bool maximize, bool complex_arithmetic, const std::optional<Tensor>& grad_scale,
           const std::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t seed,
           at::IntArrayRef param_indices) {
   const size_t count = params.size();
@@ -292,6 +292,7 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   args.has_momentum = has_momentum;
   args.nesterov = nesterov;
   args.maximize = maximize;
+  args.complex_arithmetic = complex_arithmetic;
   args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
   args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
   args.stochastic_rounding = stochastic_rounding;
@@ -368,7 +369,8 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            TensorList max_exp_avg_sqs, TensorList steps, TensorList master_params,
            const Tensor& hyper, at::IntArrayRef groups, int64_t lr_kind, bool amsgrad,
            bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections,
-           const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+           bool complex_arithmetic, const std::optional<Tensor>& grad_scale,
+           const std::optional<Tensor>& found_inf,
            bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
@@ -382,6 +384,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   args.amsgrad = amsgrad;
   args.maximize = maximize;
   args.decoupled_weight_decay = decoupled_weight_decay;
+  args.complex_arithmetic = complex_arithmetic;
   args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
   args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
   args.stochastic_rounding = stochastic_rounding;
@@ -762,15 +765,16 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "int[] new_buffer_flags, Tensor[] steps, Tensor(d!)[] master_params, Tensor hyper, "
-      "int[] groups, bool has_momentum, bool nesterov, bool maximize, Tensor? grad_scale, "
-      "Tensor? found_inf, bool stochastic_rounding, int seed, int[] param_indices) -> ()");
+      "int[] groups, bool has_momentum, bool nesterov, bool maximize, bool complex_arithmetic, "
+      "Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, int seed, "
+      "int[] param_indices) -> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] steps, "
       "Tensor(f!)[] master_params, Tensor hyper, int[] groups, int lr_kind, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections, "
-      "Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, int seed, "
-      "int[] param_indices) -> ()");
+      "bool complex_arithmetic, Tensor? grad_scale, Tensor? found_inf, "
+      "bool stochastic_rounding, int seed, int[] param_indices) -> ()");
   m.def("cpu_isa() -> str", [] { return fused_optim::cpu::isa(); });
   m.def("cpu_set_isa(str isa) -> str",
         [](std::string isa) { return fused_optim::cpu::set_isa(isa); });

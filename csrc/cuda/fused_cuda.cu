@@ -355,6 +355,7 @@ struct SgdBody {
   using T = typename ComputeOf<PT>::type;
   math::SgdScalars<T> s;
   bool maximize;
+  bool complex_arithmetic;  // real views of complex params (math/update.h)
   bool unscale;
   bool stochastic;
   PT* param;
@@ -364,6 +365,21 @@ struct SgdBody {
   bool new_buffer;
   T grad_scale;
   uint32_t key;
+
+  // The uniform runtime flags (maximize, complex arithmetic) as the update's template flags.
+  __device__ __forceinline__ void update(T& p, T g, T& buf) const {
+    if (maximize) {
+      if (complex_arithmetic) {
+        math::sgd_update<T, kMomentum, kNesterov, true, true>(p, g, buf, new_buffer, s);
+      } else {
+        math::sgd_update<T, kMomentum, kNesterov, true, false>(p, g, buf, new_buffer, s);
+      }
+    } else if (complex_arithmetic) {
+      math::sgd_update<T, kMomentum, kNesterov, false, true>(p, g, buf, new_buffer, s);
+    } else {
+      math::sgd_update<T, kMomentum, kNesterov, false, false>(p, g, buf, new_buffer, s);
+    }
+  }
 
   template <int N>
   __device__ __forceinline__ void operator()(int64_t i) const {
@@ -386,13 +402,7 @@ struct SgdBody {
       for (int k = 0; k < N; ++k) buf[k] = T(0);
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (maximize) {
-        math::sgd_update<T, kMomentum, kNesterov, true>(p[k], g[k], buf[k], new_buffer, s);
-      } else {
-        math::sgd_update<T, kMomentum, kNesterov, false>(p[k], g[k], buf[k], new_buffer, s);
-      }
-    }
+    for (int k = 0; k < N; ++k) update(p[k], g[k], buf[k]);
     if (kMomentum) store_rounded<N>(buffer, i, buf);
     if (master != nullptr) store_rounded<N>(master, i, p);
     PT out[N];
@@ -419,6 +429,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
   const SgdBody<PT, ST, kMomentum, kNesterov> body{
       s,
       a.maximize,
+      a.complex_arithmetic,
       a.grad_scale != nullptr,
       a.stochastic_rounding,
       reinterpret_cast<PT*>(b.row[kColParam]),
@@ -462,6 +473,7 @@ struct AdamBody {
   using T = typename ComputeOf<PT>::type;
   math::AdamScalars<T> s;
   bool maximize;
+  bool complex_arithmetic;  // real views of complex params (math/update.h)
   bool unscale;
   bool stochastic;
   PT* param;
@@ -472,6 +484,21 @@ struct AdamBody {
   float* master;
   T grad_scale;
   uint32_t key;
+
+  // The uniform runtime flags (maximize, complex arithmetic) as the update's template flags.
+  __device__ __forceinline__ void update(T& p, T g, T& m, T& v, T& vmax) const {
+    if (maximize) {
+      if (complex_arithmetic) {
+        math::adam_update<T, kAmsgrad, true, kDecoupled, true>(p, g, m, v, vmax, s);
+      } else {
+        math::adam_update<T, kAmsgrad, true, kDecoupled, false>(p, g, m, v, vmax, s);
+      }
+    } else if (complex_arithmetic) {
+      math::adam_update<T, kAmsgrad, false, kDecoupled, true>(p, g, m, v, vmax, s);
+    } else {
+      math::adam_update<T, kAmsgrad, false, kDecoupled, false>(p, g, m, v, vmax, s);
+    }
+  }
 
   template <int N>
   __device__ __forceinline__ void operator()(int64_t i) const {
@@ -496,13 +523,7 @@ struct AdamBody {
       for (int k = 0; k < N; ++k) vmax[k] = T(0);
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if (maximize) {
-        math::adam_update<T, kAmsgrad, true, kDecoupled>(p[k], g[k], m[k], v[k], vmax[k], s);
-      } else {
-        math::adam_update<T, kAmsgrad, false, kDecoupled>(p[k], g[k], m[k], v[k], vmax[k], s);
-      }
-    }
+    for (int k = 0; k < N; ++k) update(p[k], g[k], m[k], v[k], vmax[k]);
     if (kAmsgrad) store_rounded<N>(max_exp_avg_sq, i, vmax);
     store_rounded<N>(exp_avg, i, m);
     store_rounded<N>(exp_avg_sq, i, v);
@@ -542,6 +563,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
   const AdamBody<PT, ST, kAmsgrad, kDecoupled> body{
       s,
       a.maximize,
+      a.complex_arithmetic,
       a.grad_scale != nullptr,
       a.stochastic_rounding,
       reinterpret_cast<PT*>(b.row[kColParam]),
@@ -652,7 +674,7 @@ cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream) {
 // C entry points of the emulation, for ctypes. pointers: tensor_table, grad_table, block_table,
 // hyper_table, grad_scale, found_inf. ints: num_blocks, param_dtype, state_dtype, lr_kind,
 // maximize, has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD:
-// momentum, nesterov; Adam: amsgrad, decoupled_weight_decay.
+// momentum, nesterov; Adam: amsgrad, decoupled_weight_decay; then complex_arithmetic.
 namespace {
 void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* pointers,
                    const int64_t* ints) {
@@ -681,6 +703,7 @@ extern "C" int fused_optim_emulated_sgd(const void* const* pointers, const int64
   fill_emulated(launch, pointers, ints);
   launch.momentum = ints[10] != 0;
   launch.nesterov = ints[11] != 0;
+  launch.complex_arithmetic = ints[12] != 0;
   return static_cast<int>(fused_optim::cuda::launch_sgd(launch, nullptr));
 }
 
@@ -689,6 +712,7 @@ extern "C" int fused_optim_emulated_adam(const void* const* pointers, const int6
   fill_emulated(launch, pointers, ints);
   launch.amsgrad = ints[10] != 0;
   launch.decoupled_weight_decay = ints[11] != 0;
+  launch.complex_arithmetic = ints[12] != 0;
   return static_cast<int>(fused_optim::cuda::launch_adam(launch, nullptr));
 }
 #endif  // FUSED_OPTIM_HOST_EMULATION

@@ -62,6 +62,7 @@ struct CommonLaunch {
   const float* grad_scale = nullptr;  // GradScaler's scale (fp32, device), or null
   const float* found_inf = nullptr;   // GradScaler's found_inf (fp32, device), or null
   bool maximize = false;
+  bool complex_arithmetic = false;    // params are real views of complex ones (math/update.h)
   bool has_master = false;            // column kColMaster holds fp32 master weights
   bool stochastic_rounding = false;   // only acted on for bf16/fp16 params
   bool step_from_pointer = false;     // kColStep holds step tensor addresses, else

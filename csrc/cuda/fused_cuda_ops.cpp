@@ -114,14 +114,15 @@ void sgd_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
           c10::ScalarType param_dtype, c10::ScalarType state_dtype, bool lr_from_pointer,
           c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf, bool momentum, bool nesterov,
-          bool maximize, bool has_master, bool stochastic_rounding, bool step_from_pointer,
-          int64_t seed, bool aligned) {
+          bool maximize, bool complex_arithmetic, bool has_master, bool stochastic_rounding,
+          bool step_from_pointer, int64_t seed, bool aligned) {
   SgdLaunch launch;
   fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
               state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
               has_master, stochastic_rounding, step_from_pointer, seed, aligned);
   launch.momentum = momentum;
   launch.nesterov = nesterov;
+  launch.complex_arithmetic = complex_arithmetic;
   const c10::cuda::CUDAGuard guard(tensor_table.device());
   const cudaError_t error = launch_sgd(launch, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::sgd_ launch failed: ",
@@ -133,14 +134,15 @@ void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
            c10::ScalarType param_dtype, c10::ScalarType state_dtype, bool lr_from_pointer,
            c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf, bool amsgrad, bool maximize,
-           bool decoupled_weight_decay, bool has_master, bool stochastic_rounding,
-           bool step_from_pointer, int64_t seed, bool aligned) {
+           bool decoupled_weight_decay, bool complex_arithmetic, bool has_master,
+           bool stochastic_rounding, bool step_from_pointer, int64_t seed, bool aligned) {
   AdamLaunch launch;
   fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
               state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
               has_master, stochastic_rounding, step_from_pointer, seed, aligned);
   launch.amsgrad = amsgrad;
   launch.decoupled_weight_decay = decoupled_weight_decay;
+  launch.complex_arithmetic = complex_arithmetic;
   const c10::cuda::CUDAGuard guard(tensor_table.device());
   const cudaError_t error = launch_adam(launch, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::adam_ launch failed: ",
@@ -156,13 +158,15 @@ TORCH_LIBRARY(fused_optim_cuda, m) {
       "sgd_(Tensor tensor_table, Tensor grad_table, Tensor block_table, Tensor hyper_table, "
       "ScalarType param_dtype, ScalarType state_dtype, bool lr_from_pointer, "
       "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool momentum, "
-      "bool nesterov, bool maximize, bool has_master, bool stochastic_rounding, "
+      "bool nesterov, bool maximize, bool complex_arithmetic, bool has_master, "
+      "bool stochastic_rounding, "
       "bool step_from_pointer, int seed, bool aligned) -> ()");
   m.def(
       "adam_(Tensor tensor_table, Tensor grad_table, Tensor block_table, Tensor hyper_table, "
       "ScalarType param_dtype, ScalarType state_dtype, bool lr_from_pointer, "
       "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool amsgrad, "
-      "bool maximize, bool decoupled_weight_decay, bool has_master, bool stochastic_rounding, "
+      "bool maximize, bool decoupled_weight_decay, bool complex_arithmetic, bool has_master, "
+      "bool stochastic_rounding, "
       "bool step_from_pointer, int seed, bool aligned) -> ()");
 }
 

@@ -25,6 +25,16 @@ FUSED_OPTIM_INLINE T fused_multiply_add(T a, T b, T c) {
   return std::fma(a, b, c);
 }
 
+// torch's base.add(x, alpha=alpha). On real tensors torch's CPU kernel is one fused multiply-add;
+// on complex tensors (kComplexArithmetic: the real and imaginary parts of a complex param, each
+// element of its real view) it multiplies by the complex alpha (alpha + 0i), rounding the
+// product, then adds: two roundings.
+template <typename T, bool kComplexArithmetic>
+FUSED_OPTIM_INLINE T add_scaled(T base, T x, T alpha) {
+  if (kComplexArithmetic) return base + x * alpha;
+  return fused_multiply_add(x, alpha, base);
+}
+
 // NaN-propagating maximum, as torch.maximum.
 template <typename T>
 FUSED_OPTIM_INLINE T nan_maximum(T a, T b) {
@@ -45,16 +55,19 @@ struct SgdScalars {
 // SGD on one element: g = (+/-)grad + weight_decay * p;
 // buf = g (new buffer) or momentum * buf + (1 - dampening) * g;
 // d = g + momentum * buf (nesterov) or buf (with momentum) or g; p = p - lr * d.
-template <typename T, bool kHasMomentum, bool kNesterov, bool kMaximize>
+// Complex params (kComplexArithmetic) follow torch's complex arithmetic: see add_scaled.
+template <typename T, bool kHasMomentum, bool kNesterov, bool kMaximize, bool kComplexArithmetic>
 FUSED_OPTIM_INLINE void sgd_update(
     T& p, T g, T& buf, bool new_buffer, const SgdScalars<T>& s) {
   if (kMaximize) g = -g;
-  if (s.weight_decay != T(0)) g = fused_multiply_add(p, s.weight_decay, g);
+  if (s.weight_decay != T(0)) g = add_scaled<T, kComplexArithmetic>(g, p, s.weight_decay);
   if (kHasMomentum) {
-    buf = new_buffer ? g : fused_multiply_add(g, s.one_minus_dampening, buf * s.momentum);
-    g = kNesterov ? fused_multiply_add(buf, s.momentum, g) : buf;
+    buf = new_buffer ? g
+                     : add_scaled<T, kComplexArithmetic>(buf * s.momentum, g,
+                                                         s.one_minus_dampening);
+    g = kNesterov ? add_scaled<T, kComplexArithmetic>(g, buf, s.momentum) : buf;
   }
-  p = fused_multiply_add(g, -s.lr, p);
+  p = add_scaled<T, kComplexArithmetic>(p, g, -s.lr);
 }
 
 // Scalars of one Adam step for one tensor, in the compute type. The host computes them in
@@ -76,14 +89,17 @@ struct AdamScalars {
 // g = (+/-)grad [+ weight_decay * p]; p *= decay (decoupled);
 // m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g; vmax = max(vmax, v);
 // p = p + neg_step_size * m / (sqrt(v or vmax) / bias_correction2_sqrt + eps).
-template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupledWeightDecay>
+// Complex params (kComplexArithmetic): torch adds the L2 term on the complex tensors (see
+// add_scaled); everything after it runs on their real views, as for real params.
+template <typename T, bool kAmsgrad, bool kMaximize, bool kDecoupledWeightDecay,
+          bool kComplexArithmetic>
 FUSED_OPTIM_INLINE void adam_update(
     T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
   if (kMaximize) g = -g;
   if (kDecoupledWeightDecay) {
     p = p * s.decay;
   } else if (s.weight_decay != T(0)) {
-    g = fused_multiply_add(p, s.weight_decay, g);
+    g = add_scaled<T, kComplexArithmetic>(g, p, s.weight_decay);
   }
   // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, else g - (1 - w) * (g - m).
   const T w = s.one_minus_beta1;

@@ -70,23 +70,30 @@ class AdamHyper:
 
 @dataclass(frozen=True)
 class SgdFlags:
-    """What changes SGD's code (so splits launches): momentum present, nesterov, maximize."""
+    """What changes SGD's code (so splits launches): momentum present, nesterov, maximize, and
+    whether the params are real views of complex ones (``complex_arithmetic``: torch.optim's
+    ``add(..., alpha=...)`` on complex tensors rounds the product before adding, where on real
+    ones it is one fused multiply-add)."""
 
     momentum: bool
     nesterov: bool
     maximize: bool
+    complex_arithmetic: bool = False
 
 
 @dataclass(frozen=True)
 class AdamFlags:
     """What changes Adam's code: amsgrad, maximize, decoupled weight decay, and whether the bias
     corrections are computed with tensor arithmetic (``capturable=True`` or under GradScaler, as
-    torch.optim does: ``sqrt`` instead of ``** 0.5``)."""
+    torch.optim does: ``sqrt`` instead of ``** 0.5``), and whether the params are real views of
+    complex ones (``complex_arithmetic``: the L2 term is added as on complex tensors, see
+    ``SgdFlags``)."""
 
     amsgrad: bool
     maximize: bool
     decoupled_weight_decay: bool
     tensor_bias_corrections: bool = False
+    complex_arithmetic: bool = False
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ def launch_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: Ste
     step_pointers = stochastic and _reads_steps_from_device(work, context, False)
     _launch(
         "sgd_", work, states, state_dtype, hypers, context, stochastic, step_pointers,
-        new_buffers, (flags.momentum, flags.nesterov, flags.maximize),
+        new_buffers, _sgd_flags(flags),
     )  # fmt: skip
 
 
@@ -232,8 +232,18 @@ def launch_adam(work, hypers, flags: AdamFlags, context: StepContext) -> None:
     step_pointers = _reads_steps_from_device(work, context, flags.tensor_bias_corrections)
     _launch(
         "adam_", work, states, state_dtype, hypers, context, True, step_pointers, None,
-        (flags.amsgrad, flags.maximize, flags.decoupled_weight_decay),
+        _adam_flags(flags),
     )  # fmt: skip
+
+
+def _sgd_flags(flags: SgdFlags) -> tuple[bool, ...]:
+    """The op's SGD flags, in its schema's order."""
+    return (flags.momentum, flags.nesterov, flags.maximize, flags.complex_arithmetic)
+
+
+def _adam_flags(flags: AdamFlags) -> tuple[bool, ...]:
+    """The op's Adam flags, in its schema's order."""
+    return (flags.amsgrad, flags.maximize, flags.decoupled_weight_decay, flags.complex_arithmetic)
 
 
 def _adam_states(work: Work, amsgrad: bool) -> list[list[Tensor]]:
@@ -252,12 +262,12 @@ def host_step(work: Work, hypers, flags, context: StepContext):
     if isinstance(flags, AdamFlags):
         adam, name = True, "adam_"
         step_pointers = _reads_steps_from_device(work, context, flags.tensor_bias_corrections)
-        algorithm_flags = (flags.amsgrad, flags.maximize, flags.decoupled_weight_decay)
+        algorithm_flags = _adam_flags(flags)
     else:
         adam, name = False, "sgd_"
         stochastic = context.stochastic_rounding and dtype in (torch.bfloat16, torch.float16)
         step_pointers = stochastic and _reads_steps_from_device(work, context, False)
-        algorithm_flags = (flags.momentum, flags.nesterov, flags.maximize)
+        algorithm_flags = _sgd_flags(flags)
     if dtype is None:
         return None
     lr_kind = _lr_kind(hypers, work.device)

@@ -117,6 +117,14 @@ def _scaled_grad(grad: Tensor, ctype, grad_scale, write: _Writer) -> Tensor:
     return g
 
 
+def _add_scaled(complex_arithmetic: bool):
+    """torch's ``base.add(x, alpha=alpha)``: one fused multiply-add on real tensors; on complex
+    ones (whose real views the kernels update) the product is rounded before the add."""
+    if complex_arithmetic:
+        return lambda base, x, alpha: base + x * alpha
+    return lambda base, x, alpha: cr.fma(x, alpha, base)
+
+
 def _write_param(write, param, master, p, stochastic_rounding, seed, step, index) -> None:
     if master is not None:
         write(master, p)
@@ -156,6 +164,7 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
     grad_scale, found_inf = context.grad_scale, context.found_inf
     stochastic_rounding, seed = context.stochastic_rounding, context.seed
     nesterov, maximize = flags.nesterov, flags.maximize
+    add_scaled = _add_scaled(flags.complex_arithmetic)
     new_buffer_dtype = work.new_state_dtype
     for i, param in enumerate(params):
         hyper = hypers[work.groups[i]]
@@ -182,7 +191,7 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
             created[i] = momentum_buffers[i] if momentum_buffers[i] is not buffer_before else None
         else:
             if weight_decay != 0:
-                g = cr.fma(p, weight_decay, g)
+                g = add_scaled(g, p, weight_decay)
             if momentum != 0:
                 buf_store = momentum_buffers[i]
                 if buf_store is None:
@@ -190,13 +199,11 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
                     created[i] = buf.to(new_buffer_dtype or grad.dtype)
                 else:
                     buf = buf_store.to(ctype)
-                    buf = cr.fma(g, 1 - dampening, buf * momentum)
+                    buf = add_scaled(buf * momentum, g, 1 - dampening)
                     write(buf_store, buf)
-                g = cr.fma(buf, momentum, g) if nesterov else buf
-            if isinstance(lr, Tensor):
-                p = cr.fma(-g, lr.to(ctype), p)  # torch.optim: p.addcmul_(g, lr, value=-1)
-            else:
-                p = cr.fma(g, -lr, p)
+                g = add_scaled(g, buf, momentum) if nesterov else buf
+            # torch.optim: p.add_(g, alpha=-lr)
+            p = add_scaled(p, g, -lr.to(ctype) if isinstance(lr, Tensor) else -lr)
         step = steps[i] if steps else 0
         index = param_indices[i] if param_indices else 0
         _write_param(write, param, master, p, stochastic_rounding, seed, step, index)
@@ -235,6 +242,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
     stochastic_rounding, seed = context.stochastic_rounding, context.seed
     amsgrad, maximize = flags.amsgrad, flags.maximize
     decoupled_weight_decay = flags.decoupled_weight_decay
+    add_scaled = _add_scaled(flags.complex_arithmetic)
     for i, param in enumerate(params):
         hyper = hypers[work.groups[i]]
         lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
@@ -253,7 +261,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
                 # With a tensor lr, torch.optim computes this in the lr tensor's dtype.
                 p = p * (1 - lr * weight_decay)
             else:
-                g = cr.fma(p, weight_decay, g)
+                g = add_scaled(g, p, weight_decay)
         m = cr.lerp(m, g, 1 - beta1)
         v = cr.fma(g * (1 - beta2), g, v * beta2)
         step = steps[i]

@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from operator import attrgetter
 from typing import Any
 
@@ -594,8 +595,10 @@ class FusedOptimizerMixin:
                     indices.append(offset + i)
                     state = self.state.get(p)
                     dtype = real_dtype(p.dtype)
+                    # torch.optim's arithmetic on complex tensors rounds differently.
+                    code = replace(flags, complex_arithmetic=True) if p.is_complex() else flags
                     bucket_keys.append((
-                        real_view(p).device, flags, sparse[g], dtype,
+                        real_view(p).device, code, sparse[g], dtype,
                         bucket_state_dtype(self._precision, p, state),
                         self._precision.wants_master(p), kind,
                     ))  # fmt: skip

@@ -160,11 +160,13 @@ def host_step(work: Work, hypers, flags, context: StepContext):
     step_pointers = _reads_steps_from_device(work, context, flags)
     if adam:
         code = dict(AMSGRAD=flags.amsgrad, MAXIMIZE=flags.maximize,
-                    DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay)  # fmt: skip
+                    DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay,
+                    COMPLEX_ARITHMETIC=flags.complex_arithmetic)  # fmt: skip
         kernel = kernels.adam_kernel
     else:
         step_pointers = context.stochastic_rounding and step_pointers
-        code = dict(HAS_MOMENTUM=flags.momentum, NESTEROV=flags.nesterov, MAXIMIZE=flags.maximize)
+        code = dict(HAS_MOMENTUM=flags.momentum, NESTEROV=flags.nesterov, MAXIMIZE=flags.maximize,
+                    COMPLEX_ARITHMETIC=flags.complex_arithmetic)  # fmt: skip
         kernel = kernels.sgd_kernel
     code.update(_lr_flags(work, hypers))
     plan = work.plan.get("triton") if isinstance(work.plan, dict) and work.grads else None
@@ -213,7 +215,7 @@ def launch_sgd(work: Work, buffers, new_buffers, hypers, flags: SgdFlags, contex
     _launch(
         kernels.sgd_kernel, work, states, state_dtype, hypers, context, step_pointers,
         dict(HAS_MOMENTUM=flags.momentum, NESTEROV=flags.nesterov, MAXIMIZE=flags.maximize,
-             **_lr_flags(work, hypers)),
+             COMPLEX_ARITHMETIC=flags.complex_arithmetic, **_lr_flags(work, hypers)),
         new_buffers,
     )  # fmt: skip
 
@@ -237,5 +239,6 @@ def launch_adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> N
     _launch(
         kernels.adam_kernel, work, states, states[0][0].dtype, hypers, context, step_pointers,
         dict(AMSGRAD=flags.amsgrad, MAXIMIZE=flags.maximize,
-             DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay, **_lr_flags(work, hypers)),
+             DECOUPLED_WEIGHT_DECAY=flags.decoupled_weight_decay,
+             COMPLEX_ARITHMETIC=flags.complex_arithmetic, **_lr_flags(work, hypers)),
     )  # fmt: skip

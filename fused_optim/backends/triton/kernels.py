@@ -230,6 +230,16 @@ def _load_grad(
 
 
 @triton.jit
+def _add_scaled(base, x, alpha, COMPLEX_ARITHMETIC: tl.constexpr):
+    """torch's ``base.add(x, alpha=alpha)``: one fma on real tensors; on complex ones (whose real
+    views the kernel walks) the product is rounded before the add (launches disable fp fusion)."""
+    if COMPLEX_ARITHMETIC:
+        return base + x * alpha
+    else:
+        return tl.fma(x, alpha, base)
+
+
+@triton.jit
 def sgd_kernel(
     tensor_table,
     grad_table,
@@ -246,6 +256,7 @@ def sgd_kernel(
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    COMPLEX_ARITHMETIC: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
     LR_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
@@ -278,7 +289,7 @@ def sgd_kernel(
     if MAXIMIZE:
         g = -g
     wd64 = tl.load(hyper + HYPER_WEIGHT_DECAY)
-    g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
+    g = tl.where(wd64 != 0, _add_scaled(g, p, wd64.to(COMPUTE_DTYPE), COMPLEX_ARITHMETIC), g)
 
     if HAS_MOMENTUM:
         buf_ptr = _pointer(row + COL_STATE0, STATE_DTYPE, ALIGNED) + offsets
@@ -289,15 +300,17 @@ def sgd_kernel(
         buf = _load(buf_ptr, old_buffer_mask, full & (new_buffer == 0)).to(COMPUTE_DTYPE)
         mom = tl.load(hyper + HYPER_BETA1).to(COMPUTE_DTYPE)
         one_minus_dampening = (1.0 - tl.load(hyper + HYPER_BETA2)).to(COMPUTE_DTYPE)
-        buf = tl.where(is_new, g, tl.fma(g, one_minus_dampening, buf * mom))
+        buf = tl.where(
+            is_new, g, _add_scaled(buf * mom, g, one_minus_dampening, COMPLEX_ARITHMETIC)
+        )
         _store(buf_ptr, _round_to(buf, STATE_DTYPE), mask, full)
         if NESTEROV:
-            g = tl.fma(buf, mom, g)
+            g = _add_scaled(g, buf, mom, COMPLEX_ARITHMETIC)
         else:
             g = buf
 
     lr64 = _lr_of(hyper, hyper_row_bits, LR_FROM_POINTER, LR_DTYPE).to(tl.float64)
-    p = tl.fma(g, (-lr64).to(COMPUTE_DTYPE), p)
+    p = _add_scaled(p, g, (-lr64).to(COMPUTE_DTYPE), COMPLEX_ARITHMETIC)
     if HAS_MASTER:
         _store(master_ptr, p, mask, full)
     step = 0.0
@@ -324,6 +337,7 @@ def adam_kernel(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+    COMPLEX_ARITHMETIC: tl.constexpr,
     LR_FROM_POINTER: tl.constexpr,
     LR_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
@@ -396,7 +410,7 @@ def adam_kernel(
     if DECOUPLED_WEIGHT_DECAY:
         p = p * decay64.to(COMPUTE_DTYPE)
     else:
-        g = tl.where(wd64 != 0, tl.fma(p, wd64.to(COMPUTE_DTYPE), g), g)
+        g = tl.where(wd64 != 0, _add_scaled(g, p, wd64.to(COMPUTE_DTYPE), COMPLEX_ARITHMETIC), g)
 
     # torch.lerp(m, g, w): m + w * (g - m) for |w| < 0.5, else g - (1 - w) * (g - m).
     w = (1.0 - b1).to(COMPUTE_DTYPE)
