@@ -340,12 +340,21 @@ def emulated_kernels(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
+# LrKind of fused_cuda.h, as the binding (fused_cuda_ops.cpp) maps (from pointer, lr dtype).
+LR_KIND_CODES = {
+    (False, torch.float64): 0,
+    (True, torch.float32): 1,
+    (True, torch.float64): 2,
+    (False, torch.float32): 3,
+    (True, torch.bfloat16): 4,
+    (True, torch.float16): 5,
+    (False, torch.bfloat16): 6,
+    (False, torch.float16): 7,
+}
+
+
 def _lr_kind_code(lr_from_pointer: bool, lr_dtype: torch.dtype) -> int:
-    """LrKind of fused_cuda.h, as the binding (fused_cuda_ops.cpp) maps it."""
-    fp32 = lr_dtype == torch.float32
-    if lr_from_pointer:
-        return 1 if fp32 else 2
-    return 3 if fp32 else 0
+    return LR_KIND_CODES[(bool(lr_from_pointer), lr_dtype)]
 
 
 LAUNCHES: list[str] = []
@@ -530,6 +539,40 @@ def test_emulated_host_tensor_lr_read_from_the_table(emulated_backend, monkeypat
                                     [[None] * len(params)], hyper=hyper, nesterov=False,
                                     maximize=False)  # fmt: skip
     _close(p, rp, "param", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["pointer", "value"])
+@pytest.mark.parametrize("lr_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                                      torch.int64], ids=str)  # fmt: skip
+@pytest.mark.parametrize("algorithm", ["adam", "sgd"])
+def test_emulated_tensor_lr_of_every_dtype_follows_the_reference(
+    emulated_backend, monkeypatch, algorithm, lr_dtype, on_device
+):
+    """A tensor lr of every dtype torch.optim accepts, read through its address or from the
+    table: the scalar math around it in its dtype (bf16/fp16: each operation in fp32 rounded
+    to it; an integer lr promoted to the default float dtype), bitwise the reference backend,
+    which follows torch.optim's tensor arithmetic bitwise (tests/test_api.py)."""
+    if not on_device:
+        real_kind = cuda_backend._lr_kind
+        monkeypatch.setattr(
+            cuda_backend, "_lr_kind", lambda hypers, device: (False, real_kind(hypers, device)[1])
+        )
+    params = _tensors(torch.float32)
+    grads = [_tensors(torch.float32) for _ in range(2)]
+    lr = torch.tensor(2 if lr_dtype == torch.int64 else 0.0123).to(lr_dtype)
+    hyper = dict(lr=lr, weight_decay=0.1)
+    if algorithm == "adam":
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        steps = [torch.tensor(float(i % 3)) for i in range(len(params))]
+        kw = dict(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads, states, steps,
+                                    hyper=hyper, **kw)  # fmt: skip
+    else:
+        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads,
+                                    [[None] * len(params)], hyper=hyper, nesterov=False,
+                                    maximize=False)  # fmt: skip
+    _close(p, rp, "param", rtol=0, atol=0)
+    assert LAUNCHES
 
 
 # Three groups with their own hyperparameters, their tensors interleaved in one bucket.

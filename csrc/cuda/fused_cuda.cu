@@ -301,26 +301,47 @@ __device__ __forceinline__ const void* lr_address(const double* hyper) {
       static_cast<intptr_t>(__double_as_longlong(hyper[kHyperLrAddress])));
 }
 
-// Whether the scalar math around lr runs in fp32 (an fp32 tensor lr), else in fp64.
+// Whether the scalar math around lr runs in fp32 (an fp32, bf16 or fp16 tensor lr, each
+// operation rounded to the lr's dtype: see round_lr), else in fp64.
 __device__ __forceinline__ bool lr_is_float32(const CommonLaunch& a) {
-  return a.lr_kind == LrKind::kFloat32Pointer || a.lr_kind == LrKind::kFloat32Value;
+  return a.lr_kind != LrKind::kValue && a.lr_kind != LrKind::kFloat64Pointer;
 }
 
 __device__ __forceinline__ float lr_as_float(const CommonLaunch& a, const double* hyper) {
-  if (a.lr_kind == LrKind::kFloat32Pointer) return *static_cast<const float*>(lr_address(hyper));
-  return static_cast<float>(hyper[kHyperLr]);
+  switch (a.lr_kind) {
+    case LrKind::kFloat32Pointer:
+      return *static_cast<const float*>(lr_address(hyper));
+    case LrKind::kBFloat16Pointer:
+      return widen<float>(*static_cast<const bf16_t*>(lr_address(hyper)));
+    case LrKind::kHalfPointer:
+      return widen<float>(*static_cast<const f16_t*>(lr_address(hyper)));
+    default:
+      return static_cast<float>(hyper[kHyperLr]);
+  }
 }
 
 __device__ __forceinline__ double lr_as_double(const CommonLaunch& a, const double* hyper) {
   switch (a.lr_kind) {
-    case LrKind::kFloat32Pointer:
-    case LrKind::kFloat32Value:
-      return static_cast<double>(lr_as_float(a, hyper));
+    case LrKind::kValue:
+      return hyper[kHyperLr];
     case LrKind::kFloat64Pointer:
       return *static_cast<const double*>(lr_address(hyper));
     default:
-      return hyper[kHyperLr];
+      return static_cast<double>(lr_as_float(a, hyper));
   }
+}
+
+// One operation of torch.optim's scalar math on a tensor lr, computed in fp32 (or fp64 for a
+// Python float or fp64 lr), rounded to the lr's dtype.
+__device__ __forceinline__ double round_lr(const CommonLaunch&, double x) { return x; }
+__device__ __forceinline__ float round_lr(const CommonLaunch& a, float x) {
+  if (a.lr_kind == LrKind::kBFloat16Pointer || a.lr_kind == LrKind::kBFloat16Value) {
+    return widen<float>(narrow<bf16_t>(x));
+  }
+  if (a.lr_kind == LrKind::kHalfPointer || a.lr_kind == LrKind::kHalfValue) {
+    return widen<float>(narrow<f16_t>(x));
+  }
+  return x;
 }
 
 // Walks the block's elements: full N-element vectors (kVec), then the tensor's last few
@@ -450,13 +471,16 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
 // tensor lr).
 template <typename T, typename L>
 __device__ __forceinline__ math::AdamScalars<T> adam_scalars(
-    const double* hyper, L lr, double bias_correction1, double bias_correction2_sqrt) {
+    const CommonLaunch& a, const double* hyper, L lr, double bias_correction1,
+    double bias_correction2_sqrt) {
   math::AdamScalars<T> s;
   const double beta1 = hyper[kHyperBeta1];
   const double beta2 = hyper[kHyperBeta2];
   const double weight_decay = hyper[kHyperWeightDecay];
-  const double neg_step_size = static_cast<double>(-(lr / static_cast<L>(bias_correction1)));
-  const double decay = static_cast<double>(L(1) - lr * static_cast<L>(weight_decay));
+  const double neg_step_size =
+      static_cast<double>(-round_lr(a, lr / static_cast<L>(bias_correction1)));
+  const double decay = static_cast<double>(
+      round_lr(a, L(1) - round_lr(a, lr * static_cast<L>(weight_decay))));
   s.neg_step_size = static_cast<T>(neg_step_size);
   s.bias_correction2_sqrt = static_cast<T>(bias_correction2_sqrt);
   s.one_minus_beta1 = static_cast<T>(1.0 - beta1);
@@ -552,10 +576,10 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
   }
   math::AdamScalars<T> s;
   if (lr_is_float32(a)) {
-    s = adam_scalars<T, float>(b.hyper, lr_as_float(a, b.hyper), bias_correction1,
+    s = adam_scalars<T, float>(a, b.hyper, lr_as_float(a, b.hyper), bias_correction1,
                                bias_correction2_sqrt);
   } else {
-    s = adam_scalars<T, double>(b.hyper, lr_as_double(a, b.hyper), bias_correction1,
+    s = adam_scalars<T, double>(a, b.hyper, lr_as_double(a, b.hyper), bias_correction1,
                                 bias_correction2_sqrt);
   }
   const uint32_t key =

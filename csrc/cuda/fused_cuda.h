@@ -47,7 +47,14 @@ enum class LrKind : int {
   kValue = 0,           // hyper_table[kHyperLr], fp64 math
   kFloat32Pointer = 1,  // the fp32 scalar at hyper_table[kHyperLrAddress] (device tensor lr)
   kFloat64Pointer = 2,  // the fp64 scalar at hyper_table[kHyperLrAddress] (device tensor lr)
-  kFloat32Value = 3,    // hyper_table[kHyperLr] rounded to fp32, fp32 math (host fp32 tensor lr)
+  kFloat32Value = 3,    // hyper_table[kHyperLr] rounded to fp32, fp32 math (host fp32 tensor lr,
+                        // or an integer one, which torch promotes to the default float dtype)
+  // bf16/fp16 tensor lrs: torch.optim's arithmetic on them computes each operation in fp32 and
+  // rounds it to the lr's dtype.
+  kBFloat16Pointer = 4,  // the bf16 scalar at hyper_table[kHyperLrAddress]
+  kHalfPointer = 5,      // the fp16 scalar at hyper_table[kHyperLrAddress]
+  kBFloat16Value = 6,    // hyper_table[kHyperLr] (a bf16 value), bf16 rounding
+  kHalfValue = 7,        // hyper_table[kHyperLr] (an fp16 value), fp16 rounding
 };
 
 struct CommonLaunch {

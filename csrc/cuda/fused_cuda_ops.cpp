@@ -53,11 +53,19 @@ const float* float_scalar(const std::optional<at::Tensor>& t, const at::Tensor& 
 // The kind of the bucket's lr: a device tensor whose address the hyper table holds
 // (lr_from_pointer), else the table's value, with the scalar math in lr_dtype.
 LrKind to_lr_kind(bool lr_from_pointer, c10::ScalarType lr_dtype) {
-  TORCH_CHECK(lr_dtype == c10::ScalarType::Float || lr_dtype == c10::ScalarType::Double,
-              "fused_optim_cuda: the lr dtype must be float32 or float64, got ", lr_dtype);
-  const bool fp32 = lr_dtype == c10::ScalarType::Float;
-  if (lr_from_pointer) return fp32 ? LrKind::kFloat32Pointer : LrKind::kFloat64Pointer;
-  return fp32 ? LrKind::kFloat32Value : LrKind::kValue;
+  switch (lr_dtype) {
+    case c10::ScalarType::Float:
+      return lr_from_pointer ? LrKind::kFloat32Pointer : LrKind::kFloat32Value;
+    case c10::ScalarType::Double:
+      return lr_from_pointer ? LrKind::kFloat64Pointer : LrKind::kValue;
+    case c10::ScalarType::BFloat16:
+      return lr_from_pointer ? LrKind::kBFloat16Pointer : LrKind::kBFloat16Value;
+    case c10::ScalarType::Half:
+      return lr_from_pointer ? LrKind::kHalfPointer : LrKind::kHalfValue;
+    default:
+      TORCH_CHECK(false, "fused_optim_cuda: the lr dtype must be float32, float64, bfloat16 or "
+                  "float16, got ", lr_dtype);
+  }
 }
 
 void fill_common(CommonLaunch& launch, const at::Tensor& tensor_table,

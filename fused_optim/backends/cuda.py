@@ -51,7 +51,7 @@ PLAN_NAME = "cuda"
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STEP_DTYPES = (torch.float32, torch.float64)
-LR_DTYPES = (torch.float32, torch.float64)
+LR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -108,8 +108,10 @@ def _reads_steps_from_device(work: Work, context: StepContext, tensor_bias_corre
 def _lr_kind(hypers: Sequence, device: torch.device) -> tuple[bool, torch.dtype]:
     """(the kernel reads every group's lr from its tensor on the params' device, the dtype of the
     scalar math around lr). The optimizer buckets groups by the kind of their lr, so one kind
-    holds for the whole launch: fp64 math for Python floats, the tensors' dtype for tensors (an
-    lr tensor of another dtype than fp32/fp64 is used as a value, with fp64 math)."""
+    holds for the whole launch: fp64 math for Python floats, the tensors' dtype for fp64, fp32,
+    bf16 and fp16 tensors (each operation rounded to it, as torch.optim's tensor arithmetic);
+    an integer lr tensor is promoted to the default float dtype, as torch.optim promotes it,
+    and used as a value."""
     lrs = [hyper.lr for hyper in hypers]
     tensors = [lr for lr in lrs if isinstance(lr, Tensor)]
     if not tensors:
@@ -123,7 +125,8 @@ def _lr_kind(hypers: Sequence, device: torch.device) -> tuple[bool, torch.dtype]
             "a Python float, or every group's a tensor of one dtype on one device"
         )
     if first.dtype not in LR_DTYPES:
-        return False, torch.float64
+        # An integer lr: torch.optim's arithmetic promotes it to the default float dtype.
+        return False, torch.get_default_dtype()
     on_device = first.device == device
     if on_device and any(t.numel() != 1 for t in tensors):
         raise ValueError("backend='cuda' reads a tensor lr as a one-element tensor")
