@@ -146,6 +146,58 @@ def test_differentiable_runs_torch_optims_step(cls_name):
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
 
 
+def _float64(generator, *shape, requires_grad=True):
+    return torch.rand(*shape, dtype=torch.float64, generator=generator).requires_grad_(
+        requires_grad
+    )
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_differentiable_step_passes_gradcheck(cls_name):
+    """What PyTorch's differentiable-optimizer tests check, with fused_optim's classes:
+    torch.autograd.gradcheck through one step with respect to the param, its grad and every
+    state tensor, and through two steps (grads taken with create_graph) with respect to tensor
+    hyperparameters that require grad (lr and weight decay; Adam's betas too)."""
+    cls = getattr(fused_optim, cls_name)
+    gen = torch.Generator().manual_seed(0)
+    if cls_name == "SGD":
+        options: dict = {"momentum": 0.9}
+        state = {"momentum_buffer": _float64(gen, 6)}
+    else:
+        options = {"amsgrad": True}
+        state = {"step": torch.tensor(5.0, dtype=torch.float64)}
+        state.update({key: _float64(gen, 6) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")})
+    names = [key for key, value in state.items() if value.requires_grad]
+
+    def one_step(p, grad, *values):
+        p = p.clone()
+        p.grad = grad
+        opt = cls([p], lr=0.5, differentiable=True, **options)
+        opt.state[p].update({key: value.clone() for key, value in state.items()})
+        opt.state[p].update({key: value.clone() for key, value in zip(names, values)})
+        opt.step()
+        return (p, *[opt.state[p][key] for key in names])
+
+    inputs = (_float64(gen, 6), _float64(gen, 6), *[state[key] for key in names])
+    assert torch.autograd.gradcheck(one_step, inputs)
+
+    def two_steps(start, lr, weight_decay, *betas):
+        p = start.clone()
+        extra = {"betas": tuple(betas)} if betas else {}
+        opt = cls([p], lr=lr, weight_decay=weight_decay, differentiable=True, **extra)
+        weights = torch.linspace(0.5, 1.5, p.numel(), dtype=p.dtype)
+        for target in (1.0, 2.0):
+            loss = ((p * weights).sum() - target) ** 2
+            (p.grad,) = torch.autograd.grad(loss, p, create_graph=True)
+            opt.step()
+        return ((p * weights).sum() - 3.0) ** 2
+
+    hypers = [torch.tensor(value, dtype=torch.float64, requires_grad=True) for value in (0.01, 0.3)]
+    if cls_name != "SGD":
+        hypers += [torch.tensor(b, dtype=torch.float64, requires_grad=True) for b in (0.9, 0.99)]
+    assert torch.autograd.gradcheck(two_steps, (_float64(gen, 6), *hypers))
+
+
 @pytest.mark.parametrize("cls_name", CLASSES)
 @pytest.mark.parametrize(
     "extra", [{"backend": "cpu"}, {"master_weights": True}, {"state_dtype": torch.bfloat16}]
