@@ -748,3 +748,65 @@ def test_checkpoint_without_step_raises_torchs_key_error(cls_name):
         fresh = getattr(module, cls_name)(_two_params(), lr=0.1)
         errors.append(_raised(lambda fresh=fresh, saved=saved: fresh.load_state_dict(saved)))
     _assert_same_error(errors[1], errors[0])
+
+
+AFTER_CONSTRUCTION = [
+    ("Adam", "eps", -1e-3),
+    ("Adam", "eps", 0.0),
+    ("Adam", "betas", (0.9, 1.0)),
+    ("Adam", "betas", (0.9, 1.5)),
+    ("AdamW", "betas", (0.9, -1.5)),
+    ("Adam", "betas", (1.5, 0.999)),
+    ("AdamW", "betas", (-0.7, 0.999)),
+    ("AdamW", "weight_decay", -0.5),
+    ("Adam", "lr", -0.1),
+    ("Adam", "lr", 0),
+    ("SGD", "momentum", -0.5),
+    ("SGD", "dampening", 2.0),
+    ("SGD", "weight_decay", -0.1),
+    ("SGD", "nesterov", True),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize(
+    "cls_name,key,value", AFTER_CONSTRUCTION, ids=[f"{c}-{k}={v}" for c, k, v in AFTER_CONSTRUCTION]
+)
+def test_values_torch_rejects_only_at_construction_behave_as_in_torch(
+    cls_name, key, value, backend
+):
+    """Values torch.optim's constructor rejects, set in a group afterwards: torch.optim's step
+    computes with them (a negative eps or weight decay, beta1 above 1: its lerp weight below
+    -0.5 takes ATen's other formula) or raises (beta2 above 1: its bias correction's square root
+    is complex, and its update cannot write it into a real param). fused_optim gives the same
+    bits, NaN and inf included (torch.optim's fp32 sqrt rounded correctly, as on every CPU), or
+    the same error with nothing changed."""
+    outcomes = []
+    for module in (torch.optim, fused_optim):
+        gen = torch.Generator().manual_seed(1)
+        p = torch.randn(50, generator=gen).requires_grad_()
+        extra = {"momentum": 0.9} if cls_name == "SGD" else {}
+        if module is torch.optim:
+            cls = fused_optim.testing.correctly_rounded_optimizer(getattr(torch.optim, cls_name))
+            opt = cls([p], lr=0.1, foreach=False, **extra)
+        else:
+            opt = getattr(fused_optim, cls_name)([p], lr=0.1, backend=backend, **extra)
+        for step in range(3):
+            p.grad = torch.randn(50, generator=gen)
+            if step == 1:
+                opt.param_groups[0][key] = value
+            before = p.detach().clone(), copy.deepcopy(list(opt.state.values()))
+            try:
+                opt.step()
+            except Exception as error:  # compared below
+                outcomes.append((error, opt, [p], before))
+                break
+        else:
+            outcomes.append((None, opt, [p], None))
+    (torch_error, _, torch_params, _), (fused_error, opt, params, before) = outcomes
+    if torch_error is not None:
+        _assert_same_error(fused_error, torch_error)
+        _assert_untouched(opt, params, ([before[0]], before[1]))
+    else:
+        assert fused_error is None, fused_error
+        torch.testing.assert_close(params[0], torch_params[0], rtol=0, atol=0, equal_nan=True)

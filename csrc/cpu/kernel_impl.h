@@ -489,7 +489,7 @@ inline bool adam_fast_chunk_float(const Task& task, const Chunk& chunk, const Ad
   // fp32 params never round; bf16 params with stochastic rounding take the portable path.
   if (args.stochastic_rounding && task.dtype[fcpu::kParam] == fcpu::kBFloat16) return false;
   const int64_t start = chunk.start, end = chunk.start + chunk.length;
-  const bool wd = f.weight_decay != 0.0f, low = f.one_minus_beta1 < 0.5f;
+  const bool wd = f.weight_decay != 0.0f, low = f.one_minus_beta1 < 0.5f && f.one_minus_beta1 > -0.5f;
   if (low) {
     return wd ? adam_fast_flags<kMaximize, kDecoupled, true, true>(task, start, end, f)
               : adam_fast_flags<kMaximize, kDecoupled, false, true>(task, start, end, f);

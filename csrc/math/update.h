@@ -101,10 +101,11 @@ FUSED_OPTIM_INLINE void adam_update(
   } else if (s.weight_decay != T(0)) {
     g = add_scaled<T, kComplexArithmetic>(g, p, s.weight_decay);
   }
-  // torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, else g - (1 - w) * (g - m).
+  // torch.lerp(m, g, w): m + w * (g - m) for |w| < 0.5, else g - (1 - w) * (g - m).
   const T w = s.one_minus_beta1;
   const T diff = g - m;
-  m = w < T(0.5) ? fused_multiply_add(w, diff, m) : fused_multiply_add(w - T(1), diff, g);
+  const bool small_weight = w < T(0.5) && w > T(-0.5);
+  m = small_weight ? fused_multiply_add(w, diff, m) : fused_multiply_add(w - T(1), diff, g);
   // torch: v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
   v = fused_multiply_add(s.one_minus_beta2 * g, g, v * s.beta2);
   T second_moment = v;

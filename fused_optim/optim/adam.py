@@ -8,6 +8,7 @@ from torch.optim.optimizer import ParamsT
 
 from ..backends.contract import ADAM_STATE_KEYS, AdamFlags, AdamHyper, hyper_value, lr_argument
 from ._base import FusedOptimizerMixin, Precision
+from ._state import real_dtype
 
 SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -140,13 +141,30 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             # torch.optim's update, param.addcdiv_(exp_avg, denom, value=-step_size), with a
             # step size of several elements: its TypeError.
             torch.zeros(1).addcdiv_(torch.zeros(1), torch.ones(1), value=-(lr.cpu() / 1.0))
-        if not group["capturable"] and isinstance(beta1, (int, float)) and abs(beta1) == 1:
-            # torch.optim's host arithmetic divides by 1 - beta1 ** step: where that is 0 it
-            # raises ZeroDivisionError (before its update touches anything, as here).
-            for p in group["params"]:
-                if p.grad is not None:
-                    step = self.state.get(p, {}).get("step")
-                    _ = lr / (1 - beta1 ** (float(step) + 1 if step is not None else 1.0))
+        if group["capturable"]:
+            return  # tensor arithmetic: no host errors, as in torch.optim
+        beta2 = group["betas"][1]
+        host_beta1 = isinstance(beta1, (int, float)) and abs(beta1) == 1
+        host_beta2 = isinstance(beta2, (int, float)) and abs(beta2) > 1
+        if not (host_beta1 or host_beta2):
+            return
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            step = self.state.get(p, {}).get("step")
+            step = float(step) + 1 if step is not None else 1.0
+            if host_beta1:
+                # torch.optim's host arithmetic divides by 1 - beta1 ** step: where that is 0
+                # it raises ZeroDivisionError (before its update touches anything, as here).
+                _ = lr / (1 - beta1**step)
+            if host_beta2 and 1 - beta2**step < 0:
+                # Its bias_correction2 ** 0.5 is then complex, and its update,
+                # param.addcdiv_(exp_avg, denom, ...), fails to write a complex denominator
+                # into the real param: that error, from the same operation on one element.
+                dtype = real_dtype(p.dtype)
+                root = (1 - beta2**step) ** 0.5
+                one = torch.ones(1, dtype=dtype)
+                torch.zeros(1, dtype=dtype).addcdiv_(one, one / root)
 
     def _check_state(self, group: dict) -> None:
         # torch.optim's _init_group reads these from every param's non-empty state, in this

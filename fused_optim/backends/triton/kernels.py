@@ -415,7 +415,7 @@ def adam_kernel(
     # torch.lerp(m, g, w): m + w * (g - m) for |w| < 0.5, else g - (1 - w) * (g - m).
     w = (1.0 - b1).to(COMPUTE_DTYPE)
     diff = g - m
-    if w < 0.5:
+    if tl.abs(w) < 0.5:
         m = tl.fma(w, diff, m)
     else:
         m = tl.fma(w - 1.0, diff, g)
