@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Compare the JUnit XMLs of a baseline and a swapped run (tools/torch_suite/results/).
 
-    python tools/torch_suite/compare.py [--swapped swapped] [--files optim lrscheduler]
+    python tools/torch_suite/compare.py [--swapped swapped] [--files optim lrscheduler ...]
 
 Writes results/summary_<swapped>[_<files>].md (and prints it; <files> only when not the
-default pair): per-file counts for both runs, every test
+default three: optim, lrscheduler, differentiable): per-file counts for both runs, every test
 that passes in the baseline and fails (or errors) in the swapped run with the first line of its
 exception, and any other change of outcome.
 """
@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_FILES = ["optim", "lrscheduler", "differentiable"]
 
 
 def outcomes(path: Path) -> dict[str, tuple[str, str]]:
@@ -63,7 +64,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", default="baseline")
     ap.add_argument("--swapped", default="swapped")
-    ap.add_argument("--files", nargs="+", default=["optim", "lrscheduler"])
+    ap.add_argument("--files", nargs="+", default=DEFAULT_FILES)
     args = ap.parse_args()
     out = [f"# torch_suite: {args.baseline} vs {args.swapped}", ""]
     out += ["| file | run | passed | failed | errors | skipped | total | wall |",
@@ -103,7 +104,7 @@ def main() -> int:
             msg = s[1].replace("|", "\\|") or b[1].replace("|", "\\|")
             out.append(f"| {key} | `{test_id.split('::', 1)[1]}` | {b[0]} | {s[0]} | {msg} |")
     text = "\n".join(out) + "\n"
-    suffix = "" if args.files == ["optim", "lrscheduler"] else "_" + "+".join(args.files)
+    suffix = "" if args.files == DEFAULT_FILES else "_" + "+".join(args.files)
     (RESULTS / f"summary_{args.swapped}{suffix}.md").write_text(text)
     print(text)
     return 0

@@ -11,6 +11,10 @@ FUSED_OPTIM_SWAP=1
       * pytorch_test/optim/test_lrscheduler.py: its module-level names ``SGD`` and ``Adam``
         (imported there from torch.optim) become the fused classes, after import and before any
         test runs. Explicit ``torch.optim.AdamW(...)`` calls in that file stay torch's.
+      * pytorch_test/optim/test_optim_upstream.py (PyTorch's test/optim/test_optim.py, collected
+        through the shim pytorch_test/optim/test_optim.py): its module-level ``SGD``, ``Adam``
+        and ``AdamW`` (imported there from torch.optim, and what TestDifferentiableOptimizer and
+        TestSGDComplexForeach construct) become the fused classes the same way.
     torch.optim itself is never patched (fused_optim's constructors call torch.optim.Adam.__init__
     etc. by name).
 FUSED_OPTIM_DEFAULT_BACKEND=<name>
@@ -28,14 +32,19 @@ FUSED_OPTIM_SUITE_ALL=1
     Do not filter. By default, tests collected from pytorch_test/test_optim.py are kept only if
     they are TestOptimRenewedCPU tests parametrized over the Adam, AdamW or SGD OptimizerInfo
     (their id contains ``_Adam_cpu``, ``_AdamW_cpu`` or ``_SGD_cpu``); everything else in that
-    file (the other optimizers, TestLRScheduler imported into it, non-optim_db tests) is
-    deselected. Tests from pytorch_test/optim/test_lrscheduler.py are all kept.
+    file (the other optimizers, TestLRScheduler and TestDifferentiableOptimizer imported into
+    it, non-optim_db tests) is deselected. From pytorch_test/optim/test_optim.py (the shim) and
+    test_optim_upstream.py, only the TestDifferentiableOptimizer tests of SGD, Adam and AdamW
+    (``DIFFERENTIABLE_TESTS``) and TestSGDComplexForeach are kept; the gradchecks of RMSprop,
+    Adadelta, Adagrad, Adamax, ASGD, Rprop, NAdam and RAdam are deselected. Tests from
+    pytorch_test/optim/test_lrscheduler.py are all kept.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 
 import torch
 
@@ -46,6 +55,16 @@ FILTER = os.environ.get("FUSED_OPTIM_SUITE_ALL", "") != "1"
 SWAPPED_NAMES = ("Adam", "AdamW", "SGD")
 # The optims() parametrizer puts the OptimizerInfo name right before the device suffix.
 OPTIM_ID = re.compile(r"_(Adam|AdamW|SGD)_cpu(_|$)")
+# PyTorch's test/optim/test_optim.py: the TestDifferentiableOptimizer tests that construct SGD,
+# Adam or AdamW (test_sgd, test_adam, test_adamw, test_adam[w]_differentiable_*, and the SGD
+# hyperparameter gradchecks test_differentiable_lr / _weight_decay / _weight_decay_and_lr).
+DIFFERENTIABLE_TESTS = re.compile(
+    r"test_(sgd|adam|adamw)"
+    r"|test_adamw?_differentiable_\w+"
+    r"|test_differentiable_(lr|weight_decay|weight_decay_and_lr)"
+)
+DIFFERENTIABLE_FILES = ("test_optim.py", "test_optim_upstream.py")  # under pytorch_test/optim/
+DIFFERENTIABLE_CLASSES = ("TestDifferentiableOptimizer", "TestSGDComplexForeach")
 
 
 def _with_default_backend(cls: type, backend: str) -> type:
@@ -160,8 +179,9 @@ def pytest_report_header(config):
 _patched_names: list[str] = []
 
 
-def _patch_lrscheduler_module(module) -> None:
-    for name in ("SGD", "Adam"):
+def _patch_module(module, names: tuple[str, ...]) -> None:
+    """Module-level names bound to torch.optim's classes become the fused classes."""
+    for name in names:
         current = getattr(module, name, None)
         if current is getattr(torch.optim, name):
             setattr(module, name, FUSED[name])
@@ -180,26 +200,43 @@ def pytest_terminal_summary(terminalreporter):
 
 def _keep(item) -> bool:
     path = item.path.name
+    cls = item.cls.__name__ if item.cls is not None else ""
     if path == "test_optim.py" and item.path.parent.name == "pytorch_test":
-        cls = item.cls.__name__ if item.cls is not None else ""
         return cls.startswith("TestOptimRenewed") and OPTIM_ID.search(item.name) is not None
+    if path in DIFFERENTIABLE_FILES and item.path.parent.name == "optim":
+        if cls == "TestDifferentiableOptimizer":
+            return DIFFERENTIABLE_TESTS.fullmatch(item.name) is not None
+        return cls in DIFFERENTIABLE_CLASSES
     return True
 
 
-def pytest_collection_modifyitems(session, config, items):
-    if SWAP:
-        seen = set()
-        for item in items:
-            module = getattr(item, "module", None)
-            if module is not None and module.__name__.endswith("test_lrscheduler"):
-                if id(module) not in seen:
-                    seen.add(id(module))
-                    _patch_lrscheduler_module(module)
-    if not FILTER:
-        return
-    kept, dropped = [], []
+def _swap_module_names(items) -> None:
+    """FUSED_OPTIM_SWAP=1: module-level torch.optim names of the modules the kept tests use."""
+    seen = set()
     for item in items:
-        (kept if _keep(item) else dropped).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.endswith("test_lrscheduler"):
+            if id(module) not in seen:
+                seen.add(id(module))
+                _patch_module(module, ("SGD", "Adam"))
+        # TestDifferentiableOptimizer / TestSGDComplexForeach are collected from the shim (and
+        # test/test_optim.py imports the former); their test functions read SGD, Adam and AdamW
+        # from the module that defines them, optim.test_optim_upstream.
+        cls = getattr(item, "cls", None)
+        if cls is not None and cls.__name__ in DIFFERENTIABLE_CLASSES:
+            defining = sys.modules.get(cls.__module__)
+            if defining is not None and id(defining) not in seen:
+                seen.add(id(defining))
+                _patch_module(defining, SWAPPED_NAMES)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if FILTER:
+        kept, dropped = [], []
+        for item in items:
+            (kept if _keep(item) else dropped).append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
+    if SWAP:
+        _swap_module_names(items)

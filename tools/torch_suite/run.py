@@ -2,10 +2,11 @@
 """Run PyTorch's optimizer tests with torch.optim's classes (baseline) and with fused_optim's
 swapped in, one suite after the other, then compare outcomes per test id.
 
-    python tools/torch_suite/run.py                      # baseline + swapped, both files, compare
+    python tools/torch_suite/run.py                      # baseline + swapped, all three suites
     python tools/torch_suite/run.py --modes swapped      # only the swapped run (compare reuses
                                                          # the last baseline XML if present)
     python tools/torch_suite/run.py --files lrscheduler --modes baseline swapped
+    python tools/torch_suite/run.py --files differentiable   # TestDifferentiableOptimizer only
     python tools/torch_suite/run.py --backend reference  # swapped runs pass backend="reference"
     python tools/torch_suite/run.py --trace              # + per-test record of fused/torch paths
     python tools/torch_suite/run.py -- -k test_errors    # extra pytest arguments after --
@@ -31,10 +32,19 @@ RESULTS = HERE / "results"
 FILES = {
     "optim": "pytorch_test/test_optim.py",
     "lrscheduler": "pytorch_test/optim/test_lrscheduler.py",
+    # The shim that re-exports TestDifferentiableOptimizer (and TestSGDComplexForeach) from
+    # pytorch_test/optim/test_optim_upstream.py, PyTorch's test/optim/test_optim.py.
+    "differentiable": "pytorch_test/optim/test_optim.py",
     # Not a PyTorch file: CPU probes of accelerator-only tests (see the file); not run by default.
     "probes": "probes/test_device_only_on_cpu.py",
 }
-DEFAULT_FILES = ["optim", "lrscheduler"]
+DEFAULT_FILES = ["optim", "lrscheduler", "differentiable"]
+# Files that must be in place (git-ignored copies of PyTorch's files, see README.md) for a suite.
+NEEDS = {
+    "optim": ["pytorch_test/test_optim.py", "pytorch_test/optim/test_lrscheduler.py"],
+    "lrscheduler": ["pytorch_test/optim/test_lrscheduler.py"],
+    "differentiable": ["pytorch_test/optim/test_optim_upstream.py"],
+}
 
 
 def mode_name(mode: str, backend: str | None) -> str:
@@ -127,6 +137,13 @@ def main() -> int:
     )
     ap.add_argument("--no-compare", action="store_true")
     args = ap.parse_args(argv)
+    missing = {k: [p for p in NEEDS.get(k, []) if not (HERE / p).exists()] for k in args.files}
+    for key, paths in missing.items():
+        if paths:
+            print(f"[torch_suite] skipping {key}: missing {', '.join(paths)} (see README.md)")
+    args.files = [k for k in args.files if not missing[k]]
+    if not args.files:
+        return 1
     RESULTS.mkdir(exist_ok=True)
     for mode in args.modes:  # one suite after the other, never in parallel
         for file_key in args.files:
