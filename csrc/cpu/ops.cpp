@@ -425,12 +425,13 @@ struct Signature {
   at::ScalarType dtype;
   std::vector<int64_t> sizes, strides;
 
+  // const_data_ptr: the address without data_ptr()'s copy-on-write materialization.
   explicit Signature(const Tensor& t)
-      : data(t.data_ptr()), numel(t.numel()), dtype(t.scalar_type()),
+      : data(t.const_data_ptr()), numel(t.numel()), dtype(t.scalar_type()),
         sizes(t.sizes().vec()), strides(t.strides().vec()) {}
 
   bool holds(const Tensor& t) const {
-    return t.data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype &&
+    return t.const_data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype &&
            t.sizes().equals(sizes) && t.strides().equals(strides);
   }
 };
@@ -504,8 +505,10 @@ class HostPlan {
   // Whether the plan still holds: every param and state keeps its signature and every param has
   // a dense CPU grad of its shape (any other shape is torch.optim's broadcast, or its error: the
   // full step decides). Changes nothing.
+  // The grads it found are kept for the run() that follows in the same step.
   bool check() const {
     const size_t count = params_.size();
+    grads_.resize(count);
     for (size_t i = 0; i < count; ++i) {
       const Tensor& p = params_[i];
       if (!signatures_[i].holds(p)) return false;
@@ -513,6 +516,7 @@ class HostPlan {
       if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.sizes() != p.sizes())
         return false;
       if (g.scalar_type() != grad_dtypes_[i]) return false;
+      grads_[i] = &g;
     }
     for (size_t k = 0; k < held_.size(); ++k) {
       if (!held_signatures_[k].holds(held_[k])) return false;
@@ -534,7 +538,7 @@ class HostPlan {
       Task& task = plan_.tasks[i];
       if (task.numel == 0) continue;
       const Tensor& p = params_[i];
-      const Tensor& g = p.grad();
+      const Tensor& g = *grads_[i];
       const bool direct = is_dense(g) && same_layout(g, p);
       const Tensor& used = direct ? g : staging.resolve(g, p, has_grad_scale);
       task.data[kGrad] = used.data_ptr();
@@ -571,6 +575,7 @@ class HostPlan {
   std::vector<Tensor> params_, steps_, held_;
   std::vector<Signature> signatures_, held_signatures_;
   std::vector<at::ScalarType> grad_dtypes_;
+  mutable std::vector<const Tensor*> grads_;  // found by check(), read by run()
   std::vector<int64_t> groups_, indices_;
   AdamArgs adam_args_{};
   SgdArgs sgd_args_{};
@@ -736,15 +741,17 @@ bool values_unchanged(const pybind11::list& groups, const pybind11::list& values
   return true;
 }
 
-// Whether the param groups still list the same params (`ids`, flat over the groups) and
-// exactly those of `with_grad` have a grad.
-bool params_unchanged(const pybind11::list& group_params, const std::vector<intptr_t>& ids,
+// Whether the param groups (the optimizer's list of group dicts) still list the same params
+// (`ids`, flat over the groups) and exactly those of `with_grad` have a grad.
+bool params_unchanged(const pybind11::list& param_groups, const std::vector<intptr_t>& ids,
                       const std::vector<bool>& with_grad) {
   size_t k = 0;
-  const Py_ssize_t groups = PyList_GET_SIZE(group_params.ptr());
+  const Py_ssize_t groups = PyList_GET_SIZE(param_groups.ptr());
   for (Py_ssize_t g = 0; g < groups; ++g) {
-    PyObject* params = PyList_GET_ITEM(group_params.ptr(), g);
-    if (!PyList_Check(params)) return false;
+    PyObject* group = PyList_GET_ITEM(param_groups.ptr(), g);
+    if (!PyDict_Check(group)) return false;
+    PyObject* params = PyDict_GetItemString(group, "params");  // borrowed
+    if (params == nullptr || !PyList_Check(params)) return false;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     for (Py_ssize_t i = 0; i < n; ++i, ++k) {
       PyObject* p = PyList_GET_ITEM(params, i);
@@ -755,6 +762,31 @@ bool params_unchanged(const pybind11::list& group_params, const std::vector<intp
   }
   return k == ids.size();
 }
+
+// What the optimizer's compiled fast path checks before each step, recorded once per step
+// plan (no list converted per step): the params of every group (identity, and which have a
+// grad), the state dicts and their entries (see params_unchanged and state_unchanged).
+class StepChecks {
+ public:
+  StepChecks(std::vector<intptr_t> param_ids, std::vector<bool> with_grad,
+             std::vector<intptr_t> dict_ids, pybind11::list dicts,
+             std::vector<intptr_t> entry_ids)
+      : param_ids_(std::move(param_ids)), with_grad_(std::move(with_grad)),
+        dict_ids_(std::move(dict_ids)), dicts_(std::move(dicts)),
+        entry_ids_(std::move(entry_ids)) {}
+
+  bool holds(const pybind11::list& param_groups, const pybind11::dict& state) const {
+    return params_unchanged(param_groups, param_ids_, with_grad_) &&
+           state_unchanged(state, dict_ids_, dicts_, entry_ids_);
+  }
+
+ private:
+  std::vector<intptr_t> param_ids_;
+  std::vector<bool> with_grad_;
+  std::vector<intptr_t> dict_ids_;
+  pybind11::list dicts_;
+  std::vector<intptr_t> entry_ids_;
+};
 
 }  // namespace
 }  // namespace cpu
@@ -804,9 +836,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("check", &fused_optim::cpu::GradTable::check)
       .def("pointers", &fused_optim::cpu::GradTable::pointers)
       .def("reset", &fused_optim::cpu::GradTable::reset);
-  m.def("state_unchanged", &fused_optim::cpu::state_unchanged);
+  py::class_<fused_optim::cpu::StepChecks, std::shared_ptr<fused_optim::cpu::StepChecks>>(
+      m, "StepChecks")
+      .def(py::init<std::vector<intptr_t>, std::vector<bool>, std::vector<intptr_t>, py::list,
+                    std::vector<intptr_t>>())
+      .def("holds", &fused_optim::cpu::StepChecks::holds);
   m.def("adam_bias_corrections", &fused_optim::cpu::adam_bias_corrections);
   m.def("advance_hyper_table", &fused_optim::cpu::advance_hyper_table);
-  m.def("params_unchanged", &fused_optim::cpu::params_unchanged);
   m.def("values_unchanged", &fused_optim::cpu::values_unchanged);
 }

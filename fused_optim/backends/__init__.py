@@ -89,7 +89,7 @@ def preload(request: str | None, devices) -> None:
 
 
 def host_checks():
-    """The compiled step checks of the C++ extension (``params_unchanged``, ``state_unchanged``),
+    """The compiled step checks of the C++ extension (``StepChecks``, ``values_unchanged``),
     or None when it is not built: the optimizer's fast path needs them."""
     cpu_backend = _module("cpu")
     return None if cpu_backend._IMPORT_ERROR is not None else cpu_backend._C_cpu

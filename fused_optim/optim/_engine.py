@@ -160,11 +160,12 @@ def group_values(param_groups: list[dict]) -> list[tuple]:
 
 
 class FastPath:
-    """The compiled per-step path of a plan: checks in the extension that the param groups list
-    the same params with grads and the state the same dicts and tensors, then each bucket's host
-    step (``backends.contract.HostStep``) checks its tensors and runs, collecting the grads from
-    the params itself. Per-group values are compared as a whole (``raw``) and read again only
-    when one changed. Built once per plan; any failed check falls back to the full path."""
+    """The compiled per-step path of a plan: checks in the extension (``StepChecks``, recorded
+    once) that the param groups list the same params with grads and the state the same dicts and
+    tensors, then each bucket's host step (``backends.contract.HostStep``) checks its tensors and
+    runs, collecting the grads from the params itself. Per-group values are compared as a whole
+    (``raw``) and read again only when one changed. Built once per plan; any failed check falls
+    back to the full path."""
 
     def __init__(self, checks, plan: StepPlan, param_groups, state, steps, amp, raw, hypers):
         self.checks = checks
@@ -174,20 +175,18 @@ class FastPath:
         self.raw = raw
         self.hypers = hypers
         self.bucket_hypers = [bucket.hypers(hypers) for bucket in plan.buckets]
-        self.group_params = [group["params"] for group in param_groups]
-        flat_params = flat(self.group_params)
-        self.param_ids = list(map(id, flat_params))
-        self.with_grad = [p.grad is not None for p in flat_params]
-        self.dict_ids = list(map(id, state.values()))
-        self.dicts = [s for s in plan.states if s]
-        self.entry_ids = []  # per dict: its size, then its values' ids (see state_unchanged)
-        for entries in self.dicts:
-            self.entry_ids += [len(entries), *map(id, entries.values())]
+        flat_params = flat([group["params"] for group in param_groups])
+        dicts = [s for s in plan.states if s]
+        entry_ids = []  # per dict: its size, then its values' ids
+        for entries in dicts:
+            entry_ids += [len(entries), *map(id, entries.values())]
+        self.recorded = checks.StepChecks(
+            list(map(id, flat_params)),
+            [p.grad is not None for p in flat_params],
+            list(map(id, state.values())),
+            dicts,
+            entry_ids,
+        )
 
     def holds(self, param_groups, state) -> bool:
-        group_params = [group["params"] for group in param_groups]
-        return (
-            self.checks.params_unchanged(group_params, self.param_ids, self.with_grad)
-            and self.checks.state_unchanged(state, self.dict_ids, self.dicts, self.entry_ids)
-            and all(step.check() for step in self.steps)
-        )
+        return self.recorded.holds(param_groups, state) and all(step.check() for step in self.steps)
