@@ -750,7 +750,8 @@ bool params_unchanged(const pybind11::list& param_groups, const std::vector<intp
   for (Py_ssize_t g = 0; g < groups; ++g) {
     PyObject* group = PyList_GET_ITEM(param_groups.ptr(), g);
     if (!PyDict_Check(group)) return false;
-    PyObject* params = PyDict_GetItemString(group, "params");  // borrowed
+    static PyObject* const params_key = PyUnicode_InternFromString("params");
+    PyObject* params = PyDict_GetItem(group, params_key);  // borrowed
     if (params == nullptr || !PyList_Check(params)) return false;
     const Py_ssize_t n = PyList_GET_SIZE(params);
     for (Py_ssize_t i = 0; i < n; ++i, ++k) {

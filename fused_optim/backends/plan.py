@@ -29,6 +29,8 @@ writes, back after it. The kernel never writes to a copy that is then thrown awa
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from operator import attrgetter
 
 import torch
@@ -96,16 +98,40 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 _dtype = attrgetter("dtype")
 
 
+# The C methods themselves: through ``torch.Tensor`` they cost several times more on
+# nn.Parameter (its subclass dispatch).
+_data_ptr = torch._C.TensorBase.data_ptr
+_size = torch._C.TensorBase.size
+_stride = torch._C.TensorBase.stride
+
+
+@contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector held off while a step builds thousands of short-lived
+    tuples (shapes, strides): collections triggered halfway through would promote them to the
+    oldest generation, and its full collections (every object of the process) would then cost
+    more than everything else the step does."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def signatures(tensors: list) -> tuple[list, list, list, list]:
     """What a plan's tables and stages depend on for these tensors: their addresses, dtypes,
     shapes and strides (numel follows from the shape; the device is the plan's). Built with
-    C-level ``map`` (about 0.3 us per tensor)."""
-    return (
-        list(map(Tensor.data_ptr, tensors)),
-        list(map(_dtype, tensors)),
-        list(map(Tensor.size, tensors)),
-        list(map(Tensor.stride, tensors)),
-    )
+    C-level ``map``."""
+    with gc_paused():
+        return (
+            list(map(_data_ptr, tensors)),
+            list(map(_dtype, tensors)),
+            list(map(_size, tensors)),
+            list(map(_stride, tensors)),
+        )
 
 
 def upload(host: Tensor, device: torch.device) -> Tensor:

@@ -24,6 +24,7 @@ from torch.optim.optimizer import _device_dtype_check_for_fused
 from ..backends import host_checks, preload, select_backend, validate_request
 from ..backends.compiled import SlotPool, prepare_state
 from ..backends.contract import StepContext, Work
+from ..backends.plan import gc_paused
 from ._engine import (
     FastPath,
     StepPlan,
@@ -53,7 +54,8 @@ from ._state import (
 __all__ = ["MASTER_KEY", "TORCH_OPTIM", "FusedOptimizerMixin", "Precision"]
 
 _dtype = attrgetter("dtype")
-_shape = attrgetter("shape")
+# torch.Tensor.shape costs several times more on nn.Parameter (its subclass dispatch).
+_shape = torch._C.TensorBase.size
 
 
 @contextmanager
@@ -354,6 +356,12 @@ class FusedOptimizerMixin:
             # track state that this step changes), unless it never held for this plan.
             plan.fast_tried = not plan.fast.succeeded
             plan.fast = None
+        with gc_paused():
+            self._full_step(context)
+
+    def _full_step(self, context: StepContext) -> None:
+        """The step without the compiled fast path: read and check every group, check the plan
+        (building it again if anything changed), then one backend call per bucket."""
         with_grads, grads, sparse, structure, hypers, keys = self._read_groups()
         params = flat(with_grads)
         if not params:

@@ -22,13 +22,15 @@ from ..backends.contract import Work
 from ._state import any_dtensor, needs_views, real_view
 
 _grad = attrgetter("grad")
+# The C method itself: through torch.Tensor it costs more on nn.Parameter (subclass dispatch).
+_data_ptr = torch._C.TensorBase.data_ptr
 
 
 def fingerprint(params: list[Tensor]) -> list:
     """What must not change about the params for a plan to stay valid: the objects and their
     storage. Built with C-level ``map``, so that checking costs far less than rebuilding."""
     storage = [real_view(p) for p in params] if any_dtensor(params) else params
-    return [list(map(id, params)), list(map(Tensor.data_ptr, storage))]
+    return [list(map(id, params)), list(map(_data_ptr, storage))]
 
 
 def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
