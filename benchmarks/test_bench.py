@@ -10,9 +10,10 @@ Not part of the default test run (pyproject's ``testpaths`` is ``["tests"]``): a
 
 One test per optimizer x implementation x dtype x workload, grouped by (workload, optimizer,
 dtype) so that pytest-benchmark compares the implementations of one case side by side; each
-test's ``extra_info`` has the tensor and param counts, the bytes one step moves (DESIGN.md
-section 6) and the GB/s of the median step. fused_optim's params are checked against
-torch.optim's for-loop after the first step, as ``fused-optim bench`` does.
+test's ``extra_info`` has the tensor and param counts, the bytes one step moves (the
+roofline's model, ``fused_optim.bench.bytes_per_step``) and the GB/s of the median step.
+fused_optim's params are checked against torch.optim's for-loop after the first step, as
+``fused-optim bench`` does.
 
 Environment:
 

@@ -3,10 +3,10 @@
     python examples/quickstart.py
 
 Both runs start from the same weights and see the same batches; the script prints the losses
-every few steps and how closely the two runs agree at the end. On a machine without a GPU it runs
-the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1, set below before triton is
-imported) unless FUSED_OPTIM_QUICKSTART_BACKEND says otherwise ("reference" for the pure-torch
-backend).
+every few steps and how closely the two runs agree at the end. fused_optim picks its backend
+(on a CPU, its C++ ``cpu`` backend when built) unless FUSED_OPTIM_QUICKSTART_BACKEND names one
+("triton", "cuda", "cpu" or "reference"). Without a GPU the script sets TRITON_INTERPRET=1
+before triton is imported, so that "triton" runs the kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"max |param difference| after {STEPS} steps: {max_param_diff:.3g}")
     for name, seconds in step_time.items():
         print(f"{name} step time: {1e3 * seconds / STEPS:.3f} ms/step")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and opt_fused.group_backends()[0] == "triton":
         print("(Triton kernels ran in the interpreter: the step times above are not a benchmark)")
 
 

@@ -12,11 +12,11 @@ step draws a global batch from a generator seeded by the step number, and each r
 its slice, so a resumed run sees the same batches as an uninterrupted one. The process group
 uses nccl when CUDA is available and gloo on the CPU.
 
-On a machine without CUDA, the script sets TRITON_INTERPRET=1 itself, before fused_optim (and
-so triton) is imported, so that fused_optim's Triton kernels run in Triton's interpreter on the
-CPU (slow, but the real kernels). With ``--backend reference`` it does not set it, and
-fused_optim uses its pure-torch reference backend instead. torch.optim optimizers ignore
-``--backend``.
+``--backend auto`` (the default) is fused_optim's own choice: on a CPU its C++ ``cpu`` backend
+when built. On a machine without CUDA, the script also sets TRITON_INTERPRET=1 before
+fused_optim (and so triton) is imported, unless ``--backend`` is ``cpu`` or ``reference``, so
+that ``--backend triton`` (and auto without the C++ backend) runs the Triton kernels in Triton's
+interpreter (slow, but the real kernels). torch.optim optimizers ignore ``--backend``.
 
 A resumed run continues exactly like an uninterrupted one with the same arguments (same
 batches, LR schedule, optimizer state): ``--steps`` is the length of the whole run and sets the
@@ -47,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fused_optim.AdamW")
     parser.add_argument(
         "--backend",
-        choices=["auto", "triton", "reference"],
+        choices=["auto", "triton", "cuda", "cpu", "reference"],
         default="auto",
-        help="fused_optim backend (auto: Triton on GPUs and under TRITON_INTERPRET=1)",
+        help="fused_optim backend (auto: fused_optim's choice, the C++ cpu backend on a CPU "
+        "when built, Triton on a GPU)",
     )
     parser.add_argument("--steps", type=int, default=60, help="length of the run (LR schedule)")
     parser.add_argument(
@@ -107,7 +108,7 @@ def batch(step, rank, world, per_rank, teacher, seed, device):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda and args.backend != "reference":
+    if not cuda and args.backend not in ("reference", "cpu"):
         # Must happen before triton is imported (fused_optim imports it).
         os.environ["TRITON_INTERPRET"] = "1"
 

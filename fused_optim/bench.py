@@ -13,7 +13,7 @@ the same run, on the current device. Method:
   rounds. On CUDA a sample is one step between two CUDA events, after the L2 cache was flushed
   (as ``triton.testing.do_bench`` does); on the CPU it is ``time.perf_counter`` wall time.
 * **The roofline.** The device's copy bandwidth (bytes read + written by a large ``copy_``) is
-  measured in the same run; each step's GB/s uses the bytes model of DESIGN.md section 6:
+  measured in the same run; each step's GB/s uses this bytes model (``bytes_per_step``):
   SGD with momentum reads p, g, buf and writes p, buf (5 tensors, 20 B/param in fp32); Adam
   and AdamW read p, g, m, v and write p, m, v (7 tensors, 28 B/param; 9 with amsgrad). States
   follow the param dtype, so bf16 halves every figure.
@@ -46,12 +46,14 @@ from torch import Tensor
 import fused_optim
 from fused_optim.backends import BACKENDS, BackendUnavailableError, available_backends
 
+from ._extras import import_extra
+
 # --------------------------------------------------------------------------------------------
 # What can be benchmarked
 # --------------------------------------------------------------------------------------------
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
-#: Hyperparameters of every timed step (SGD with momentum, as in DESIGN.md's bytes model).
+#: Hyperparameters of every timed step (SGD with momentum, as in the bytes model of bytes_per_step).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "SGD": dict(lr=1e-3, momentum=0.9),
     "Adam": dict(lr=1e-3),
@@ -157,7 +159,7 @@ def bytes_per_step(
     momentum: bool = True,
     amsgrad: bool = False,
 ) -> int:
-    """Bytes one step moves (read + written) for ``numel`` params, per DESIGN.md section 6.
+    """Bytes one step moves (read + written) for ``numel`` params: the roofline's model.
 
     SGD: reads p and g, writes p, plus reads and writes the momentum buffer with momentum
     (20 B/param in fp32). Adam/AdamW: reads p, g, m, v and writes p, m, v (28 B/param in fp32),
@@ -430,7 +432,7 @@ def run_bench(
     ``workload``, ``check`` (fused_optim rows: ``"ok"`` or ``"MISMATCH"``), ``failed``,
     ``skipped`` (why a row has no time), every sample (``times_ms``) and more.
     """
-    from tqdm.auto import tqdm
+    tqdm = import_extra("tqdm.auto").tqdm
 
     device = torch.device(device) if device is not None else default_device()
     workloads = list(workloads or WORKLOADS)
@@ -800,8 +802,8 @@ def _cpu_name() -> str:
 def write_plot(rows: list[dict], path: str, copy_bandwidth: float, title: str = "") -> None:
     """A PNG: per workload, the GB/s each implementation reaches for each (optimizer, dtype),
     on a log scale, with the measured copy bandwidth drawn as the roofline."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = import_extra("matplotlib.backends.backend_agg").FigureCanvasAgg
+    Figure = import_extra("matplotlib.figure").Figure
 
     workloads = list(dict.fromkeys(row["workload"] for row in rows))
     labels = list(dict.fromkeys(row["implementation"] for row in rows))
@@ -843,7 +845,7 @@ def write_plot(rows: list[dict], path: str, copy_bandwidth: float, title: str = 
         tensors = f"{first['tensors']} tensor" + ("s" if first["tensors"] != 1 else "")
         ax.set_title(f"{workload}: {tensors}, {_si(first['params'])} params", fontsize=10)
         ax.set_ylabel("GB/s")
-    from matplotlib.patches import Patch
+    Patch = import_extra("matplotlib.patches").Patch
 
     handles = [Patch(color=colors[label], label=label) for label in labels]
     fig.legend(handles=handles, loc="upper right", fontsize=8)
@@ -932,7 +934,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "copy bandwidth measured in the same run as the roofline."
     )
     parser.epilog = (
-        "Bytes per step (DESIGN.md section 6): SGD with momentum 20 B/param, Adam/AdamW "
+        "Bytes per step (the roofline's model): SGD with momentum 20 B/param, Adam/AdamW "
         "28 B/param in fp32; states follow the param dtype (bf16: half). Exit code 1 if "
         "fused_optim's params do not match torch.optim's for-loop after one step."
     )
@@ -984,7 +986,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         metavar="NAME",
-        help="fused_optim backends to time (triton, reference); default: those available on "
+        help="fused_optim backends to time (triton, cuda, cpu, reference); default: those "
+        "available on "
         "the device, without Triton's interpreter, whose timings mean nothing",
     )
     parser.add_argument(

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from ._extras import MissingExtraError
+
 SUBCOMMANDS = {
     "bench": ("fused_optim.bench", "time optimizer steps against torch.optim and the roofline"),
     "verify": ("fused_optim.verify", "check parity with torch.optim on this device"),
@@ -33,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except MissingExtraError as error:
+        print(f"fused-optim {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

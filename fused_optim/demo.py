@@ -2,9 +2,9 @@
 
 Both runs start from the same weights and see the same batches of a generated two-spirals
 classification problem. The demo prints how closely the loss curves agree, each optimizer's
-step time, and writes a PNG of both loss curves. Without a GPU it runs fused_optim's Triton
-kernels in Triton's interpreter (step times are then not a benchmark), or the pure-torch
-reference backend with ``--backend reference``.
+step time, and writes a PNG of both loss curves. The backend is fused_optim's default (on a CPU,
+its C++ ``cpu`` backend when built) or the one ``--backend`` names: on a CPU, ``triton`` runs
+the Triton kernels in Triton's interpreter (step times are then not a benchmark).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 import statistics
 import time
 
+from ._extras import import_extra
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=150, help="training steps (150)")
@@ -25,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument(
         "--backend",
-        choices=["triton", "reference"],
+        choices=["triton", "cuda", "cpu", "reference"],
         default=None,
-        help="fused_optim backend (default: auto; Triton, interpreted on a CPU)",
+        help="fused_optim backend (default: fused_optim's choice: the C++ cpu backend on a CPU "
+        "when built, Triton on a GPU; triton on a CPU runs Triton's interpreter)",
     )
     parser.add_argument(
         "--plot", default="fused_optim_demo.png", help="PNG of both loss curves ('' for none)"
@@ -122,10 +125,8 @@ def train_side_by_side(steps, batch_size, lr, weight_decay, device, backend, see
 
 
 def plot_losses(losses: dict[str, list[float]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_extra("matplotlib").use("Agg")
+    plt = import_extra("matplotlib.pyplot")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for (name, values), style in zip(losses.items(), ["-", "--"]):
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and args.backend != "reference":
+    if device.type == "cpu" and args.backend not in ("reference", "cpu"):
         # Run the real Triton kernels on the CPU, through Triton's interpreter. This must be
         # set before fused_optim's kernels are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")

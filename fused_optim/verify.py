@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from . import available_backends
+from ._extras import MissingExtraError, import_extra
 from .backends import BACKENDS, BackendUnavailableError, select_backend
 from .testing import (
     CONFIGS,
@@ -475,9 +476,9 @@ class _NoProgress:
 def _progress(total: int):
     """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
+        tqdm = import_extra("tqdm").tqdm
+    except MissingExtraError:
+        return _NoProgress()  # verify runs without the cli extra, with no progress bar
     return tqdm(total=total, desc="verify", unit="case", file=sys.stderr, disable=None)
 
 

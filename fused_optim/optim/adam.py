@@ -47,7 +47,12 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             ``backend`` or the precision modes (``ValueError``). Default: False.
         fused (bool, optional): accepted for compatibility; no effect. Default: None.
         decoupled_weight_decay (bool): AdamW's decoupled weight decay. Default: False.
-        backend (str, optional): ``None`` (auto), ``"triton"`` or ``"reference"``. Default: None.
+        backend (str, optional): which implementation updates the tensors. ``None`` (auto):
+            the fused C++ ``"cpu"`` backend for CPU tensors when it is built, ``"triton"`` for
+            GPU tensors (``"cuda"``, the CUDA C++ extension, when Triton is missing), the
+            pure-torch ``"reference"`` otherwise; ``group_backends()`` says what it chose.
+            ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``: exactly that backend, or a
+            ``RuntimeError`` saying why it cannot run there. Default: None.
         state_dtype (torch.dtype, optional): dtype of new optimizer states for fp32, bf16 and
             fp16 params: ``torch.float32`` (fp32 states for bf16/fp16 params), ``torch.bfloat16``
             or ``torch.float16``. ``None`` keeps torch.optim's rule (the param's dtype).
@@ -222,7 +227,8 @@ class AdamW(Adam, torch.optim.AdamW):
 
     applied before the moment update, and no weight decay in the gradient. Arguments are those
     of :class:`Adam` without ``decoupled_weight_decay`` (always True), plus ``backend`` (None,
-    ``"triton"`` or ``"reference"``; default None) and the precision modes ``state_dtype``
+    ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``; default None, as in :class:`Adam`)
+    and the precision modes ``state_dtype``
     (default None), ``master_weights`` (default False), ``stochastic_rounding`` (default False)
     and ``seed`` (default 0), as in :class:`Adam`.
     """

@@ -38,12 +38,14 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         differentiable (bool): run torch.optim's own step (the parent class's), which autograd
             can differentiate through, instead of the fused kernels; not combined with
             ``backend`` or the precision modes (``ValueError``). Default: False.
-            Default: False.
         fused (bool, optional): accepted for compatibility; no effect (the update is always
             fused). Default: None.
-        backend (str, optional): ``None`` (auto: Triton on GPUs and under
-            ``TRITON_INTERPRET=1``, the pure-torch reference otherwise), ``"triton"`` or
-            ``"reference"``. Default: None.
+        backend (str, optional): which implementation updates the tensors. ``None`` (auto):
+            the fused C++ ``"cpu"`` backend for CPU tensors when it is built, ``"triton"`` for
+            GPU tensors (``"cuda"``, the CUDA C++ extension, when Triton is missing), the
+            pure-torch ``"reference"`` otherwise; ``group_backends()`` says what it chose.
+            ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``: exactly that backend, or a
+            ``RuntimeError`` saying why it cannot run there. Default: None.
         state_dtype (torch.dtype, optional): dtype of new optimizer states for fp32, bf16 and
             fp16 params: ``torch.float32`` (fp32 states for bf16/fp16 params), ``torch.bfloat16``
             or ``torch.float16``. ``None`` keeps torch.optim's rule (the param's dtype).
