@@ -40,12 +40,9 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             ``backend`` or the precision modes (``ValueError``). Default: False.
         fused (bool, optional): accepted for compatibility; no effect (the update is always
             fused). Default: None.
-        backend (str, optional): which implementation updates the tensors. ``None`` (auto):
-            the fused C++ ``"cpu"`` backend for CPU tensors when it is built, ``"triton"`` for
-            GPU tensors (``"cuda"``, the CUDA C++ extension, when Triton is missing), the
-            pure-torch ``"reference"`` otherwise; ``group_backends()`` says what it chose.
-            ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``: exactly that backend, or a
-            ``RuntimeError`` saying why it cannot run there. Default: None.
+        backend (str, optional): ``None`` (auto: the C++ ``"cpu"`` backend for CPU tensors
+            when built, Triton on GPUs; see :class:`fused_optim.Adam`), or exactly one of
+            ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"``. Default: None.
         state_dtype (torch.dtype, optional): dtype of new optimizer states for fp32, bf16 and
             fp16 params: ``torch.float32`` (fp32 states for bf16/fp16 params), ``torch.bfloat16``
             or ``torch.float16``. ``None`` keeps torch.optim's rule (the param's dtype).
