@@ -2,9 +2,11 @@
 
 Both runs start from the same weights and see the same batches of a generated two-spirals
 classification problem. The demo prints how closely the loss curves agree, each optimizer's
-step time, and writes a PNG of both loss curves. The backend is fused_optim's default (on a CPU,
-its C++ ``cpu`` backend when built) or the one ``--backend`` names: on a CPU, ``triton`` runs
-the Triton kernels in Triton's interpreter (step times are then not a benchmark).
+step time, and writes a PNG of both loss curves beside each step's max |param difference| from
+torch.optim's for-loop run, fused_optim's and torch's own ``fused=True``'s. The backend is
+fused_optim's default (on a CPU, its C++ ``cpu`` backend when built) or the one ``--backend``
+names: on a CPU, ``triton`` runs the Triton kernels in Triton's interpreter (step times are
+then not a benchmark).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when built, Triton on a GPU; triton on a CPU runs Triton's interpreter)",
     )
     parser.add_argument(
-        "--plot", default="fused_optim_demo.png", help="PNG of both loss curves ('' for none)"
+        "--plot",
+        default="fused_optim_demo.png",
+        help="PNG of the loss curves and the per-step differences ('' for none)",
     )
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,8 +63,14 @@ def make_spirals(n: int, seed: int):
     return x, label
 
 
+FOR_LOOP, FUSED_OPTIM = "torch.optim.AdamW", "fused_optim.AdamW"
+TORCH_FUSED = "torch.optim.AdamW(fused=True)"
+
+
 def train_side_by_side(steps, batch_size, lr, weight_decay, device, backend, seed):
-    """Train two copies of one MLP; returns per-step losses and step times of both."""
+    """Train copies of one MLP with torch.optim.AdamW (its for-loop step), fused_optim.AdamW and,
+    where torch supports it on the device, torch.optim.AdamW(fused=True); returns per-step
+    losses, step times, and each step's max |param difference| from the for-loop run."""
     import torch
     from torch import nn
 
@@ -70,26 +80,24 @@ def train_side_by_side(steps, batch_size, lr, weight_decay, device, backend, see
     model = nn.Sequential(
         nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2)
     ).to(device)
-    models = {"torch.optim.AdamW": model, "fused_optim.AdamW": copy.deepcopy(model)}
+    models = {FOR_LOOP: model, FUSED_OPTIM: copy.deepcopy(model)}
+    kwargs = dict(lr=lr, weight_decay=weight_decay)
     optimizers = {
-        "torch.optim.AdamW": torch.optim.AdamW(
-            models["torch.optim.AdamW"].parameters(),
-            lr=lr,
-            weight_decay=weight_decay,
-            foreach=False,
-        ),
-        "fused_optim.AdamW": fused_optim.AdamW(
-            models["fused_optim.AdamW"].parameters(),
-            lr=lr,
-            weight_decay=weight_decay,
-            backend=backend,
-        ),
+        FOR_LOOP: torch.optim.AdamW(models[FOR_LOOP].parameters(), **kwargs, foreach=False),
+        FUSED_OPTIM: fused_optim.AdamW(models[FUSED_OPTIM].parameters(), **kwargs, backend=backend),
     }
+    twin = copy.deepcopy(model)
+    try:
+        optimizers[TORCH_FUSED] = torch.optim.AdamW(twin.parameters(), **kwargs, fused=True)
+        models[TORCH_FUSED] = twin
+    except RuntimeError:  # torch has no fused AdamW for this device
+        pass
     x, y = make_spirals(4096, seed)
     x, y = x.to(device), y.to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     losses: dict[str, list[float]] = {name: [] for name in models}
     times: dict[str, list[float]] = {name: [] for name in models}
+    param_diffs: dict[str, list[float]] = {name: [] for name in models if name != FOR_LOOP}
     for _ in range(steps):
         batch = torch.randint(0, len(x), (batch_size,), generator=gen).to(device)
         for name, net in models.items():
@@ -105,36 +113,56 @@ def train_side_by_side(steps, batch_size, lr, weight_decay, device, backend, see
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
             losses[name].append(loss.item())
+        for name in param_diffs:
+            param_diffs[name].append(_max_difference(models[name], models[FOR_LOOP]))
     with torch.no_grad():
         accuracy = {
             name: (net(x).argmax(1) == y).float().mean().item() for name, net in models.items()
         }
-    param_diff = max(
-        (a - b).abs().max().item()
-        for a, b in zip(
-            models["torch.optim.AdamW"].parameters(), models["fused_optim.AdamW"].parameters()
-        )
-    )
     return dict(
         losses=losses,
         step_ms={name: 1e3 * statistics.median(t) for name, t in times.items()},
         accuracy=accuracy,
-        max_param_diff=param_diff,
-        backend=optimizers["fused_optim.AdamW"].group_backends()[0],
+        max_param_diff=param_diffs[FUSED_OPTIM][-1] if steps else 0.0,
+        param_diff_per_step=param_diffs,
+        backend=optimizers[FUSED_OPTIM].group_backends()[0],
     )
 
 
-def plot_losses(losses: dict[str, list[float]], path: str, title: str) -> None:
+def _max_difference(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+#: Where a difference of exactly 0 is drawn on the log axis.
+ZERO_ON_LOG_AXIS = 1e-12
+
+
+def plot_losses(result: dict, path: str, device) -> None:
+    """Two panels: the loss curves of the for-loop and fused_optim runs, and each step's max
+    |param difference| from the for-loop run, fused_optim's beside torch's own fused=True."""
     import_extra("matplotlib").use("Agg")
     plt = import_extra("matplotlib.pyplot")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (name, values), style in zip(losses.items(), ["-", "--"]):
-        ax.plot(values, style, label=name, linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(title)
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, style in ((FOR_LOOP, "-"), (FUSED_OPTIM, "--")):
+        label = f"{name} (for-loop step)" if name == FOR_LOOP else f"{name} ({result['backend']})"
+        left.plot(result["losses"][name], style, label=label, linewidth=1.5)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss (cross-entropy)")
+    left.set_title("loss: the two curves overlap")
+    left.legend()
+    for name, values in result["param_diff_per_step"].items():
+        shown = [max(v, ZERO_ON_LOG_AXIS) for v in values]
+        label = f"{name} ({result['backend']})" if name == FUSED_OPTIM else name
+        right.plot(shown, label=label, linewidth=1.2)
+    right.set_yscale("log")
+    right.set_xlabel("step")
+    right.set_ylabel("max |param difference| from the for-loop run")
+    right.set_title(f"differences (0 drawn at {ZERO_ON_LOG_AXIS:g})")
+    right.legend()
+    fig.suptitle(
+        f"AdamW on two spirals; device: {device}; fused_optim backend: {result['backend']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -151,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_side_by_side(
         args.steps, args.batch_size, args.lr, args.weight_decay, device, args.backend, args.seed
     )
-    ours, theirs = result["losses"]["fused_optim.AdamW"], result["losses"]["torch.optim.AdamW"]
+    ours, theirs = result["losses"][FUSED_OPTIM], result["losses"][FOR_LOOP]
     loss_diff = max(abs(a - b) for a, b in zip(ours, theirs))
     interpreted = device.type == "cpu" and result["backend"] == "triton"
     print(f"device: {device}   fused_optim backend: {result['backend']}")
@@ -161,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.steps - 1:>5}  {theirs[-1]:>18.6f}  {ours[-1]:>18.6f}")
     print(f"loss curves: max |difference| over {args.steps} steps = {loss_diff:.3g}")
     print(f"params: max |difference| at the end = {result['max_param_diff']:.3g}")
+    if TORCH_FUSED in result["param_diff_per_step"]:
+        torch_fused = result["param_diff_per_step"][TORCH_FUSED][-1]
+        print(f"  (torch.optim.AdamW(fused=True) against its for-loop step: {torch_fused:.3g})")
     for name, acc in result["accuracy"].items():
         print(f"{name}: accuracy {100 * acc:.1f}%, optimizer step {result['step_ms'][name]:.3f} ms")
     if interpreted:
@@ -168,10 +199,8 @@ def run(args: argparse.Namespace) -> int:
             "(fused_optim's kernels ran in Triton's interpreter: its step time is not a benchmark)"
         )
     if args.plot:
-        plot_losses(
-            result["losses"], args.plot, f"AdamW on two spirals ({device}, {result['backend']})"
-        )
-        print(f"loss curves written to {args.plot}")
+        plot_losses(result, args.plot, device)
+        print(f"loss curves and per-step differences written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(result, max_loss_diff=loss_diff, device=str(device)), f, indent=1)

@@ -40,6 +40,10 @@ def test_demo_runs_and_agrees(tmp_path, capsys, backend):
     assert result["max_param_diff"] <= 3e-7
     assert result["max_loss_diff"] <= 1e-6
     assert ours[-1] != ours[0]  # it trained
+    diffs = result["param_diff_per_step"]
+    assert set(diffs) == {"fused_optim.AdamW", "torch.optim.AdamW(fused=True)"}  # CPU has it
+    assert all(len(values) == 6 for values in diffs.values())
+    assert diffs["fused_optim.AdamW"][-1] == result["max_param_diff"]
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--backend", "cuda-magic"], ["--nope"]])
