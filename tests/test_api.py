@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -662,3 +663,25 @@ def test_complex_params_follow_torchs_complex_arithmetic(cls_name, kwargs, dtype
     for a, b, start in zip(ours, theirs, initial):
         assert torch.equal(a, b), (a - b).abs().max()
         assert not torch.equal(a, start)
+
+
+def test_auto_falls_back_to_the_reference_on_cpu_with_one_warning(monkeypatch):
+    """Without the C++ CPU extension (and without Triton's interpreter), CPU tensors get the
+    reference backend: one RuntimeWarning per process naming the reinstall command, not a
+    silent slowdown; an explicit backend="reference" says nothing."""
+    backends = fused_optim.backends
+    cpu = backends._module("cpu")
+    monkeypatch.setattr(cpu, "_IMPORT_ERROR", ImportError("not built"))
+    monkeypatch.setattr(backends._module("triton"), "is_available", lambda device: (False, ""))
+    monkeypatch.setattr(backends, "_warned_slow_cpu_default", False)
+    p = nn.Parameter(torch.ones(3))
+    with pytest.warns(RuntimeWarning, match=r"reference backend.*pip install --no-build-isolation"):
+        opt = fused_optim.AdamW([p])
+    assert opt.group_backends() == ["reference"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.grad = torch.ones(3)
+        opt.step()
+        fused_optim.AdamW([p])
+        fused_optim.SGD([p], backend="reference").step()
+    assert not torch.equal(p, torch.ones(3))

@@ -16,6 +16,7 @@ optionally a compiled ``host_step``).
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -46,6 +47,25 @@ def validate_request(request: str | None) -> None:
         raise ValueError(f"Invalid backend: {request!r}; expected None or one of {BACKENDS}")
 
 
+_warned_slow_cpu_default = False
+
+
+def _warn_slow_cpu_default() -> None:
+    """Once per process: CPU tensors get the pure-torch reference backend because the C++ CPU
+    extension is not built, a silent several-fold slowdown otherwise."""
+    global _warned_slow_cpu_default
+    if _warned_slow_cpu_default:
+        return
+    _warned_slow_cpu_default = True
+    reason = _module("cpu").is_available(torch.device("cpu"))[1]
+    warnings.warn(
+        "fused_optim: CPU tensors are updated by the pure-torch reference backend, several "
+        f"times slower than the fused C++ one, because {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def select_backend(
     request: str | None, device: torch.device, sparse_grads: bool = False
 ) -> ModuleType:
@@ -66,6 +86,8 @@ def select_backend(
             backend = _module(name)
             if backend.is_available(device)[0]:
                 return backend
+        if device.type == "cpu":
+            _warn_slow_cpu_default()
         return reference
     backend = _module(request)
     available, reason = backend.is_available(device)
