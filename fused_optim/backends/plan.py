@@ -98,11 +98,11 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 _dtype = attrgetter("dtype")
 
 
-# The C methods themselves: through ``torch.Tensor`` they cost several times more on
-# nn.Parameter (its subclass dispatch).
-_data_ptr = torch._C.TensorBase.data_ptr
-_size = torch._C.TensorBase.size
-_stride = torch._C.TensorBase.stride
+# The C methods themselves, for per-tensor maps here and in the optimizer's fingerprint:
+# through ``torch.Tensor`` they cost several times more on nn.Parameter (its subclass dispatch).
+tensor_data_ptr = torch._C.TensorBase.data_ptr
+tensor_size = torch._C.TensorBase.size
+tensor_stride = torch._C.TensorBase.stride
 
 
 @contextmanager
@@ -127,10 +127,10 @@ def signatures(tensors: list) -> tuple[list, list, list, list]:
     C-level ``map``."""
     with gc_paused():
         return (
-            list(map(_data_ptr, tensors)),
+            list(map(tensor_data_ptr, tensors)),
             list(map(_dtype, tensors)),
-            list(map(_size, tensors)),
-            list(map(_stride, tensors)),
+            list(map(tensor_size, tensors)),
+            list(map(tensor_stride, tensors)),
         )
 
 

@@ -24,7 +24,8 @@ from torch.optim.optimizer import _device_dtype_check_for_fused
 from ..backends import host_checks, preload, select_backend, validate_request
 from ..backends.compiled import SlotPool, prepare_state
 from ..backends.contract import StepContext, Work
-from ..backends.plan import gc_paused
+from ..backends.plan import gc_paused, tensor_size
+from ..backends.reference import compute_dtype
 from ._engine import (
     FastPath,
     StepPlan,
@@ -54,8 +55,7 @@ from ._state import (
 __all__ = ["MASTER_KEY", "TORCH_OPTIM", "FusedOptimizerMixin", "Precision"]
 
 _dtype = attrgetter("dtype")
-# torch.Tensor.shape costs several times more on nn.Parameter (its subclass dispatch).
-_shape = torch._C.TensorBase.size
+_shape = tensor_size
 
 
 @contextmanager
@@ -73,7 +73,7 @@ def _amp_attributes_hidden(optimizer):
 
 def unscale_grad_(grad: Tensor, grad_scale: Tensor) -> None:
     """``grad / grad_scale`` in fp32 (fp64 for fp64 grads), written back, as the kernels do."""
-    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(grad.dtype)
     grad.copy_(grad.to(compute) / grad_scale.to(device=grad.device, dtype=compute))
 
 

@@ -19,31 +19,32 @@ import torch
 from torch import Tensor
 
 from ..backends.contract import Work
+from ..backends.plan import tensor_data_ptr
 from ._state import any_dtensor, needs_views, real_view
 
 _grad = attrgetter("grad")
-# The C method itself: through torch.Tensor it costs more on nn.Parameter (subclass dispatch).
-_data_ptr = torch._C.TensorBase.data_ptr
 
 
 def fingerprint(params: list[Tensor]) -> list:
     """What must not change about the params for a plan to stay valid: the objects and their
     storage. Built with C-level ``map``, so that checking costs far less than rebuilding."""
     storage = [real_view(p) for p in params] if any_dtensor(params) else params
-    return [list(map(id, params)), list(map(_data_ptr, storage))]
+    return [list(map(id, params)), list(map(tensor_data_ptr, storage))]
 
 
 def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
-    """The same for state: the state dicts, and the tensors under ``keys`` in them with their
-    shapes and dtypes (which ``.data`` can change), or None when a param has no state yet."""
+    """The same for state: the state dicts, and the tensors under ``keys`` in them, with the
+    shapes and dtypes (which ``.data`` can change) of those the step's checks read (not
+    ``step``), or None when a param has no state yet."""
     if None in states:
         return None
     result = [list(map(id, states))]
     for key in keys:
         column = list(map(methodcaller("get", key), states))
         result.append(list(map(id, column)))
-        result.append(list(map(getattr, column, repeat("shape"), repeat(None))))
-        result.append(list(map(getattr, column, repeat("dtype"), repeat(None))))
+        if key != "step":
+            result.append(list(map(getattr, column, repeat("shape"), repeat(None))))
+            result.append(list(map(getattr, column, repeat("dtype"), repeat(None))))
     return result
 
 
