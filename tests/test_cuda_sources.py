@@ -525,9 +525,14 @@ def test_emulated_host_tensor_lr_read_from_the_table(emulated_backend, monkeypat
     and computes in fp32, as torch.optim's tensor arithmetic (LrKind kFloat32Value). The
     emulation's params are host tensors too, so the kind is forced here."""
     monkeypatch.setattr(cuda_backend, "_lr_kind", lambda hypers, device: (False, torch.float32))
+    _tensor_lr_matches_reference(emulated_backend, algorithm, dict(lr=torch.tensor(0.0123)))
+
+
+def _tensor_lr_matches_reference(emulated_backend, algorithm, hyper) -> None:
+    """Two steps with ``hyper`` (a tensor lr among them), emulated kernels against the
+    reference, bitwise."""
     params = _tensors(torch.float32)
     grads = [_tensors(torch.float32) for _ in range(2)]
-    hyper = dict(lr=torch.tensor(0.0123))
     if algorithm == "adam":
         states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
         steps = [torch.tensor(float(i % 3)) for i in range(len(params))]
@@ -557,21 +562,8 @@ def test_emulated_tensor_lr_of_every_dtype_follows_the_reference(
         monkeypatch.setattr(
             cuda_backend, "_lr_kind", lambda hypers, device: (False, real_kind(hypers, device)[1])
         )
-    params = _tensors(torch.float32)
-    grads = [_tensors(torch.float32) for _ in range(2)]
     lr = torch.tensor(2 if lr_dtype == torch.int64 else 0.0123).to(lr_dtype)
-    hyper = dict(lr=lr, weight_decay=0.1)
-    if algorithm == "adam":
-        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-        steps = [torch.tensor(float(i % 3)) for i in range(len(params))]
-        kw = dict(amsgrad=False, maximize=False, decoupled_weight_decay=True)
-        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads, states, steps,
-                                    hyper=hyper, **kw)  # fmt: skip
-    else:
-        (p, _), (rp, _) = _run_both(emulated_backend, algorithm, params, grads,
-                                    [[None] * len(params)], hyper=hyper, nesterov=False,
-                                    maximize=False)  # fmt: skip
-    _close(p, rp, "param", rtol=0, atol=0)
+    _tensor_lr_matches_reference(emulated_backend, algorithm, dict(lr=lr, weight_decay=0.1))
     assert LAUNCHES
 
 
