@@ -6,9 +6,9 @@ kernels are the compiled extension ``fused_optim._C_cpu`` (csrc/cpu, with the pe
 of csrc/math/update.h),
 registered as the operators ``torch.ops.fused_optim.sgd_`` and ``torch.ops.fused_optim.adam_``
 (mutable tensor-list schemas with fake implementations, so that torch.compile can trace them).
-The package builds it when torch is importable at install time
-(``pip install --no-build-isolation -e .``); without it this backend reports itself unavailable
-with the original import error.
+``pip install`` builds it against the torch installed in the target environment (with or
+without build isolation); without it this backend reports itself unavailable with the original
+import error.
 
 The kernel walks every tensor in its param's memory order in 16K-element chunks, all chunks of
 all tensors in one parallel loop; the update math runs in fp32 (fp64 for fp64 params) and rounds
@@ -58,8 +58,10 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     """Whether this backend can update tensors on ``device``, and why not if it cannot."""
     if _IMPORT_ERROR is not None:
         return False, (
-            f"the C++ CPU extension fused_optim._C_cpu is not built ({_IMPORT_ERROR!r}); "
-            'reinstall with `pip install --no-build-isolation -e ".[test]"`'
+            f"the C++ CPU extension fused_optim._C_cpu is not built ({_IMPORT_ERROR!r}). "
+            "It builds when torch is installed before fused_optim and a C++ compiler works: "
+            "reinstall with `pip install -v --force-reinstall --no-deps --no-cache-dir "
+            "<fused_optim or its source folder>` (-v shows why a build fails)"
         )
     if torch.device(device).type != "cpu":
         return False, f"it runs on CPU tensors only (got {torch.device(device).type!r})"
