@@ -1,5 +1,5 @@
-"""Constructor signatures are torch.optim's plus `backend` and the precision modes (keyword-only,
-off by default); kernel hyperparameters are runtime."""
+"""Constructor signatures are torch.optim's plus `backend`, the precision modes and the fused
+gradient clipping (keyword-only, off by default); kernel hyperparameters are runtime."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fused_optim.backends.triton import kernels
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-def test_signature_is_torch_plus_backend_and_precision_modes(name):
+def test_signature_is_torch_plus_backend_precision_modes_and_clipping(name):
     ours = inspect.signature(getattr(fused_optim, name).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
     extra = {
@@ -22,6 +22,8 @@ def test_signature_is_torch_plus_backend_and_precision_modes(name):
         "master_weights": False,
         "stochastic_rounding": False,
         "seed": 0,
+        "max_grad_norm": None,
+        "write_clipped_grads": False,
     }
     assert list(ours) == [*theirs, *extra]
     for key, param in theirs.items():

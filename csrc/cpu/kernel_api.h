@@ -35,21 +35,44 @@ struct Chunk {
   int64_t length;
 };
 
+// What happens to a gradient before the update reads it: GradScaler's unscale (g / scale, in the
+// compute type), then gradient clipping's coefficient (torch's grad.mul_(coef.to(grad.dtype)):
+// the gradient and the coefficient rounded to the grad's dtype, their product rounded to it).
+// The result is stored into the grad only with write_back; otherwise the grad's memory is only
+// read.
+struct GradArgs {
+  bool has_scale = false;
+  double scale = 1.0;
+  bool has_coef = false;
+  double coef = 1.0;
+  bool write_back = false;
+};
+
 // Per-launch flags; the hyperparameters are per group (Task::hyper).
 struct SgdArgs {
   bool has_momentum, nesterov, maximize;
   bool complex_arithmetic;  // the params are real views of complex ones (math/update.h)
-  bool has_grad_scale;
-  double grad_scale;
+  GradArgs grad;
   bool stochastic_rounding;
 };
 
 struct AdamArgs {
   bool amsgrad, maximize, decoupled_weight_decay;
   bool complex_arithmetic;  // the params are real views of complex ones (math/update.h)
-  bool has_grad_scale;
-  double grad_scale;
+  GradArgs grad;
   bool stochastic_rounding;
+};
+
+// A gradient norm's reduction over the kGrad arrays of the tasks (the grads unscaled first when
+// has_scale, rounded to their dtype as GradScaler writes them): the sum of squares, of absolute
+// values, or of |g|^p, or the largest |g| (NaN if any is NaN). In fp64, one partial per chunk.
+enum NormKind : int { kNormSquares = 0, kNormAbs = 1, kNormPower = 2, kNormMax = 3 };
+
+struct NormArgs {
+  int kind;
+  double p;  // kNormPower's exponent
+  bool has_scale;
+  double scale;
 };
 
 // One OpenMP parallel region over all chunks of all tasks.
@@ -60,6 +83,12 @@ void adam_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const
 void sgd_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks, const SgdArgs& args);
 void adam_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
                  const AdamArgs& args);
+void grad_norm_base(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
+                    const NormArgs& args, double* partials);
+void grad_norm_avx2(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
+                    const NormArgs& args, double* partials);
+void grad_norm_avx512(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
+                      const NormArgs& args, double* partials);
 
 // murmur3's 32-bit finalizer (backends/reference.py's mix32).
 inline uint32_t mix32(uint32_t h) {

@@ -179,11 +179,114 @@ inline void write_param(const Task& task, T* p, bool p_direct, int64_t offset, i
   }
 }
 
+// x rounded to a storage dtype and back (a double goes through float for bf16/fp16, as
+// torch's .to()).
 template <typename T>
-inline void unscale_grad(const Task& task, T* g, bool g_direct, int64_t offset, int64_t n,
-                         T scale) {
-  for (int64_t i = 0; i < n; ++i) g[i] = fmath::unscale(g[i], scale);
-  if (!g_direct) store_block(g, task.dtype[fcpu::kGrad], task.data[fcpu::kGrad], offset, n);
+inline T round_to_dtype(T x, int8_t dtype) {
+  switch (dtype) {
+    case fcpu::kFloat32:
+      return static_cast<T>(static_cast<float>(x));
+    case fcpu::kBFloat16:
+      return static_cast<T>(bf16_to_float(float_to_bf16(static_cast<float>(x))));
+    case fcpu::kFloat16:
+      return static_cast<T>(f16_to_float(float_to_f16(static_cast<float>(x))));
+    default:
+      return x;
+  }
+}
+
+// The gradient block the update reads (GradArgs): unscaled, then clipped, and stored into the
+// grad only with write_back. A grad used in place (g_direct) is never modified without
+// write_back: its values then go to `local`.
+template <typename T>
+inline T* prepare_grad(const Task& task, T* g, bool g_direct, int64_t offset, int64_t n,
+                       const fcpu::GradArgs& a, T* local) {
+  if (!a.has_scale && !a.has_coef) return g;
+  T* out = (g_direct && !a.write_back) ? local : g;
+  if (a.has_scale) {
+    const T scale = static_cast<T>(a.scale);
+    for (int64_t i = 0; i < n; ++i) out[i] = fmath::unscale(g[i], scale);
+  } else if (out != g) {
+    std::copy(g, g + n, out);
+  }
+  if (a.has_coef) {
+    const int8_t dtype = task.dtype[fcpu::kGrad];
+    const T coef = round_to_dtype(static_cast<T>(a.coef), dtype);
+    if (dtype == native_dtype<T>()) {
+      for (int64_t i = 0; i < n; ++i) out[i] = out[i] * coef;
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        out[i] = round_to_dtype(round_to_dtype(out[i], dtype) * coef, dtype);
+      }
+    }
+  }
+  if (a.write_back && !g_direct) {
+    store_block(out, task.dtype[fcpu::kGrad], task.data[fcpu::kGrad], offset, n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------- gradient norm
+
+// One chunk's share of a gradient norm (NormArgs), in a fixed order: element i of the chunk
+// goes to accumulator i % 8 and the accumulators combine in a fixed tree, so every ISA build and
+// every thread count gives the same bits.
+template <typename T>
+inline double norm_chunk(const Task& task, const Chunk& chunk, const fcpu::NormArgs& a) {
+  constexpr int kLanes = 8;
+  static_assert(kBlock % kLanes == 0, "a block starts a lane group");
+  const bool take_max = a.kind == fcpu::kNormMax;
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  alignas(64) T gb[kBlock];
+  alignas(64) double u[kBlock];
+  const int8_t dtype = task.dtype[fcpu::kGrad];
+  const T scale = static_cast<T>(a.scale);
+  const int64_t end = chunk.start + chunk.length;
+  for (int64_t offset = chunk.start; offset < end; offset += kBlock) {
+    const int64_t n = std::min(kBlock, end - offset);
+    bool gd;
+    const T* g = open_block(task, fcpu::kGrad, offset, n, gb, gd);
+    if (a.has_scale) {
+      for (int64_t i = 0; i < n; ++i) {
+        u[i] = std::fabs(static_cast<double>(round_to_dtype(fmath::unscale(g[i], scale), dtype)));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) u[i] = std::fabs(static_cast<double>(g[i]));
+    }
+    switch (a.kind) {
+      case fcpu::kNormSquares:
+        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += u[i] * u[i];
+        break;
+      case fcpu::kNormAbs:
+        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += u[i];
+        break;
+      case fcpu::kNormPower:
+        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += std::pow(u[i], a.p);
+        break;
+      default:
+        for (int64_t i = 0; i < n; ++i) {
+          acc[i % kLanes] = fmath::nan_maximum(acc[i % kLanes], u[i]);
+        }
+        break;
+    }
+  }
+  if (take_max) {
+    double m = acc[0];
+    for (int j = 1; j < kLanes; ++j) m = fmath::nan_maximum(m, acc[j]);
+    return m;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+inline void grad_norm_all(const Task* tasks, const Chunk* chunks, int64_t num_chunks,
+                          const fcpu::NormArgs& a, double* partials) {
+#pragma omp parallel for schedule(static) if (num_chunks > 1)
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const Task& task = tasks[chunks[c].task];
+    partials[c] = task.dtype[fcpu::kGrad] == fcpu::kFloat64
+                      ? norm_chunk<double>(task, chunks[c], a)
+                      : norm_chunk<float>(task, chunks[c], a);
+  }
 }
 
 // ---------------------------------------------------------------------------------------- Adam
@@ -481,7 +584,7 @@ inline bool adam_fast_chunk(const Task& task, const Chunk& chunk, const AdamArgs
 template <bool kMaximize, bool kDecoupled>
 inline bool adam_fast_chunk_float(const Task& task, const Chunk& chunk, const AdamArgs& args,
                                   const fmath::AdamScalars<float>& f) {
-  if (args.has_grad_scale) return false;
+  if (args.grad.has_scale || args.grad.has_coef) return false;
   if (task.data[fcpu::kMaster] != nullptr) return false;
   for (int slot : {int(fcpu::kParam), int(fcpu::kGrad), int(fcpu::kState0), int(fcpu::kState1)}) {
     if (task.dtype[slot] != fcpu::kFloat32 && task.dtype[slot] != fcpu::kBFloat16) return false;
@@ -517,7 +620,6 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
     return;
   }
 #endif
-  const T scale = static_cast<T>(args.grad_scale);
   const int p_slot = task.data[fcpu::kMaster] != nullptr ? fcpu::kMaster : fcpu::kParam;
   alignas(64) T pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
   const int64_t end = chunk.start + chunk.length;
@@ -527,7 +629,7 @@ void adam_chunk(const Task& task, const Chunk& chunk, const AdamArgs& args) {
     bool pd, gd, md, vd, xd = true;
     T* p = open_block(task, p_slot, offset, n, pb, pd);
     T* g = open_block(task, fcpu::kGrad, offset, n, gb, gd);
-    if (args.has_grad_scale) unscale_grad(task, g, gd, offset, n, scale);
+    g = prepare_grad(task, g, gd, offset, n, args.grad, gb);
     T* m = open_block(task, fcpu::kState0, offset, n, mb, md);
     T* v = open_block(task, fcpu::kState1, offset, n, vb, vd);
     T* x = kAmsgrad ? open_block(task, fcpu::kState2, offset, n, xb, xd) : xb;
@@ -594,7 +696,6 @@ void sgd_chunk(const Task& task, const Chunk& chunk, const SgdArgs& args) {
   s.momentum = static_cast<T>(hyper[::fused_optim::kHyperMomentum]);
   s.one_minus_dampening = static_cast<T>(1.0 - hyper[::fused_optim::kHyperDampening]);
   s.weight_decay = static_cast<T>(hyper[::fused_optim::kHyperWeightDecay]);
-  const T scale = static_cast<T>(args.grad_scale);
   const int p_slot = task.data[fcpu::kMaster] != nullptr ? fcpu::kMaster : fcpu::kParam;
   alignas(64) T pb[kBlock], gb[kBlock], bb[kBlock];
   const int64_t end = chunk.start + chunk.length;
@@ -604,7 +705,7 @@ void sgd_chunk(const Task& task, const Chunk& chunk, const SgdArgs& args) {
     bool pd, gd, bd = true;
     T* p = open_block(task, p_slot, offset, n, pb, pd);
     T* g = open_block(task, fcpu::kGrad, offset, n, gb, gd);
-    if (args.has_grad_scale) unscale_grad(task, g, gd, offset, n, scale);
+    g = prepare_grad(task, g, gd, offset, n, args.grad, gb);
     T* b = bb;
     if (kMomentum) {
       if (task.new_buffer) {
@@ -665,5 +766,9 @@ inline void sgd_dispatch(const Task* tasks, const Chunk* chunks, int64_t num_chu
   void adam_##SUFFIX(const Task* tasks, const Chunk* chunks, int64_t n, const AdamArgs& args) { \
     adam_dispatch(tasks, chunks, n, args);                                                     \
   }                                                                                            \
+  void grad_norm_##SUFFIX(const Task* tasks, const Chunk* chunks, int64_t n,                  \
+                          const NormArgs& args, double* partials) {                           \
+    grad_norm_all(tasks, chunks, n, args, partials);                                          \
+  }                                                                                           \
   }                                                                                            \
   }

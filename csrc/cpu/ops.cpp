@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <optional>
 #include <cstdint>
+#include <limits>
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -254,6 +256,18 @@ bool skipped(const std::optional<Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->defined() && scalar_value(*found_inf) != 0.0;
 }
 
+// GradScaler's unscale and gradient clipping's coefficient (kernel_api.h's GradArgs).
+GradArgs grad_args(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& grad_coef,
+                   bool write_grads) {
+  GradArgs a;
+  a.has_scale = grad_scale.has_value() && grad_scale->defined();
+  a.scale = a.has_scale ? scalar_value(*grad_scale) : 1.0;
+  a.has_coef = grad_coef.has_value() && grad_coef->defined();
+  a.coef = a.has_coef ? scalar_value(*grad_coef) : 1.0;
+  a.write_back = a.has_scale || (a.has_coef && write_grads);
+  return a;
+}
+
 double step_value(TensorList steps, size_t i) {
   return i < steps.size() ? scalar_value(steps[i]) : 0.0;
 }
@@ -280,7 +294,8 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
           const Tensor& hyper, at::IntArrayRef groups, bool has_momentum, bool nesterov,
           bool maximize, bool complex_arithmetic, const std::optional<Tensor>& grad_scale,
           const std::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t seed,
-          at::IntArrayRef param_indices) {
+          at::IntArrayRef param_indices, const std::optional<Tensor>& grad_coef,
+          bool write_grads) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && groups.size() == count,
               "fused_optim::sgd_: grads, groups and params differ in length");
@@ -293,12 +308,11 @@ void sgd_(TensorList params, TensorList grads, TensorList momentum_buffers,
   args.nesterov = nesterov;
   args.maximize = maximize;
   args.complex_arithmetic = complex_arithmetic;
-  args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
-  args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
+  args.grad = grad_args(grad_scale, grad_coef, write_grads);
   args.stochastic_rounding = stochastic_rounding;
   Plan plan;
   plan.tasks.reserve(count);
-  const bool writes[kSlots] = {true, args.has_grad_scale, true, true, true, true};
+  const bool writes[kSlots] = {true, args.grad.write_back, true, true, true, true};
   for (size_t i = 0; i < count; ++i) {
     check_cpu(params[i], "params");
     check_cpu(grads[i], "grads");
@@ -370,8 +384,9 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            const Tensor& hyper, at::IntArrayRef groups, int64_t lr_kind, bool amsgrad,
            bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections,
            bool complex_arithmetic, const std::optional<Tensor>& grad_scale,
-           const std::optional<Tensor>& found_inf,
-           bool stochastic_rounding, int64_t seed, at::IntArrayRef param_indices) {
+           const std::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t seed,
+           at::IntArrayRef param_indices, const std::optional<Tensor>& grad_coef,
+           bool write_grads) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && exp_avgs.size() == count &&
                   exp_avg_sqs.size() == count && steps.size() == count && groups.size() == count,
@@ -385,12 +400,11 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   args.maximize = maximize;
   args.decoupled_weight_decay = decoupled_weight_decay;
   args.complex_arithmetic = complex_arithmetic;
-  args.has_grad_scale = grad_scale.has_value() && grad_scale->defined();
-  args.grad_scale = args.has_grad_scale ? scalar_value(*grad_scale) : 1.0;
+  args.grad = grad_args(grad_scale, grad_coef, write_grads);
   args.stochastic_rounding = stochastic_rounding;
   Plan plan;
   plan.tasks.reserve(count);
-  const bool writes[kSlots] = {true, args.has_grad_scale, true, true, true, true};
+  const bool writes[kSlots] = {true, args.grad.write_back, true, true, true, true};
   AdamScalarCache scalars;
   for (size_t i = 0; i < count; ++i) {
     check_cpu(params[i], "params");
@@ -409,6 +423,48 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
     if (stochastic_rounding) task.sr_key = sr_key(seed, step, param_index(param_indices, i));
   }
   plan.run(args, adam_base, adam_avx2, adam_avx512);
+}
+
+// The reduction of a gradient norm over every grad (kernel_api.h's NormArgs), as a 0-dim fp64
+// CPU tensor: the chunks' partials combine in chunk order, so the result depends on neither the
+// thread count nor the ISA build.
+Tensor grad_norm(TensorList grads, int64_t kind, double p,
+                 const std::optional<Tensor>& grad_scale) {
+  TORCH_CHECK(kind >= kNormSquares && kind <= kNormMax, "fused_optim::grad_norm: unknown kind ",
+              kind);
+  NormArgs args{};
+  args.kind = static_cast<int>(kind);
+  args.p = p;
+  args.has_scale = grad_scale.has_value() && grad_scale->defined();
+  args.scale = args.has_scale ? scalar_value(*grad_scale) : 1.0;
+  Plan plan;
+  plan.tasks.reserve(grads.size());
+  const bool writes[kSlots] = {false, false, false, false, false, false};
+  for (const Tensor& g : grads) {
+    check_cpu(g, "grads");
+    const Tensor* arrays[kSlots] = {&g, &g, nullptr, nullptr, nullptr, nullptr};
+    plan.add(arrays, writes);
+  }
+  const int64_t num_chunks = static_cast<int64_t>(plan.chunks.size());
+  std::vector<double> partials(num_chunks);
+  if (num_chunks > 0) {
+    const Isa isa = isa_in_use();
+    const auto kernel = isa == Isa::kAvx512 ? grad_norm_avx512
+                        : isa == Isa::kAvx2 ? grad_norm_avx2
+                                            : grad_norm_base;
+    kernel(plan.tasks.data(), plan.chunks.data(), num_chunks, args, partials.data());
+  }
+  double total = 0.0;
+  for (double partial : partials) {
+    if (kind != kNormMax) {
+      total += partial;
+    } else if (std::isnan(partial) || std::isnan(total)) {
+      total = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      total = std::max(total, partial);
+    }
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -526,12 +582,12 @@ class HostPlan {
 
   // One step of the bucket (after check() said the plan holds).
   void run(const Tensor& hyper, const std::optional<Tensor>& grad_scale,
-           const std::optional<Tensor>& found_inf) {
+           const std::optional<Tensor>& found_inf, const std::optional<Tensor>& grad_coef,
+           bool write_grads) {
     const size_t count = params_.size();
     const double* rows = hyper_rows(hyper, groups_);
     if (skipped(found_inf)) return;
-    const bool has_grad_scale = grad_scale.has_value() && grad_scale->defined();
-    const double scale = has_grad_scale ? scalar_value(*grad_scale) : 1.0;
+    const GradArgs grad = grad_args(grad_scale, grad_coef, write_grads);
     Staging& staging = plan_.staging;
     AdamScalarCache scalars;
     for (size_t i = 0; i < count; ++i) {
@@ -540,7 +596,7 @@ class HostPlan {
       const Tensor& p = params_[i];
       const Tensor& g = *grads_[i];
       const bool direct = is_dense(g) && same_layout(g, p);
-      const Tensor& used = direct ? g : staging.resolve(g, p, has_grad_scale);
+      const Tensor& used = direct ? g : staging.resolve(g, p, grad.write_back);
       task.data[kGrad] = used.data_ptr();
       task.dtype[kGrad] = dtype_code(used, "a grad");
       const double* row = rows + groups_[i] * kHyperColumns;
@@ -556,13 +612,11 @@ class HostPlan {
     }
     if (adam_) {
       AdamArgs args = adam_args_;
-      args.has_grad_scale = has_grad_scale;
-      args.grad_scale = scale;
+      args.grad = grad;
       plan_.run(args, adam_base, adam_avx2, adam_avx512);
     } else {
       SgdArgs args = sgd_args_;
-      args.has_grad_scale = has_grad_scale;
-      args.grad_scale = scale;
+      args.grad = grad;
       plan_.run(args, sgd_base, sgd_avx2, sgd_avx512);
     }
   }
@@ -800,14 +854,16 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "int[] new_buffer_flags, Tensor[] steps, Tensor(d!)[] master_params, Tensor hyper, "
       "int[] groups, bool has_momentum, bool nesterov, bool maximize, bool complex_arithmetic, "
       "Tensor? grad_scale, Tensor? found_inf, bool stochastic_rounding, int seed, "
-      "int[] param_indices) -> ()");
+      "int[] param_indices, Tensor? grad_coef=None, bool write_grads=False) -> ()");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] steps, "
       "Tensor(f!)[] master_params, Tensor hyper, int[] groups, int lr_kind, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, bool tensor_bias_corrections, "
       "bool complex_arithmetic, Tensor? grad_scale, Tensor? found_inf, "
-      "bool stochastic_rounding, int seed, int[] param_indices) -> ()");
+      "bool stochastic_rounding, int seed, int[] param_indices, Tensor? grad_coef=None, "
+      "bool write_grads=False) -> ()");
+  m.def("grad_norm(Tensor[] grads, int kind, float p, Tensor? grad_scale) -> Tensor");
   m.def("cpu_isa() -> str", [] { return fused_optim::cpu::isa(); });
   m.def("cpu_set_isa(str isa) -> str",
         [](std::string isa) { return fused_optim::cpu::set_isa(isa); });
@@ -819,6 +875,7 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("sgd_", &fused_optim::cpu::sgd_);
   m.impl("adam_", &fused_optim::cpu::adam_);
+  m.impl("grad_norm", &fused_optim::cpu::grad_norm);
 }
 
 // The Python module: loading it registers the operators (torch.ops.fused_optim); it also holds

@@ -1,7 +1,7 @@
 """The one typed contract between the optimizers and every backend.
 
-A backend is a module with ``NAME``, ``SUPPORTS_SPARSE``, ``is_available(device)`` and two entry
-points:
+A backend is a module with ``NAME``, ``SUPPORTS_SPARSE``, ``SUPPORTS_GRAD_COEF`` (it applies
+``StepContext.grad_coef`` in its update), ``is_available(device)`` and two entry points:
 
 ``sgd(work: Work, hypers: Sequence[SgdHyper], flags: SgdFlags, context: StepContext)
 -> list[Tensor | None]``
@@ -104,12 +104,22 @@ class StepContext:
     unscaled; change nothing at all when ``found_inf`` is nonzero). ``stochastic_rounding`` and
     ``seed``: round low-precision param writes at random with counter-based bits of (seed, step,
     param index, element index).
+
+    ``grad_coef``: gradient clipping's coefficient, a 0-dim tensor on the params' device (see
+    ``backends.clip``): after the unscale, each gradient is rounded to its dtype and multiplied
+    by the coefficient rounded to that dtype (torch's ``grad.mul_(coef.to(grad.dtype))``), the
+    product rounded to the gradient's dtype. The clipped gradient is written back when the
+    unscale writes it back (``grad_scale``) or when ``write_grads`` asks; otherwise the
+    gradients in memory stay as they were. Backends with ``SUPPORTS_GRAD_COEF`` apply it in the
+    update; the optimizer multiplies the gradients beforehand for the others.
     """
 
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
     stochastic_rounding: bool = False
     seed: int = 0
+    grad_coef: Tensor | None = None
+    write_grads: bool = False
 
 
 @dataclass(eq=False)
@@ -161,6 +171,7 @@ class Backend(Protocol):
 
     NAME: str
     SUPPORTS_SPARSE: bool
+    SUPPORTS_GRAD_COEF: bool
 
     def is_available(self, device: torch.device) -> tuple[bool, str]: ...
 

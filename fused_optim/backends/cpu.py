@@ -30,6 +30,7 @@ from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cpu"
 SUPPORTS_SPARSE = False
+SUPPORTS_GRAD_COEF = True
 
 try:
     from .. import _C_cpu
@@ -44,6 +45,7 @@ __all__ = [
     "SUPPORTS_SPARSE",
     "adam",
     "cpu_isa",
+    "grad_norm",
     "is_available",
     "set_isa",
     "sgd",
@@ -117,7 +119,10 @@ class _HostStep:
         if hypers is not self.hypers or self.tensor_lr:
             self.table = _hyper_table(hypers)
             self.hypers = hypers
-        self.host.run(self.table, context.grad_scale, context.found_inf)
+        self.host.run(
+            self.table, context.grad_scale, context.found_inf, context.grad_coef,
+            context.write_grads,
+        )  # fmt: skip
 
 
 def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | None:
@@ -151,6 +156,13 @@ def host_step(work: Work, hypers, flags, context: StepContext) -> _HostStep | No
         _seed(context.seed),
     )
     return None if host is None else _HostStep(host, isinstance(lr, Tensor))
+
+
+def grad_norm(grads: list[Tensor], kind: int, norm_type: float, grad_scale) -> Tensor:
+    """One pass over ``grads`` for a gradient norm (``backends.clip``): the fp64 sum of |g|^p
+    (or the largest |g|, by ``kind``) of the unscaled gradients, as a 0-dim CPU tensor, in an
+    order that depends on neither the thread count nor the kernel build."""
+    return torch.ops.fused_optim.grad_norm(grads, kind, norm_type, grad_scale)
 
 
 def _hyper_table(hypers) -> Tensor:
@@ -217,6 +229,8 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
         context.stochastic_rounding,
         _seed(context.seed),
         work.indices,
+        context.grad_coef,
+        context.write_grads,
     )
     return created
 
@@ -247,5 +261,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
         context.stochastic_rounding,
         _seed(context.seed),
         work.indices,
+        context.grad_coef,
+        context.write_grads,
     )
     return [None] * len(params)

@@ -31,6 +31,7 @@ from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
+SUPPORTS_GRAD_COEF = False  # the optimizer applies a clipping coefficient beforehand
 
 try:
     from .. import _C_cuda  # noqa: F401  (registers torch.ops.fused_optim_cuda)

@@ -24,6 +24,7 @@ from fused_optim.backends.contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "reference"
 SUPPORTS_SPARSE = True
+SUPPORTS_GRAD_COEF = True
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -109,12 +110,30 @@ class _Writer:
         destination.copy_(value)
 
 
-def _scaled_grad(grad: Tensor, ctype, grad_scale, write: _Writer) -> Tensor:
+def _prepared_grad(grad: Tensor, ctype, context: StepContext, write: _Writer) -> Tensor:
+    """The gradient the update reads, in ``ctype``: unscaled (GradScaler), then clipped
+    (``context.grad_coef``, in the gradient's dtype as torch's ``grad.mul_(coef)``), and
+    written back when the contract says so."""
     g = grad.to(ctype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=grad.device, dtype=ctype)
+    written = context.grad_scale is not None
+    if written:
+        g = g / context.grad_scale.to(device=grad.device, dtype=ctype)
+    if context.grad_coef is not None:
+        coef = context.grad_coef.to(device=grad.device, dtype=grad.dtype)
+        g = (g.to(grad.dtype) * coef).to(ctype)
+        written = written or context.write_grads
+    if written:
         write(grad, g)
     return g
+
+
+def _clipped_sparse_grad(grad: Tensor, context: StepContext) -> Tensor:
+    if context.grad_coef is None:
+        return grad
+    coef = context.grad_coef.to(device=grad.device, dtype=grad.dtype)
+    if context.write_grads:
+        return grad.mul_(coef)
+    return grad * coef
 
 
 def _add_scaled(complex_arithmetic: bool):
@@ -161,7 +180,7 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
     momentum_buffers = list(work.column("momentum_buffer")) or [None] * len(params)
     created: list[Tensor | None] = [None] * len(params)
     master_params, steps, param_indices = work.masters, work.steps, work.indices
-    grad_scale, found_inf = context.grad_scale, context.found_inf
+    found_inf = context.found_inf
     stochastic_rounding, seed = context.stochastic_rounding, context.seed
     nesterov, maximize = flags.nesterov, flags.maximize
     add_scaled = _add_scaled(flags.complex_arithmetic)
@@ -178,9 +197,9 @@ def sgd(work: Work, hypers, flags: SgdFlags, context: StepContext) -> list[Tenso
         if grad.is_sparse:
             # Sparse gradients keep torch.optim's own sparse arithmetic.
             ctype = param.dtype
-            g = grad
+            g = _clipped_sparse_grad(grad, context)
         else:
-            g = _scaled_grad(grad, ctype, grad_scale, write)
+            g = _prepared_grad(grad, ctype, context, write)
         master = master_params[i] if master_params else None
         p = (param if master is None else master).to(ctype, copy=True)
         if maximize:
@@ -238,7 +257,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
     exp_avgs, exp_avg_sqs = work.column("exp_avg"), work.column("exp_avg_sq")
     max_exp_avg_sqs = work.column("max_exp_avg_sq")
     master_params, param_indices = work.masters, work.indices
-    grad_scale, found_inf = context.grad_scale, context.found_inf
+    found_inf = context.found_inf
     stochastic_rounding, seed = context.stochastic_rounding, context.seed
     amsgrad, maximize = flags.amsgrad, flags.maximize
     decoupled_weight_decay = flags.decoupled_weight_decay
@@ -251,7 +270,7 @@ def adam(work: Work, hypers, flags: AdamFlags, context: StepContext) -> list[Ten
         ctype = compute_dtype(param.dtype)
         master = master_params[i] if master_params else None
         p = (param if master is None else master).to(ctype, copy=True)
-        g = _scaled_grad(grads[i], ctype, grad_scale, write)
+        g = _prepared_grad(grads[i], ctype, context, write)
         m = exp_avgs[i].to(ctype, copy=True)
         v = exp_avg_sqs[i].to(ctype, copy=True)
         if maximize:

@@ -26,6 +26,7 @@ from ..backends.compiled import SlotPool, prepare_state
 from ..backends.contract import StepContext, Work
 from ..backends.plan import gc_paused, tensor_size
 from ..backends.reference import compute_dtype
+from ._clip import GradClipping, apply_coefficient_, grads_of_groups
 from ._engine import (
     FastPath,
     StepPlan,
@@ -77,6 +78,19 @@ def unscale_grad_(grad: Tensor, grad_scale: Tensor) -> None:
     grad.copy_(grad.to(compute) / grad_scale.to(device=grad.device, dtype=compute))
 
 
+def _grads_prepared(bucket, work: Work, context: StepContext) -> StepContext:
+    """The context a bucket's backend gets. A clipping coefficient for a backend that does not
+    apply it in its update (``SUPPORTS_GRAD_COEF``; ``bucket`` None: a traced step's op) is
+    applied to the gradients here, after their unscale, as torch does: both write them."""
+    if context.grad_coef is None or (bucket is not None and bucket.backend.SUPPORTS_GRAD_COEF):
+        return context
+    if context.grad_scale is not None:
+        for grad in work.grads:
+            unscale_grad_(grad, context.grad_scale)
+    apply_coefficient_(work.grads, context.grad_coef)
+    return replace(context, grad_scale=None, grad_coef=None)
+
+
 #: What ``group_backends()`` reports for groups that torch.optim's own step updates.
 TORCH_OPTIM = "torch.optim (differentiable)"
 
@@ -92,8 +106,17 @@ class FusedOptimizerMixin:
     state: dict
     ALGORITHM = ""
 
-    def _setup_fused(self, backend: str | None, differentiable: bool, precision: Precision) -> None:
+    def _setup_fused(
+        self,
+        backend: str | None,
+        differentiable: bool,
+        precision: Precision,
+        max_grad_norm: float | None = None,
+        write_clipped_grads: bool = False,
+    ) -> None:
         validate_request(backend)
+        if max_grad_norm is not None and not 0.0 <= float(max_grad_norm) < float("inf"):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if differentiable and (backend is not None or not precision.off):
             raise ValueError(
                 f"differentiable=True runs torch.optim.{type(self).__name__}'s own implementation "
@@ -103,6 +126,7 @@ class FusedOptimizerMixin:
             )
         self._backend = backend
         self._precision = precision
+        self._clipping = GradClipping(max_grad_norm, write_clipped_grads)
         self._reset_runtime_state()
         preload(backend, [p.device for group in self.param_groups for p in group["params"]])
 
@@ -174,6 +198,52 @@ class FusedOptimizerMixin:
         param groups."""
         return self._launches
 
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> Tensor:
+        """Clip the gradients of every param the next ``step()`` updates, as
+        :func:`torch.nn.utils.clip_grad_norm_` would, but inside the update.
+
+        Computes the total ``norm_type``-norm of the gradients now (one multi-tensor pass on
+        the C++ CPU backend; torch's ``get_total_norm`` elsewhere) and returns it as a 0-dim
+        tensor on the params' device, without a host sync. The next ``step()`` multiplies each
+        gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's coefficient, in
+        the gradient's dtype) as it reads it: the gradients in memory are not rewritten
+        (``write_clipped_grads=True`` at construction writes them), which saves the pass that
+        rewrites them. Modifying or replacing a gradient before that ``step()`` makes it raise
+        (call this after the last backward pass); ``zero_grad()`` cancels the clip.
+
+        Args:
+            max_norm (float): max norm of the gradients.
+            norm_type (float): type of the p-norm; ``inf`` for the infinity norm. Default: 2.0.
+            error_if_nonfinite (bool): raise a RuntimeError when the total norm is NaN or
+                infinite (reading it is a host sync on a GPU). Default: False.
+            foreach (bool, optional): accepted for compatibility; no effect. Default: None.
+
+        Under ``torch.amp.GradScaler``, call ``scaler.unscale_(optimizer)`` first, as with
+        torch, or let ``max_grad_norm=`` clip inside ``step()``, where the norm is taken of the
+        unscaled gradients and a step that GradScaler skips stays skipped.
+        """
+        return self._clipping.clip(
+            self.param_groups, max_norm, norm_type, error_if_nonfinite, self._backend
+        )
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The total gradient norm the last clip computed (by ``clip_grad_norm_()`` or, with
+        ``max_grad_norm``, by ``step()``): a 0-dim tensor on the params' device, or None."""
+        return self._clipping.last_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; it also cancels a clip armed by ``clip_grad_norm_()``."""
+        self._clipping.drop()
+        super().zero_grad(set_to_none)  # type: ignore[misc]
+
     @staticmethod
     def _sparse(p: Tensor) -> bool:
         return p.grad is not None and p.grad.is_sparse
@@ -218,6 +288,9 @@ class FusedOptimizerMixin:
         autograd can differentiate through.
         """
         if self._differentiable():
+            coef = self._clipping.take(self.param_groups, None, self._backend)
+            if coef is not None:
+                apply_coefficient_(grads_of_groups(self.param_groups), coef)
             return self._torch_step(closure)
         self._graph_capture_check()
         loss = None
@@ -226,10 +299,12 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        coef = self._clipping.take(self.param_groups, grad_scale, self._backend)
         self._amp = (grad_scale, found_inf)
         try:
             self._step(StepContext(
-                grad_scale, found_inf, self._precision.stochastic_rounding, self._precision.seed
+                grad_scale, found_inf, self._precision.stochastic_rounding, self._precision.seed,
+                coef, self._clipping.write_clipped_grads,
             ))  # fmt: skip
         finally:
             self._amp = (None, None)
@@ -285,8 +360,10 @@ class FusedOptimizerMixin:
             written: list[tuple[Tensor, Tensor]] = []
             if plan.views:
                 work = self._traced_copies(plan, bucket, written)
+            # The compiled ops take no clipping coefficient: it is applied by torch operations.
+            bucket_context = _grads_prepared(None, work, context)
             created = getattr(bucket.backend, self.ALGORITHM)(
-                work, bucket.hypers(hypers), bucket.flags, context
+                work, bucket.hypers(hypers), bucket.flags, bucket_context
             )
             for view, copy in written:
                 view.copy_(copy)
@@ -392,7 +469,7 @@ class FusedOptimizerMixin:
             work = bucket.work
             work.grads = bucket.take(flat_grads)
             created = getattr(bucket.backend, run)(
-                work, bucket.hypers(hypers), bucket.flags, context
+                work, bucket.hypers(hypers), bucket.flags, _grads_prepared(bucket, work, context)
             )
             self._launches += 1
             if any(t is not None for t in created):
@@ -472,11 +549,12 @@ class FusedOptimizerMixin:
         grad_scale, found_inf = context.grad_scale, context.found_inf
         if found_inf is not None and bool(found_inf != 0):
             return
+        grads = grads_of_groups(self.param_groups)
         if grad_scale is not None:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        unscale_grad_(p.grad, grad_scale)
+            for grad in grads:
+                unscale_grad_(grad, grad_scale)
+        if context.grad_coef is not None:
+            apply_coefficient_(grads, context.grad_coef)
         with _amp_attributes_hidden(self):
             self._torch_step(None)
         self._plan = None
@@ -545,6 +623,8 @@ class FusedOptimizerMixin:
         fails, and the full path runs instead."""
         fast = plan.fast
         if fast.amp != self._amp_kind(context):
+            return False
+        if context.grad_coef is not None and not plan.takes_grad_coef:
             return False
         groups = self.param_groups
         if not fast.checks.values_unchanged(groups, fast.raw):
@@ -757,6 +837,9 @@ class FusedOptimizerMixin:
         state = super().__getstate__()  # type: ignore[misc]
         state["_backend"] = self._backend
         state["_precision"] = self._precision
+        state["_clipping"] = GradClipping(
+            self._clipping.max_grad_norm, self._clipping.write_clipped_grads
+        )
         runtime = ("_plan", "_slot_pool", "_launches", "_not_skipped", "_amp", "step_skipped")
         for key in runtime:
             state.pop(key, None)
@@ -768,7 +851,9 @@ class FusedOptimizerMixin:
         # calls __setstate__ without them, and those chosen at construction stay.
         backend = state.pop("_backend", getattr(self, "_backend", None))
         precision = state.pop("_precision", getattr(self, "_precision", Precision()))
+        clipping = state.pop("_clipping", getattr(self, "_clipping", None))
         super().__setstate__(state)  # type: ignore[misc]
         self._backend = backend
         self._precision = precision
+        self._clipping = clipping or GradClipping(None, False)
         self._reset_runtime_state()

@@ -65,6 +65,13 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             are kept on average. The bits are a hash of (``seed``, step, the param's index, the
             element's index): reruns and resumes give the same result. Default: False.
         seed (int): seed of the stochastic rounding. Default: 0.
+        max_grad_norm (float, optional): clip the gradients' total 2-norm to this value at
+            every step, inside the update (see :meth:`clip_grad_norm_`); the norm is taken of
+            the unscaled gradients under GradScaler and kept in ``last_grad_norm``.
+            ``None``: no automatic clipping. Default: None.
+        write_clipped_grads (bool): also write the clipped gradients back into ``.grad`` (by
+            default the update reads them clipped and leaves ``.grad`` as it was, unless
+            GradScaler's unscale writes it back anyway). Default: False.
 
     A tensor ``lr`` on the params' device is read by the kernel (no host sync), and the scalar
     math that involves it runs in its dtype, as torch.optim does. Tensor ``betas`` are read as
@@ -97,6 +104,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        write_clipped_grads: bool = False,
     ) -> None:
         torch.optim.Adam.__init__(
             self,
@@ -117,6 +126,8 @@ class Adam(FusedOptimizerMixin, torch.optim.Adam):
             backend,
             differentiable,
             Precision(state_dtype, master_weights, stochastic_rounding, seed),
+            max_grad_norm,
+            write_clipped_grads,
         )
 
     ALGORITHM = "adam"
@@ -230,7 +241,8 @@ class AdamW(Adam, torch.optim.AdamW):
     ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``; default None, as in :class:`Adam`)
     and the precision modes ``state_dtype``
     (default None), ``master_weights`` (default False), ``stochastic_rounding`` (default False)
-    and ``seed`` (default 0), as in :class:`Adam`.
+    and ``seed`` (default 0), and the fused gradient clipping's ``max_grad_norm`` (default None)
+    and ``write_clipped_grads`` (default False), as in :class:`Adam`.
     """
 
     def __init__(
@@ -252,6 +264,8 @@ class AdamW(Adam, torch.optim.AdamW):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        write_clipped_grads: bool = False,
     ) -> None:
         torch.optim.AdamW.__init__(
             self,
@@ -271,4 +285,6 @@ class AdamW(Adam, torch.optim.AdamW):
             backend,
             differentiable,
             Precision(state_dtype, master_weights, stochastic_rounding, seed),
+            max_grad_norm,
+            write_clipped_grads,
         )

@@ -55,6 +55,13 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             are kept on average. The bits are a hash of (``seed``, step, the param's index, the
             element's index): reruns and resumes give the same result. Default: False.
         seed (int): seed of the stochastic rounding. Default: 0.
+        max_grad_norm (float, optional): clip the gradients' total 2-norm to this value at
+            every step, inside the update (see :meth:`clip_grad_norm_`); the norm is taken of
+            the unscaled gradients under GradScaler and kept in ``last_grad_norm``.
+            ``None``: no automatic clipping. Default: None.
+        write_clipped_grads (bool): also write the clipped gradients back into ``.grad`` (by
+            default the update reads them clipped and leaves ``.grad`` as it was, unless
+            GradScaler's unscale writes it back anyway). Default: False.
 
     Math runs in fp32 for fp16/bf16/fp32 params (fp64 for fp64), rounded once at the store.
     With ``stochastic_rounding``, the state also holds a ``step`` count (it keys the random bits).
@@ -81,6 +88,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        max_grad_norm: float | None = None,
+        write_clipped_grads: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -98,6 +107,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
             backend,
             differentiable,
             Precision(state_dtype, master_weights, stochastic_rounding, seed),
+            max_grad_norm,
+            write_clipped_grads,
         )
 
     ALGORITHM = "sgd"

@@ -19,6 +19,7 @@ from ..contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "triton"
 SUPPORTS_SPARSE = False
+SUPPORTS_GRAD_COEF = False  # the optimizer applies a clipping coefficient beforehand
 
 try:
     import triton.language as tl

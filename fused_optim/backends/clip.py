@@ -1,0 +1,131 @@
+"""The total gradient norm for clipping, and clipping's coefficient, as torch computes them.
+
+``total_norm(grads, norm_type, grad_scale, backend)`` is ``torch.nn.utils.get_total_norm`` of the
+gradients (unscaled first when ``grad_scale`` is given, each rounded to its dtype as GradScaler
+writes it): a 0-dim tensor on the first gradient's device, in the dtype torch's result has (the
+gradients' dtypes promoted), without a host sync.
+
+Where every gradient lives on a device whose backend offers ``grad_norm`` (the C++ CPU backend)
+and the norm is a 1-, 2-, p- (p > 0) or inf-norm of real dense gradients, one multi-tensor pass
+computes it: fp64 partial sums of |g|^p (or the largest |g|) per chunk of elements, combined in a
+fixed order, so that two runs give the same bits whatever the thread count. Anything else
+(complex, sparse or DTensor gradients, other norms, other backends) goes through torch's own
+``get_total_norm`` (deterministic too).
+
+``coefficient(max_norm, total)`` is torch's ``clamp(max_norm / (total + 1e-6), max=1)``, with
+the same tensor operations in the same dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from . import select_backend
+from .reference import compute_dtype
+
+#: The grad_norm kinds of the C++ op (csrc/cpu/kernel_api.h's NormKind).
+_SQUARES, _ABS, _POWER, _MAX = 0, 1, 2, 3
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _kind(norm_type: float) -> int | None:
+    if norm_type == 2.0:
+        return _SQUARES
+    if norm_type == 1.0:
+        return _ABS
+    if norm_type == math.inf:
+        return _MAX
+    if math.isfinite(norm_type) and norm_type > 0:
+        return _POWER
+    return None  # 0, negative, -inf, NaN: torch's own definitions
+
+
+def _unscaled(grads: list[Tensor], grad_scale: Tensor) -> list[Tensor]:
+    """The gradients GradScaler's unscale (as the kernels do it) would write."""
+    out = []
+    for g in grads:
+        compute = compute_dtype(g.dtype)
+        out.append((g.to(compute) / grad_scale.to(device=g.device, dtype=compute)).to(g.dtype))
+    return out
+
+
+def _fused_backends(grads: list[Tensor], request: str | None) -> dict | None:
+    """Each device's backend ``grad_norm`` when every gradient can take the fused pass."""
+    chosen: dict[torch.device, object] = {}
+    for g in grads:
+        if g.is_sparse or g.dtype not in _FUSED_DTYPES or type(g) is not Tensor:
+            return None
+        device = g.device
+        if device not in chosen:
+            try:
+                backend = select_backend(request, device)
+            except RuntimeError:
+                return None
+            norm = getattr(backend, "grad_norm", None)
+            if norm is None:
+                return None
+            chosen[device] = norm
+    return chosen
+
+
+def total_norm(
+    grads: list[Tensor],
+    norm_type: float = 2.0,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """``torch.nn.utils.get_total_norm(grads, norm_type)`` of the unscaled gradients (see the
+    module docstring); ``backend`` is the optimizer's backend request."""
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)  # torch's result for no gradients
+    kind = _kind(norm_type)
+    # The compiler traces torch's own operations; torch refuses the inf-norm of an empty tensor.
+    torch_only = torch.compiler.is_compiling() or kind is None
+    torch_only = torch_only or (kind == _MAX and any(g.numel() == 0 for g in grads))
+    fused = None if torch_only else _fused_backends(grads, backend)
+    if fused is None:
+        if grad_scale is not None:
+            grads = _unscaled(grads, grad_scale)
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+    first_device = grads[0].device
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    partials = [
+        fused[device](device_grads, kind, norm_type, grad_scale).to(first_device)
+        for device, device_grads in by_device.items()
+    ]
+    combined = partials[0]
+    for partial in partials[1:]:
+        combined = torch.maximum(combined, partial) if kind == _MAX else combined + partial
+    if kind == _SQUARES:
+        total = combined.sqrt()
+    elif kind == _POWER:
+        total = combined.pow(1.0 / norm_type)
+    else:
+        total = combined
+    return total.to(reduce(torch.promote_types, {g.dtype for g in grads}))
+
+
+def check_finite(total: Tensor, norm_type: float) -> None:
+    """torch's ``error_if_nonfinite=True``: a RuntimeError, with its message, when the total
+    norm is NaN or infinite (reading the flag is a host sync on a GPU)."""
+    if torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+def coefficient(max_norm: float, total: Tensor) -> Tensor:
+    """torch's clipping coefficient, ``clamp(max_norm / (total + 1e-6), max=1)``, with its
+    tensor operations in ``total``'s dtype."""
+    return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
