@@ -44,7 +44,7 @@ def test_hyperparameters_are_table_data_and_flags_constexpr(kernel):
     runtime = [name for name in annotations if not name.isupper()]
     assert runtime == [
         "tensor_table", "grad_table", "block_table", "hyper_table", "hyper_bits",
-        "grad_scale_ptr", "found_inf_ptr", "seed",
+        "grad_scale_ptr", "grad_coef_ptr", "found_inf_ptr", "seed",
     ]  # fmt: skip
     flags = [name for name in annotations if name.isupper()]
     assert flags and all("constexpr" in str(annotations[name]) for name in flags)

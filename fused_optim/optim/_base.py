@@ -592,8 +592,11 @@ class FusedOptimizerMixin:
         finally:
             self.param_groups, self.state = kept
 
-    def _amp_kind(self, context: StepContext) -> tuple[bool, bool]:
-        return (context.grad_scale is None, context.found_inf is None)
+    def _amp_kind(self, context: StepContext) -> tuple[bool, bool, bool, bool]:
+        """What of the context a compiled host step was built for (its kernel flags)."""
+        clipped = context.grad_coef is not None
+        return (context.grad_scale is None, context.found_inf is None, clipped,
+                clipped and context.write_grads)  # fmt: skip
 
     def _fast_path(self, plan: StepPlan, hypers: list, context: StepContext):
         """The plan's compiled per-step path, or None (no extension, views, a backend without a

@@ -4,8 +4,8 @@
 ``clip_grad_norm_()`` computes the total norm now (``backends.clip``) and arms a coefficient;
 the next ``step()`` hands it to the backends (``StepContext.grad_coef``), which multiply each
 gradient by it inside the update instead of rewriting the gradients first. The coefficient is
-bound to the gradients it was computed from: if a gradient is replaced or modified in place
-before the step (another backward pass, GradScaler's check for infs), the step raises instead
+bound to the gradients it was computed from: if a gradient is replaced or modified in place by
+an autograd-visible operation before the step (another backward pass), the step raises instead
 of applying a stale coefficient. ``zero_grad()`` drops it.
 """
 
@@ -86,11 +86,9 @@ class GradClipping:
                 if bound_to != (list(map(id, grads)), list(map(_version, grads))):
                     raise RuntimeError(
                         "fused_optim: the gradients changed between clip_grad_norm_() and "
-                        "step() (a backward pass, or GradScaler's check for infs: under a "
-                        "GradScaler call scaler.unscale_(optimizer) before clip_grad_norm_(), "
-                        "or construct the optimizer with max_grad_norm=), so the clipping "
-                        "coefficient no longer applies; call clip_grad_norm_() after the last "
-                        "change"
+                        "step() (another backward pass, or a gradient replaced), so the "
+                        "clipping coefficient no longer applies; call clip_grad_norm_() after "
+                        "the last change, or construct the optimizer with max_grad_norm="
                     )
             return coef
         if self.max_grad_norm is None:

@@ -19,7 +19,7 @@ from ..contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "triton"
 SUPPORTS_SPARSE = False
-SUPPORTS_GRAD_COEF = False  # the optimizer applies a clipping coefficient beforehand
+SUPPORTS_GRAD_COEF = True
 
 try:
     import triton.language as tl
@@ -101,12 +101,19 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
     base_steps, step_column = plans.step_columns(work, step_pointers)
     plan = plans.plan_for(work, "triton", states, state_dtype, BLOCK, new, step_column)
     grad_dtype = work.grads[0].dtype
-    plan.bind_grads(work.grads, grad_dtype, writes_back=context.grad_scale is not None)
+    plan.bind_grads(work.grads, grad_dtype, writes_back=_writes_grads(context))
     constants = _constants(plan, work, context, step_pointers, flags, grad_dtype)
     on_device = constants["LR_FROM_POINTER"]
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
     plan.bind_hypers(rows, lr_tensors if on_device else None)
     _enqueue(kernel, plan, context, constants)
+
+
+def _writes_grads(context: StepContext) -> bool:
+    """Whether the kernel stores the prepared gradient: with GradScaler's unscale, and with a
+    clipping coefficient when ``write_grads`` asks (``backends.contract.StepContext``)."""
+    has_coef = context.grad_coef is not None
+    return context.grad_scale is not None or (has_coef and context.write_grads)
 
 
 def _constants(plan, work: Work, context: StepContext, step_pointers, flags, grad_dtype) -> dict:
@@ -118,6 +125,8 @@ def _constants(plan, work: Work, context: StepContext, step_pointers, flags, gra
         STATE_DTYPE=_tl_dtype(plan.state_dtype),
         COMPUTE_DTYPE=_compute_dtype(dtype),
         HAS_GRAD_SCALE=context.grad_scale is not None,
+        HAS_GRAD_COEF=context.grad_coef is not None,
+        WRITE_GRAD=_writes_grads(context),
         HAS_FOUND_INF=context.found_inf is not None,
         HAS_MASTER=bool(work.masters),
         STOCHASTIC_ROUNDING=context.stochastic_rounding
@@ -136,8 +145,11 @@ def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
     """Launch the kernel once over the plan (its grad and hyperparameter tables bound)."""
     if plan.num_blocks == 0:
         return
-    grad_scale, found_inf = context.grad_scale, context.found_inf
     device, fallback = plan.device, plan.tensor_table
+
+    def pointer(scalar):  # a device scalar, or any valid pointer where the flag is off
+        return fallback if scalar is None else scalar.to(device, non_blocking=True)
+
     plan.stage_in()
     kernel[(plan.num_blocks,)](
         plan.tensor_table,
@@ -145,8 +157,9 @@ def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
         plan.block_table,
         plan.hyper_table,
         plan.hyper_bits,
-        fallback if grad_scale is None else grad_scale.to(device, non_blocking=True),
-        fallback if found_inf is None else found_inf.to(device, non_blocking=True),
+        pointer(context.grad_scale),
+        pointer(context.grad_coef),
+        pointer(context.found_inf),
         int(context.seed) & 0xFFFFFFFF,
         ALIGNED=plan.aligned,
         **constants,

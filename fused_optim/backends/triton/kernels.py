@@ -216,15 +216,25 @@ def _load_grad(
     mask,
     full,
     grad_scale_ptr,
+    grad_coef_ptr,
     COMPUTE_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_GRAD_COEF: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
-    """The gradient in COMPUTE_DTYPE, unscaled (g / grad_scale) and written back unscaled
-    when GradScaler left the unscaling to the optimizer."""
+    """The gradient in COMPUTE_DTYPE: unscaled (g / grad_scale) when GradScaler left the
+    unscaling to the optimizer, then clipped (torch's ``grad.mul_(coef.to(grad.dtype))``: the
+    gradient and the coefficient rounded to the grad's dtype, their product rounded to it), and
+    written back with WRITE_GRAD (always with the unscale)."""
     g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
     if HAS_GRAD_SCALE:
         g = _div(g, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE))
+    if HAS_GRAD_COEF:
+        coef = _round_to(tl.load(grad_coef_ptr), GRAD_DTYPE).to(COMPUTE_DTYPE)
+        g = _round_to(g, GRAD_DTYPE).to(COMPUTE_DTYPE) * coef
+        g = _round_to(g, GRAD_DTYPE).to(COMPUTE_DTYPE)
+    if WRITE_GRAD:
         _store(grad_ptr, _round_to(g, GRAD_DTYPE), mask, full)
     return g
 
@@ -247,6 +257,7 @@ def sgd_kernel(
     hyper_table,
     hyper_bits,
     grad_scale_ptr,
+    grad_coef_ptr,
     found_inf_ptr,
     seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
@@ -260,6 +271,8 @@ def sgd_kernel(
     LR_FROM_POINTER: tl.constexpr,
     LR_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_GRAD_COEF: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
@@ -285,7 +298,10 @@ def sgd_kernel(
         p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
     else:
         p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
-    g = _load_grad(grad_ptr, mask, full, grad_scale_ptr, COMPUTE_DTYPE, GRAD_DTYPE, HAS_GRAD_SCALE)
+    g = _load_grad(
+        grad_ptr, mask, full, grad_scale_ptr, grad_coef_ptr, COMPUTE_DTYPE, GRAD_DTYPE,
+        HAS_GRAD_SCALE, HAS_GRAD_COEF, WRITE_GRAD,
+    )  # fmt: skip
     if MAXIMIZE:
         g = -g
     wd64 = tl.load(hyper + HYPER_WEIGHT_DECAY)
@@ -328,6 +344,7 @@ def adam_kernel(
     hyper_table,
     hyper_bits,
     grad_scale_ptr,
+    grad_coef_ptr,
     found_inf_ptr,
     seed: tl.int64,
     PARAM_DTYPE: tl.constexpr,
@@ -341,6 +358,8 @@ def adam_kernel(
     LR_FROM_POINTER: tl.constexpr,
     LR_DTYPE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_GRAD_COEF: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
@@ -402,7 +421,10 @@ def adam_kernel(
         p = _load(master_ptr, mask, full).to(COMPUTE_DTYPE)
     else:
         p = _load(param_ptr, mask, full).to(COMPUTE_DTYPE)
-    g = _load_grad(grad_ptr, mask, full, grad_scale_ptr, COMPUTE_DTYPE, GRAD_DTYPE, HAS_GRAD_SCALE)
+    g = _load_grad(
+        grad_ptr, mask, full, grad_scale_ptr, grad_coef_ptr, COMPUTE_DTYPE, GRAD_DTYPE,
+        HAS_GRAD_SCALE, HAS_GRAD_COEF, WRITE_GRAD,
+    )  # fmt: skip
     m = _load(exp_avg_ptr, mask, full).to(COMPUTE_DTYPE)
     v = _load(exp_avg_sq_ptr, mask, full).to(COMPUTE_DTYPE)
     if MAXIMIZE:
