@@ -15,6 +15,11 @@ frequency and cache drift hit all alike). The table shows each implementation's 
 the median over rounds of the per-round ratios torch fused / this and DeepSpeedCPUAdam / this
 (above 1: this is faster). These machines are noisy (+-30% between runs): use 9 rounds or more.
 The header gives the CPU model and vector flags, torch's CPU capability and the kernel builds.
+
+``--clip MAX_NORM`` times gradient clipping with the step: torch.optim's and DeepSpeed's steps
+follow ``torch.nn.utils.clip_grad_norm_(params, MAX_NORM)`` (a pass for the norm, a pass that
+rewrites the gradients), fused_optim's follow ``opt.clip_grad_norm_(MAX_NORM)`` (the norm pass;
+the coefficient is applied inside the update).
 """
 
 from __future__ import annotations
@@ -107,7 +112,27 @@ def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
-def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
+def _stepper(opt, params, clip: float | None) -> Callable[[], None]:
+    """One timed step of ``opt``: with ``clip``, torch's clip_grad_norm_ first, or
+    fused_optim's own (applied inside its update)."""
+    if clip is None:
+        return opt.step
+    if isinstance(opt, fused_optim.AdamW):
+
+        def fused_clip_and_step():
+            opt.clip_grad_norm_(clip)
+            opt.step()
+
+        return fused_clip_and_step
+
+    def torch_clip_and_step():
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    return torch_clip_and_step
+
+
+def run_workload(name: str, rounds: int, ds_class, clip: float | None = None) -> list[dict]:
     label, shapes, dtype = WORKLOADS[name]
     params = make_params(shapes, dtype)
     optimizers, isas = {}, {}
@@ -116,9 +141,9 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
         try:
             if isa is not None:
                 cpu_backend.set_isa(isa)
-            opt = factory()
+            opt = _stepper(factory(), params, clip)
             for _ in range(2):  # warm-up: creates the states, first-touches the memory
-                opt.step()
+                opt()
             optimizers[impl], isas[impl] = opt, isa
         except Exception as error:
             print(f"  {impl}: skipped ({error!r})", file=sys.stderr)
@@ -130,7 +155,7 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
             if isas[impl] is not None:
                 cpu_backend.set_isa(isas[impl])
             start = time.perf_counter()
-            optimizers[impl].step()
+            optimizers[impl]()
             times[impl].append(time.perf_counter() - start)
     cpu_backend.set_isa(default_isa)
     numel = sum(p.numel() for p in params)
@@ -143,6 +168,7 @@ def run_workload(name: str, rounds: int, ds_class) -> list[dict]:
                 tensors=len(params),
                 numel=numel,
                 dtype=str(dtype).replace("torch.", ""),
+                clip=clip,
                 implementation=impl,
                 median_ms=statistics.median(ts) * 1e3,
                 min_ms=min(ts) * 1e3,
@@ -184,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--clip", type=float, default=None, metavar="MAX_NORM",
+        help="clip the gradients' 2-norm to MAX_NORM before each step (see above)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         cpu=cpu_description(),
         deepspeed=ds_reason or "yes",
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        clip=args.clip,
     )
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     rows = []
     for name in args.workloads:
-        rows += run_workload(name, args.rounds, ds_class)
+        rows += run_workload(name, args.rounds, ds_class, args.clip)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

@@ -228,17 +228,34 @@ inline T* prepare_grad(const Task& task, T* g, bool g_direct, int64_t offset, in
 
 // ---------------------------------------------------------------------------- gradient norm
 
+// Adds op(|g[i]|) into acc[i % kLanes] for a block (blocks start at a multiple of kLanes, so i
+// is the element's lane), lane by lane: written as whole lane groups so that the compiler keeps
+// acc in vector registers. Op: 0 squares, 1 absolute values, 2 maximum (NaN wins).
+constexpr int kNormLanes = 8;
+
+template <int Op, typename T>
+inline void norm_block(const T* __restrict g, int64_t n, double* __restrict acc) {
+  auto add = [](double a, double x) {
+    if (Op == 0) return a + x * x;
+    if (Op == 1) return a + std::fabs(x);
+    return fmath::nan_maximum(a, std::fabs(x));
+  };
+  int64_t i = 0;
+  for (; i + kNormLanes <= n; i += kNormLanes) {
+    for (int j = 0; j < kNormLanes; ++j) acc[j] = add(acc[j], static_cast<double>(g[i + j]));
+  }
+  for (; i < n; ++i) acc[i % kNormLanes] = add(acc[i % kNormLanes], static_cast<double>(g[i]));
+}
+
 // One chunk's share of a gradient norm (NormArgs), in a fixed order: element i of the chunk
 // goes to accumulator i % 8 and the accumulators combine in a fixed tree, so every ISA build and
 // every thread count gives the same bits.
 template <typename T>
 inline double norm_chunk(const Task& task, const Chunk& chunk, const fcpu::NormArgs& a) {
-  constexpr int kLanes = 8;
-  static_assert(kBlock % kLanes == 0, "a block starts a lane group");
-  const bool take_max = a.kind == fcpu::kNormMax;
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  static_assert(kBlock % kNormLanes == 0, "a block starts a lane group");
+  double acc[kNormLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   alignas(64) T gb[kBlock];
-  alignas(64) double u[kBlock];
+  alignas(64) T ub[kBlock];
   const int8_t dtype = task.dtype[fcpu::kGrad];
   const T scale = static_cast<T>(a.scale);
   const int64_t end = chunk.start + chunk.length;
@@ -246,33 +263,30 @@ inline double norm_chunk(const Task& task, const Chunk& chunk, const fcpu::NormA
     const int64_t n = std::min(kBlock, end - offset);
     bool gd;
     const T* g = open_block(task, fcpu::kGrad, offset, n, gb, gd);
-    if (a.has_scale) {
-      for (int64_t i = 0; i < n; ++i) {
-        u[i] = std::fabs(static_cast<double>(round_to_dtype(fmath::unscale(g[i], scale), dtype)));
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) u[i] = std::fabs(static_cast<double>(g[i]));
+    if (a.has_scale) {  // the unscaled gradient GradScaler would write
+      for (int64_t i = 0; i < n; ++i) ub[i] = round_to_dtype(fmath::unscale(g[i], scale), dtype);
+      g = ub;
     }
     switch (a.kind) {
       case fcpu::kNormSquares:
-        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += u[i] * u[i];
+        norm_block<0>(g, n, acc);
         break;
       case fcpu::kNormAbs:
-        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += u[i];
+        norm_block<1>(g, n, acc);
         break;
       case fcpu::kNormPower:
-        for (int64_t i = 0; i < n; ++i) acc[i % kLanes] += std::pow(u[i], a.p);
+        for (int64_t i = 0; i < n; ++i) {
+          acc[i % kNormLanes] += std::pow(std::fabs(static_cast<double>(g[i])), a.p);
+        }
         break;
       default:
-        for (int64_t i = 0; i < n; ++i) {
-          acc[i % kLanes] = fmath::nan_maximum(acc[i % kLanes], u[i]);
-        }
+        norm_block<2>(g, n, acc);
         break;
     }
   }
-  if (take_max) {
+  if (a.kind == fcpu::kNormMax) {
     double m = acc[0];
-    for (int j = 1; j < kLanes; ++j) m = fmath::nan_maximum(m, acc[j]);
+    for (int j = 1; j < kNormLanes; ++j) m = fmath::nan_maximum(m, acc[j]);
     return m;
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
