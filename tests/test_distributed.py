@@ -1,4 +1,5 @@
-"""fused_optim under torch.distributed: DDP, ZeroRedundancyOptimizer, uneven inputs, resume.
+"""fused_optim under torch.distributed: DDP, ZeroRedundancyOptimizer, uneven inputs, resume,
+FSDP2, and the fused gradient clipping under DDP and FSDP2.
 
 Every test spawns 2 CPU processes that talk over gloo on 127.0.0.1 only. Each worker sets
 TRITON_INTERPRET=1 first thing, before it imports fused_optim (and so triton), and writes what
@@ -333,6 +334,50 @@ def _job_fsdp2(rank: int, world: int, out: Path) -> None:
     torch.save(results, out / f"fsdp_rank{rank}.pt")
 
 
+CLIP_MAX_NORM = 0.05
+
+
+def _job_clip(rank: int, world: int, out: Path) -> None:
+    """``max_grad_norm`` under DDP (the averaged gradients' norm, reduced nothing more) and
+    under FSDP2 (the norm of the whole sharded gradients), against torch's ``clip_grad_norm_``
+    + torch.optim.AdamW under the same wrapping; each step's norm recorded."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fused_optim
+
+    results: dict = {}
+    config = OPT_CONFIGS["AdamW"]
+    for wrap in ("ddp", "fsdp2"):
+        for impl in ("fused_optim", "torch"):
+            model = make_model()
+            if wrap == "ddp":
+                model = DDP(model)
+            else:
+                for layer in model:
+                    if isinstance(layer, nn.Linear):
+                        fully_shard(layer)
+                fully_shard(model)
+            if impl == "fused_optim":
+                opt = fused_optim.AdamW(model.parameters(), max_grad_norm=CLIP_MAX_NORM, **config)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), foreach=False, **config)
+            norms = []
+            for step in range(STEPS):
+                x, y = rank_batch(step, rank, world)
+                loss_fn(model(x), y).backward()
+                if impl == "torch":
+                    norms.append(
+                        _full(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM))
+                    )
+                opt.step()
+                if impl == "fused_optim":
+                    norms.append(_full(opt.last_grad_norm))
+                opt.zero_grad()
+            results[(wrap, impl)] = dict(params=[_full(p) for p in model.parameters()], norms=norms)
+    torch.save(results, out / f"clip_rank{rank}.pt")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -596,3 +641,43 @@ def assert_moved_from_start(params: list[torch.Tensor]) -> None:
     initial = [p.detach() for p in make_model().parameters()]
     for p, p0 in zip(params, initial):
         assert not torch.equal(p, p0), "a param never moved"
+
+
+@pytest.fixture(scope="module")
+def clip_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    spawn("_job_clip", out)
+    return [load(out / f"clip_rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _clipped_reference() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Single process, the full batch: torch's clip_grad_norm_ + torch.optim.AdamW."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), foreach=False, **OPT_CONFIGS["AdamW"])
+    norms = []
+    for step in range(STEPS):
+        x, y = full_batch(step)
+        loss_fn(model(x), y).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM))
+        opt.step()
+        opt.zero_grad()
+    return params_of(model), norms
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_fused_clipping_matches_single_process_clip_grad_norm(clip_results, wrap):
+    """DDP: the averaged gradients' local norm is the global one (nothing is reduced twice);
+    FSDP2: the norm covers every shard (not one rank's local shards, which would be about
+    1/sqrt(2) of it). Both match the single-process full-batch run and torch's own clip under
+    the same wrapping, on every rank."""
+    ref_params, ref_norms = _clipped_reference()
+    assert sum(bool(n > CLIP_MAX_NORM) for n in ref_norms) >= STEPS // 2  # it does clip
+    for results in clip_results:
+        ours, theirs = results[(wrap, "fused_optim")], results[(wrap, "torch")]
+        for mine, torch_wrapped, single in zip(ours["norms"], theirs["norms"], ref_norms):
+            torch.testing.assert_close(mine, single, rtol=1e-5, atol=0)
+            torch.testing.assert_close(mine, torch_wrapped, rtol=1e-5, atol=0)
+        for mine, single in zip(ours["params"], ref_params, strict=True):
+            torch.testing.assert_close(mine, single)
+        assert_moved(ours["params"])
+    assert_ranks_equal([r[(wrap, "fused_optim")]["params"] for r in clip_results], "params")

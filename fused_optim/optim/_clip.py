@@ -21,6 +21,15 @@ from ..backends.clip import check_finite, coefficient, total_norm
 _version = attrgetter("_version")
 
 
+def _full_value(total: Tensor) -> Tensor:
+    """The norm as a plain tensor. DTensor gradients (FSDP2) give a DTensor norm, as torch's
+    ``get_total_norm`` does, already reduced over the mesh dimensions the gradients are
+    sharded on (torch's DTensor norm; a local shard's norm alone would be too small): its full
+    value is what the coefficient needs, the DTensor is what the caller gets, as from torch."""
+    full_tensor = getattr(total, "full_tensor", None)
+    return total if full_tensor is None else full_tensor()
+
+
 def grads_of_groups(param_groups: list[dict]) -> list[Tensor]:
     """The gradients the next step reads, in param-group order."""
     return [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
@@ -63,7 +72,7 @@ class GradClipping:
             check_finite(total, norm_type)
         self.last_norm = total
         if grads:
-            self.coef = coefficient(max_norm, total)
+            self.coef = coefficient(max_norm, _full_value(total))
             if not torch.compiler.is_compiling():
                 self._bound_to = (list(map(id, grads)), list(map(_version, grads)))
         return total
@@ -98,4 +107,4 @@ class GradClipping:
             return None
         total = total_norm(grads, 2.0, grad_scale, backend)
         self.last_norm = total
-        return coefficient(self.max_grad_norm, total)
+        return coefficient(self.max_grad_norm, _full_value(total))
