@@ -158,13 +158,16 @@ def bytes_per_step(
     *,
     momentum: bool = True,
     amsgrad: bool = False,
+    clip: bool = False,
 ) -> int:
     """Bytes one step moves (read + written) for ``numel`` params: the roofline's model.
 
     SGD: reads p and g, writes p, plus reads and writes the momentum buffer with momentum
     (20 B/param in fp32). Adam/AdamW: reads p, g, m, v and writes p, m, v (28 B/param in fp32),
-    plus reads and writes max_exp_avg_sq with amsgrad (+8). Gradients and states have the
-    param's dtype, so every tensor counts its dtype's size.
+    plus reads and writes max_exp_avg_sq with amsgrad (+8). With ``clip``, one more read of the
+    gradients for their norm (the least a clip costs: 32 B/param for fp32 AdamW; torch's
+    ``clip_grad_norm_`` then rewrites them, 40). Gradients and states have the param's dtype,
+    so every tensor counts its dtype's size.
     """
     name = OPTIMIZERS.get(optimizer.lower())
     if name is None:
@@ -176,7 +179,7 @@ def bytes_per_step(
         tensors = 5 if momentum else 3
     else:
         tensors = 9 if amsgrad else 7
-    return tensors * size * numel
+    return (tensors + int(clip)) * size * numel
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,11 +333,29 @@ def make_optimizer(
     raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
 
 
-def make_step(opt: torch.optim.Optimizer, impl: str) -> Callable[[], object]:
-    """What one timed step calls: ``opt.step``, or ``torch.compile(opt.step)``."""
-    if impl == "compile":
-        return torch.compile(opt.step)
-    return opt.step
+def make_step(
+    opt: torch.optim.Optimizer, impl: str, clip: float | None = None
+) -> Callable[[], object]:
+    """What one timed step calls: ``opt.step``, or ``torch.compile(opt.step)``. With ``clip``,
+    the gradients' 2-norm is clipped to it first: by ``opt.clip_grad_norm_`` for fused_optim
+    (applied inside its step), by ``torch.nn.utils.clip_grad_norm_`` for torch.optim (compiled
+    with the step for ``"compile"``)."""
+    if clip is None:
+        return torch.compile(opt.step) if impl == "compile" else opt.step
+    if impl == "fused_optim":
+
+        def clip_and_step():
+            opt.clip_grad_norm_(clip)
+            return opt.step()
+
+        return clip_and_step
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def torch_clip_and_step():
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        return opt.step()
+
+    return torch.compile(torch_clip_and_step) if impl == "compile" else torch_clip_and_step
 
 
 def make_params(
@@ -350,12 +371,14 @@ def make_params(
     return init, grads
 
 
-def clone_params(init: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    """Fresh leaf params equal to ``init``, whose ``.grad`` are the tensors of ``grads``."""
+def clone_params(init: list[Tensor], grads: list[Tensor], own_grads: bool = False) -> list[Tensor]:
+    """Fresh leaf params equal to ``init``, whose ``.grad`` are the tensors of ``grads`` (or
+    copies of them with ``own_grads``)."""
     params = [t.clone().requires_grad_() for t in init]
-    # Every implementation reads the same gradient tensors: none of them writes its grads.
+    # Every implementation reads the same gradient tensors, as none of them writes its grads;
+    # torch's clip_grad_norm_ does: with a clip, each gets its own.
     for p, g in zip(params, grads):
-        p.grad = g
+        p.grad = g.clone() if own_grads else g
     return params
 
 
@@ -422,8 +445,10 @@ def run_bench(
     copy_bandwidth: float | None = None,
     progress: bool = True,
     seed: int = 0,
+    clip: float | None = None,
 ) -> list[dict]:
-    """Time every (workload, dtype, optimizer, implementation); one dict per row.
+    """Time every (workload, dtype, optimizer, implementation); one dict per row. With
+    ``clip``, each step clips the gradients' 2-norm to it first (see :func:`make_step`).
 
     ``impls`` defaults to :data:`IMPLS` (``"compile"`` included), ``backends`` to
     :func:`default_backends`. ``copy_bandwidth`` (GB/s) is measured if not given. Rows hold the
@@ -487,9 +512,10 @@ def run_bench(
                 compile_max_tensors,
                 bar,
                 seed,
+                clip,
             )
             rows += _case_rows(
-                entries, workload, shapes, optimizer, dtype_name, copy_bandwidth, device
+                entries, workload, shapes, optimizer, dtype_name, copy_bandwidth, device, clip
             )
             del entries
             gc.collect()
@@ -513,6 +539,7 @@ def _run_case(
     compile_max_tensors: int,
     bar,
     seed: int,
+    clip: float | None = None,
 ) -> None:
     init, grads = make_params(shapes, dtype, device, seed)
     reference: list[Tensor] | None = None
@@ -527,12 +554,12 @@ def _run_case(
             )
             bar.update(1 + warmup + repeats)
             continue
-        params = clone_params(init, grads)
+        params = clone_params(init, grads, clip is not None)
         try:
             if entry.impl == "compile":
                 torch._dynamo.reset()  # fresh caches: no recompile limit hit across cases
             opt = make_optimizer(entry.impl, optimizer, params, entry.backend)
-            step = make_step(opt, entry.impl)
+            step = make_step(opt, entry.impl, clip)
             t0 = time.perf_counter()
             step()
             synchronize(device)
@@ -555,8 +582,8 @@ def _run_case(
             reference = params
     if reference is None:
         # The for-loop is not timed: step a copy of it only to check the others against.
-        reference = clone_params(init, grads)
-        make_optimizer("forloop", optimizer, reference).step()
+        reference = clone_params(init, grads, clip is not None)
+        make_step(make_optimizer("forloop", optimizer, reference), "forloop", clip)()
     del init
     for entry in entries:
         if entry.params is None:
@@ -597,9 +624,10 @@ def _case_rows(
     dtype_name: str,
     copy_bandwidth: float,
     device: torch.device,
+    clip: float | None = None,
 ) -> list[dict]:
     numel = sum(math.prod(s) for s in shapes)
-    nbytes = bytes_per_step(optimizer, numel, DTYPES[dtype_name])
+    nbytes = bytes_per_step(optimizer, numel, DTYPES[dtype_name], clip=clip is not None)
     medians = {}
     for entry in entries:
         if entry.samples:
@@ -634,6 +662,7 @@ def _case_rows(
                 bytes_per_step=nbytes,
                 copy_bandwidth_GBps=copy_bandwidth,
                 compile_s=entry.compile_s,
+                clip_max_norm=clip,
                 times_ms=[t * 1e3 for t in entry.samples or []],
                 device=str(device),
             )
@@ -1041,6 +1070,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the compiled step for workloads of more than N tensors "
         f"(default {COMPILE_MAX_TENSORS}: compiling 2000 tensors takes over 10 minutes)",
     )
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        metavar="MAX_NORM",
+        help="clip the gradients' 2-norm to MAX_NORM in every step: fused_optim's "
+        "opt.clip_grad_norm_ (applied inside its step) against torch's clip_grad_norm_ before "
+        "torch.optim's steps; the roofline then counts one more gradient read",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every row and machine info here")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s vs the roofline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1099,6 +1137,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         if args.warmup is not None
         else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP[kind]),
         compile_max_tensors=args.compile_max_tensors,
+        clip=args.clip,
     )
 
 

@@ -206,3 +206,29 @@ def test_workloads():
         assert len(shapes) == workload.tensors
         numel = sum(math.prod(s) for s in shapes)
         assert abs(numel - workload.numel / 64) <= workload.tensors
+
+
+def test_clip_workload_checks_against_torch_s_clip_and_counts_the_norm_read(fixed_bandwidth):
+    """``fused-optim bench --clip``: fused_optim's clip_grad_norm_ + step is checked against
+    torch's clip_grad_norm_ + torch.optim's for-loop (a clip that did nothing would mismatch:
+    the norm here is far above 1e-3), and the roofline counts one more gradient read."""
+    rows = bench.run_bench(
+        device="cpu",
+        workloads=["flat"],
+        optimizers=["adamw", "sgd"],
+        dtypes=["fp32"],
+        impls=["fused_optim", "forloop", "fused"],
+        backends=["reference"],
+        scale=1e-5,
+        repeats=1,
+        warmup=0,
+        copy_bandwidth=10.0,
+        progress=False,
+        clip=1e-3,
+    )
+    ours = [row for row in rows if row["impl"] == "fused_optim"]
+    assert len(ours) == 2 and all(row["check"] == "ok" for row in ours)
+    for row in rows:
+        unclipped = bench.bytes_per_step(row["optimizer"], row["params"], torch.float32)
+        assert row["bytes_per_step"] == unclipped + 4 * row["params"]
+        assert row["clip_max_norm"] == 1e-3

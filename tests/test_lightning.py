@@ -49,7 +49,7 @@ class _Regression(lightning.LightningModule):
         return optimizer
 
 
-def _train(optimizer_cls) -> _Regression:
+def _train(optimizer_cls, gradient_clip_val: float | None = 1.0) -> _Regression:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 16, generator=gen) * 10  # large grads: the clipping acts
     y = torch.randn(64, 1, generator=gen) * 10
@@ -58,7 +58,7 @@ def _train(optimizer_cls) -> _Regression:
     trainer = lightning.Trainer(
         accelerator="cpu",
         precision="bf16-mixed",
-        gradient_clip_val=1.0,
+        gradient_clip_val=gradient_clip_val,
         max_steps=8,
         logger=False,
         enable_checkpointing=False,
@@ -86,6 +86,24 @@ def test_bf16_mixed_with_gradient_clipping_trains_as_torch_optim(backend):
     # Lightning clipped: the norm the update used is at most 1, from grads far larger.
     assert all(norm > 2.0 for norm in ours.norms_before_clipping)
     assert all(norm <= 1.0 + 1e-5 for norm in ours.norms_after_clipping)
+    start = _Regression(torch.optim.AdamW)
+    for a, b, s in zip(ours.parameters(), theirs.parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert not torch.equal(a, s)
+
+
+def test_clipping_inside_the_optimizer_step_trains_as_lightning_s_clipping():
+    """The README's recipe: no ``gradient_clip_val``, ``max_grad_norm=1.0`` on the optimizer
+    (the clip folded into its step). Lightning calls ``step(closure)``; the norm is taken after
+    the closure's backward. The params follow Lightning's own clipping with torch.optim.AdamW
+    within the bound of the test above, and the gradients in memory stay unclipped."""
+
+    def fused(params, **kwargs):
+        return fused_optim.AdamW(params, max_grad_norm=1.0, **kwargs)
+
+    ours = _train(fused, gradient_clip_val=None)
+    theirs = _train(torch.optim.AdamW)
+    assert all(norm > 2.0 for norm in ours.norms_after_clipping)  # .grad not rewritten
     start = _Regression(torch.optim.AdamW)
     for a, b, s in zip(ours.parameters(), theirs.parameters(), start.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
