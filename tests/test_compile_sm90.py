@@ -53,6 +53,7 @@ def compile_for_sm90(kernel, constants: dict):
 COMMON = dict(ALIGNED=True, BLOCK=1024, LR_FROM_POINTER=False, MAXIMIZE=False)
 COMMON.update(COMPLEX_ARITHMETIC=False)
 PLAIN = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, HAS_MASTER=False)
+PLAIN.update(HAS_GRAD_COEF=False, WRITE_GRAD=False)
 PLAIN.update(STOCHASTIC_ROUNDING=False, STEP_FROM_POINTER=False)
 
 
@@ -64,6 +65,8 @@ def dtypes(param, state=None, compute=tl.float32):
 
 AMP_AND_PRECISION = dict(
     HAS_GRAD_SCALE=True,
+    HAS_GRAD_COEF=True,  # unscale, then clip, and the clipped gradient written back
+    WRITE_GRAD=True,
     HAS_FOUND_INF=True,
     HAS_MASTER=True,
     STOCHASTIC_ROUNDING=True,
