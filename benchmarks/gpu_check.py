@@ -14,7 +14,10 @@ tables last. Takes a few minutes on an H200. ``--skip PART ...`` leaves parts ou
 sizes, to check the script itself (there the profiler sees no kernels: launches are counted by
 ``optimizer.launches_per_step()`` and by wrapping the Triton kernels' ``run``).
 
-gpu_check.json keys: ``info``, ``verify_exit``, ``checkpoint``, ``launches`` (per backend, per
+gpu_check.json keys: ``info``, ``verify_exit``, ``checkpoint``, ``clip`` (per backend: params and
+norms against torch's clip_grad_norm_ + AdamW, sync error, profiled kernels of a step, clip +
+step timing against torch's), ``bench_clip_exit`` (bench.json's --clip run in bench_clip.json),
+``launches`` (per backend, per
 case: launches_per_step, profiler_kernels_per_step, triton_runs_per_step, sync_error,
 triton_cache_after_step_2 / _after_last_step, ok), ``launches_ok``, ``no_host_sync``,
 ``no_recompiles``, ``host_cost`` (rows: groups x grads x implementation: host_ms, step_ms,
@@ -47,7 +50,10 @@ from fused_optim.bench import bytes_per_step, measure_copy_bandwidth  # noqa: E4
 
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 CUDA = DEVICE.type == "cuda"
-PARTS = ("verify", "checkpoint", "launches", "host_cost", "big_tensor", "bench", "bench_compile")
+PARTS = (
+    "verify", "checkpoint", "launches", "clip", "host_cost", "big_tensor", "bench",
+    "bench_compile", "bench_clip",
+)  # fmt: skip
 #: Substrings of the kernel names of both GPU backends: the Triton kernels are named after their
 #: functions, the CUDA C++ ones are ``fused_optim::cuda::{sgd,adam}_kernel<...>``.
 KERNEL_NAMES = ("sgd_kernel", "adam_kernel")
@@ -481,6 +487,106 @@ def _median_ratio(samples: dict, name: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Gradient clipping folded into the step.
+
+
+def clip_check() -> dict:
+    """AdamW with ``max_grad_norm`` on each fused backend, over 300 tensors of random sizes:
+    the params after 4 steps against torch's ``clip_grad_norm_`` + torch.optim.AdamW's for-loop
+    (``assert_close``), the norms against ``get_total_norm``, no host sync in steps 1-3
+    (``set_sync_debug_mode("error")``), every device kernel of step 2 (profiled) by name, and
+    the time of clip + step against torch's ``clip_grad_norm_`` + ``fused=True`` step,
+    interleaved (median per-round ratio)."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.randint(1, 64 if SMOKE else 5000, (30 if SMOKE else 300,), generator=gen)
+    init = [torch.randn(int(n), generator=gen).to(DEVICE) for n in sizes.tolist()]
+    grad_sets = [[torch.randn_like(t) * 0.1 for t in init] for _ in range(4)]
+    results: dict = dict(tensors=len(init), numel=int(sizes.sum()), bytes_per_param=dict(
+        fused_clip_and_step=32, torch_clip_and_fused_step=40))  # fmt: skip
+    for backend in fused_backends():
+        row: dict = {}
+        try:
+            ours = [t.clone().requires_grad_() for t in init]
+            theirs = [t.clone().requires_grad_() for t in init]
+            opt = fused_optim.AdamW(ours, lr=1e-2, max_grad_norm=1.0, backend=backend)
+            ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+            norms, ref_norms, kernels_step2, sync_error = [], [], None, None
+            for step, grads in enumerate(grad_sets):
+                for p, q, g in zip(ours, theirs, grads):
+                    p.grad, q.grad = g.clone(), g.clone()
+                ref_norms.append(torch.nn.utils.clip_grad_norm_(theirs, 1.0))
+                ref.step()
+                profile = step == 2 and CUDA
+                if CUDA and step >= 1:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    if profile:
+                        activities = [torch.profiler.ProfilerActivity.CUDA]
+                        with torch.profiler.profile(activities=activities) as prof:
+                            opt.step()
+                            synchronize()
+                        count, others = device_kernel_counts(prof)
+                        kernels_step2 = dict(update_kernels=count, others=others)
+                    else:
+                        opt.step()
+                except RuntimeError as error:
+                    sync_error = repr(error)[:300]
+                    break
+                finally:
+                    if CUDA:
+                        torch.cuda.set_sync_debug_mode("default")
+                norms.append(opt.last_grad_norm)
+            params_ok = all(
+                torch.allclose(p.detach(), q.detach(), rtol=1.3e-6, atol=1e-5)
+                for p, q in zip(ours, theirs)
+            )
+            norms_ok = all(
+                torch.allclose(a.double().cpu(), b.double().cpu(), rtol=1e-5, atol=0)
+                for a, b in zip(norms, ref_norms)
+            )
+            row.update(params_match=bool(params_ok), norms_match=bool(norms_ok),
+                       sync_error=sync_error, kernels_step2=kernels_step2,
+                       launches_per_step=opt.launches_per_step())  # fmt: skip
+            row["timing"] = _clip_timing(backend, init, grad_sets[0])
+        except Exception as error:
+            row["error"] = repr(error)[:400]
+        results[backend] = row
+        print(f"clip {backend}: {row}", flush=True)
+        free_memory()
+    return results
+
+
+def _clip_timing(backend: str, init, grads, rounds: int = 15) -> dict:
+    """clip + step, interleaved: fused_optim's clip_grad_norm_ + step against torch's
+    clip_grad_norm_ + AdamW(fused=True) (where torch has it on this device)."""
+    ours = [t.clone().requires_grad_() for t in init]
+    theirs = [t.clone().requires_grad_() for t in init]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt = fused_optim.AdamW(ours, lr=1e-3, backend=backend)
+    steps = {"fused_optim": lambda: (opt.clip_grad_norm_(1.0), opt.step())}
+    try:
+        ref = torch.optim.AdamW(theirs, lr=1e-3, fused=True)
+        steps["torch fused"] = lambda: (torch.nn.utils.clip_grad_norm_(theirs, 1.0), ref.step())
+    except RuntimeError:
+        pass
+    samples: dict = {name: [] for name in steps}
+    for fn in steps.values():
+        fn()  # warm-up
+    for r in range(rounds):
+        for name in list(steps)[:: 1 if r % 2 == 0 else -1]:
+            synchronize()
+            t0 = time.perf_counter()
+            steps[name]()
+            synchronize()
+            samples[name].append(time.perf_counter() - t0)
+    return dict(
+        ms={name: statistics.median(ts) * 1e3 for name, ts in samples.items()},
+        speedup_vs_torch_fused=_median_ratio(samples, "fused_optim"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # Big tensors and checkpoints.
 
 
@@ -678,6 +784,7 @@ def main() -> None:
         for key in ("launches_ok", "no_host_sync", "no_recompiles"):
             result[key] = launches.get(key) if isinstance(launches, dict) else None
         save()
+    part("clip", clip_check)
     part("host_cost", host_cost)
     part("big_tensor", big_tensor)
     scale = ["--scale", "0.001", "--repeats", "3"] if SMOKE else []
@@ -692,6 +799,11 @@ def main() -> None:
             ["bench", *device, *scale, "--compile", "--no-progress", "--optimizers", "AdamW",
              "--dtypes", "fp32", "--workloads", "flat", "gpt2-small",
              "--json", f"{out}/bench_compile.json"]
+        ))  # fmt: skip
+    if "bench_clip" not in skip:
+        part("bench_clip_exit", lambda: cli(
+            ["bench", *device, *scale, "--no-compile", "--no-progress", "--optimizers", "AdamW",
+             "--dtypes", "fp32", "bf16", "--clip", "1.0", "--json", f"{out}/bench_clip.json"]
         ))  # fmt: skip
     save()
     print(json.dumps(result["info"]))
