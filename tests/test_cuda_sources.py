@@ -378,15 +378,18 @@ def _emulated_op(library, name):
         groups = tensor_table[:, plans.COL_GROUP]
         assert groups.numel() == 0 or int(groups.max()) < hyper_table.shape[0]
         pointers = [a[key] for key in ("tensor_table", "grad_table", "block_table", "hyper_table",
-                                       "grad_scale", "found_inf")]  # fmt: skip
-        pointers = (ctypes.c_void_p * 6)(*[0 if t is None else t.data_ptr() for t in pointers])
+                                       "grad_scale", "found_inf", "grad_coef")]  # fmt: skip
+        if a["grad_coef"] is not None:  # the binding's check
+            assert a["grad_coef"].dtype == a["param_dtype"] and a["grad_coef"].numel() == 1
+        pointers = (ctypes.c_void_p * 7)(*[0 if t is None else t.data_ptr() for t in pointers])
         ints = [
             a["block_table"].shape[0],
             DTYPE_CODES[a["param_dtype"]],
             DTYPE_CODES[a["state_dtype"]],
             _lr_kind_code(a["lr_from_pointer"], a["lr_dtype"]),
             *[int(a[key]) for key in ("maximize", "has_master", "stochastic_rounding",
-                                      "step_from_pointer", "seed", "aligned", *tail_names)],
+                                      "step_from_pointer", "seed", "aligned", *tail_names,
+                                      "write_grad")],
         ]  # fmt: skip
         ints = (ctypes.c_int64 * len(ints))(*ints)
         LAUNCHES.append(name)
@@ -810,6 +813,64 @@ def test_emulated_grad_scale_and_found_inf(emulated_backend):
     _close(grads, expected_g, "grad")
     _close(params, expected_p, "param")
     _close(buffers, expected_b, "buffer")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+    ids=["fp32", "bf16", "fp16", "fp64"],
+)  # fmt: skip
+@pytest.mark.parametrize("algorithm", ["sgd", "adam"])
+@pytest.mark.parametrize(
+    "scaled, write", [(False, False), (False, True), (True, False)],
+    ids=["clip", "clip-written", "unscale-clip"],
+)  # fmt: skip
+def test_emulated_clip_coefficient_is_the_reference_s(emulated_backend, dtype, algorithm,
+                                                       scaled, write):  # fmt: skip
+    """Gradient clipping's coefficient in the kernel: params, states and gradients bitwise the
+    reference's (unscale, then the coefficient in the grad's dtype; the grads written back only
+    with the unscale or when asked)."""
+    params = _tensors(dtype)
+    grads = [_tensors(dtype, scale=3.0) for _ in range(2)]
+    states = [[None] * len(params)] if algorithm == "sgd" else [
+        [torch.zeros_like(p) for p in params] for _ in range(3)
+    ]  # fmt: skip
+    steps = None if algorithm == "sgd" else [torch.tensor(0.0) for _ in params]
+    kw = dict(grad_coef=torch.tensor(0.3), write_grads=write)
+    if scaled:
+        kw["grad_scale"] = torch.tensor(4.0)
+    if algorithm == "sgd":
+        kw["nesterov"], kw["maximize"] = True, False
+    else:
+        kw.update(amsgrad=False, maximize=False, decoupled_weight_decay=True)
+    grads_seen = []
+    for module in (emulated_backend, reference):
+        p, st = _clone(params), [_clone(column) for column in states]
+        step_list = _clone(steps) if steps is not None else None
+        g_all = [_clone(g) for g in grads]
+        for g in g_all:
+            if algorithm == "sgd":
+                contract.run_sgd(module, p, g, st[0], **EMU_SGD, **kw)
+            else:
+                torch._foreach_add_(step_list, 1)
+                contract.run_adam(module, p, g, *st, step_list, **EMU_ADAM, **kw)
+        grads_seen.append((p, st, g_all))
+    (p, st, g), (ep, est, eg) = grads_seen
+    if dtype == torch.float64 and algorithm == "adam":
+        # fp64 Adam's bias corrections round differently in the emulation and the reference,
+        # clipped or not (test_emulated_adam_matches_reference's tolerance).
+        _close(p, ep, "param")
+        for column, expected in zip(st, est):
+            _close(column, expected, "state")
+    else:
+        for a, b in zip(p, ep):
+            assert torch.equal(a, b), (a - b).abs().max()
+        for column, expected in zip(st, est):
+            for a, b in zip(column, expected):
+                assert (a is None and b is None) or torch.equal(a, b)
+    for step_grads, expected, original in zip(g, eg, grads):
+        for a, b, o in zip(step_grads, expected, original):
+            assert torch.equal(a, b)
+            assert torch.equal(a, o) == (not scaled and not write) or a.numel() == 0
 
 
 def test_emulated_plans_live_in_the_work_and_stage_odd_layouts(emulated_backend):

@@ -369,6 +369,31 @@ struct VectorWidth {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Gradient clipping's coefficient (CommonLaunch::grad_coef) and the gradient write-back.
+
+template <typename PT>
+struct GradPrep {
+  using T = typename ComputeOf<PT>::type;
+  bool clipped;
+  T coef;      // the coefficient in the grad's dtype, widened
+  bool write;  // store the prepared gradient
+
+  static __device__ __forceinline__ GradPrep of(const CommonLaunch& a) {
+    const bool clipped = a.grad_coef != nullptr;
+    return GradPrep{clipped, clipped ? widen<T>(*static_cast<const PT*>(a.grad_coef)) : T(1),
+                    a.write_grad || a.grad_scale != nullptr};
+  }
+
+  // g = round(round(g) * coef), rounding to the grad's dtype PT each time.
+  template <int N>
+  __device__ __forceinline__ void clip(T (&g)[N]) const {
+    if (!clipped) return;
+#pragma unroll
+    for (int k = 0; k < N; ++k) g[k] = widen<T>(narrow<PT>(widen<T>(narrow<PT>(g[k])) * coef));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // SGD.
 
 template <typename PT, typename ST, bool kMomentum, bool kNesterov>
@@ -386,6 +411,7 @@ struct SgdBody {
   bool new_buffer;
   T grad_scale;
   uint32_t key;
+  GradPrep<PT> prep;
 
   // The uniform runtime flags (maximize, complex arithmetic) as the update's template flags.
   __device__ __forceinline__ void update(T& p, T g, T& buf) const {
@@ -414,8 +440,9 @@ struct SgdBody {
     if (unscale) {
 #pragma unroll
       for (int k = 0; k < N; ++k) g[k] = math::unscale(g[k], grad_scale);
-      store_rounded<N>(grad, i, g);
     }
+    prep.template clip<N>(g);
+    if (prep.write) store_rounded<N>(grad, i, g);
     if (kMomentum && !new_buffer) {
       load<N>(buffer, i, buf);
     } else {
@@ -459,7 +486,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdLaunch a) {
       a.has_master ? reinterpret_cast<float*>(b.row[kColMaster]) : nullptr,
       b.row[kColNewBuffer] != 0,
       a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1),
-      key};
+      key,
+      GradPrep<PT>::of(a)};
   for_each_element<kVec, VectorWidth<PT>::value>(b, body);
 }
 
@@ -508,6 +536,7 @@ struct AdamBody {
   float* master;
   T grad_scale;
   uint32_t key;
+  GradPrep<PT> prep;
 
   // The uniform runtime flags (maximize, complex arithmetic) as the update's template flags.
   __device__ __forceinline__ void update(T& p, T g, T& m, T& v, T& vmax) const {
@@ -536,8 +565,9 @@ struct AdamBody {
     if (unscale) {
 #pragma unroll
       for (int k = 0; k < N; ++k) g[k] = math::unscale(g[k], grad_scale);
-      store_rounded<N>(grad, i, g);
     }
+    prep.template clip<N>(g);
+    if (prep.write) store_rounded<N>(grad, i, g);
     load<N>(exp_avg, i, m);
     load<N>(exp_avg_sq, i, v);
     if (kAmsgrad) {
@@ -597,7 +627,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
       reinterpret_cast<ST*>(b.row[kColState2]),
       a.has_master ? reinterpret_cast<float*>(b.row[kColMaster]) : nullptr,
       a.grad_scale != nullptr ? static_cast<T>(*a.grad_scale) : T(1),
-      key};
+      key,
+      GradPrep<PT>::of(a)};
   for_each_element<kVec, VectorWidth<PT>::value>(b, body);
 }
 
@@ -696,9 +727,10 @@ cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream) {
 
 #if defined(FUSED_OPTIM_HOST_EMULATION)
 // C entry points of the emulation, for ctypes. pointers: tensor_table, grad_table, block_table,
-// hyper_table, grad_scale, found_inf. ints: num_blocks, param_dtype, state_dtype, lr_kind,
-// maximize, has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD:
-// momentum, nesterov; Adam: amsgrad, decoupled_weight_decay; then complex_arithmetic.
+// hyper_table, grad_scale, found_inf, grad_coef. ints: num_blocks, param_dtype, state_dtype,
+// lr_kind, maximize, has_master, stochastic_rounding, step_from_pointer, seed, aligned, then SGD:
+// momentum, nesterov; Adam: amsgrad, decoupled_weight_decay; then complex_arithmetic,
+// write_grad.
 namespace {
 void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* pointers,
                    const int64_t* ints) {
@@ -709,6 +741,8 @@ void fill_emulated(fused_optim::cuda::CommonLaunch& launch, const void* const* p
   launch.hyper_table = static_cast<const double*>(pointers[3]);
   launch.grad_scale = static_cast<const float*>(pointers[4]);
   launch.found_inf = static_cast<const float*>(pointers[5]);
+  launch.grad_coef = pointers[6];
+  launch.write_grad = ints[13] != 0;
   launch.num_blocks = ints[0];
   launch.param_dtype = static_cast<DType>(ints[1]);
   launch.state_dtype = static_cast<DType>(ints[2]);

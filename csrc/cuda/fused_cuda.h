@@ -68,6 +68,11 @@ struct CommonLaunch {
   LrKind lr_kind = LrKind::kValue;
   const float* grad_scale = nullptr;  // GradScaler's scale (fp32, device), or null
   const float* found_inf = nullptr;   // GradScaler's found_inf (fp32, device), or null
+  // Gradient clipping's coefficient, one element in the param (and grad) dtype on the device, or
+  // null: after the unscale, g = round(round(g) * coef) in the grad's dtype (torch's
+  // grad.mul_(coef.to(grad.dtype))).
+  const void* grad_coef = nullptr;
+  bool write_grad = false;            // store the prepared gradient (always with grad_scale)
   bool maximize = false;
   bool complex_arithmetic = false;    // params are real views of complex ones (math/update.h)
   bool has_master = false;            // column kColMaster holds fp32 master weights

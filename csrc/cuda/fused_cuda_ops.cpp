@@ -40,6 +40,17 @@ DType to_dtype(c10::ScalarType type) {
   }
 }
 
+// Gradient clipping's coefficient: one element in the param dtype, on the tables' device.
+const void* coefficient(const std::optional<at::Tensor>& t, const at::Tensor& table,
+                        c10::ScalarType param_dtype) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == table.device() && t->scalar_type() == param_dtype &&
+                  t->numel() == 1,
+              "fused_optim_cuda: grad_coef must be a one-element ", param_dtype, " tensor on ",
+              table.device());
+  return t->const_data_ptr();
+}
+
 const float* float_scalar(const std::optional<at::Tensor>& t, const at::Tensor& table,
                           const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
@@ -123,11 +134,14 @@ void sgd_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
           c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf, bool momentum, bool nesterov,
           bool maximize, bool complex_arithmetic, bool has_master, bool stochastic_rounding,
-          bool step_from_pointer, int64_t seed, bool aligned) {
+          bool step_from_pointer, int64_t seed, bool aligned,
+          const std::optional<at::Tensor>& grad_coef, bool write_grad) {
   SgdLaunch launch;
   fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
               state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
               has_master, stochastic_rounding, step_from_pointer, seed, aligned);
+  launch.grad_coef = coefficient(grad_coef, tensor_table, param_dtype);
+  launch.write_grad = write_grad;
   launch.momentum = momentum;
   launch.nesterov = nesterov;
   launch.complex_arithmetic = complex_arithmetic;
@@ -143,11 +157,14 @@ void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
            c10::ScalarType lr_dtype, const std::optional<at::Tensor>& grad_scale,
            const std::optional<at::Tensor>& found_inf, bool amsgrad, bool maximize,
            bool decoupled_weight_decay, bool complex_arithmetic, bool has_master,
-           bool stochastic_rounding, bool step_from_pointer, int64_t seed, bool aligned) {
+           bool stochastic_rounding, bool step_from_pointer, int64_t seed, bool aligned,
+           const std::optional<at::Tensor>& grad_coef, bool write_grad) {
   AdamLaunch launch;
   fill_common(launch, tensor_table, grad_table, block_table, hyper_table, param_dtype,
               state_dtype, lr_from_pointer, lr_dtype, grad_scale, found_inf, maximize,
               has_master, stochastic_rounding, step_from_pointer, seed, aligned);
+  launch.grad_coef = coefficient(grad_coef, tensor_table, param_dtype);
+  launch.write_grad = write_grad;
   launch.amsgrad = amsgrad;
   launch.decoupled_weight_decay = decoupled_weight_decay;
   launch.complex_arithmetic = complex_arithmetic;
@@ -168,14 +185,16 @@ TORCH_LIBRARY(fused_optim_cuda, m) {
       "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool momentum, "
       "bool nesterov, bool maximize, bool complex_arithmetic, bool has_master, "
       "bool stochastic_rounding, "
-      "bool step_from_pointer, int seed, bool aligned) -> ()");
+      "bool step_from_pointer, int seed, bool aligned, Tensor? grad_coef, bool write_grad) "
+      "-> ()");
   m.def(
       "adam_(Tensor tensor_table, Tensor grad_table, Tensor block_table, Tensor hyper_table, "
       "ScalarType param_dtype, ScalarType state_dtype, bool lr_from_pointer, "
       "ScalarType lr_dtype, Tensor? grad_scale, Tensor? found_inf, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, bool complex_arithmetic, bool has_master, "
       "bool stochastic_rounding, "
-      "bool step_from_pointer, int seed, bool aligned) -> ()");
+      "bool step_from_pointer, int seed, bool aligned, Tensor? grad_coef, bool write_grad) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim_cuda, CUDA, m) {

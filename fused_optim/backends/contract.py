@@ -121,6 +121,12 @@ class StepContext:
     grad_coef: Tensor | None = None
     write_grads: bool = False
 
+    @property
+    def stores_grads(self) -> bool:
+        """Whether the backend stores the gradients it prepared: always with the unscale, with
+        a clipping coefficient when ``write_grads`` asks."""
+        return self.grad_scale is not None or (self.grad_coef is not None and self.write_grads)
+
 
 @dataclass(eq=False)
 class Work:
@@ -228,6 +234,8 @@ def run_sgd(
     seed: int = 0,
     param_indices: list[int] | None = None,
     new_buffer_dtype: torch.dtype | None = None,
+    grad_coef: Tensor | None = None,
+    write_grads: bool = False,
 ) -> Work:
     """SGD on one group through ``backend``; new momentum buffers are put into
     ``momentum_buffers``. Pass the returned ``Work`` back as ``work`` to reuse its plan."""
@@ -240,7 +248,14 @@ def run_sgd(
         work,
         [SgdHyper(lr, float(momentum), float(dampening), hyper_value(weight_decay))],
         SgdFlags(momentum != 0, bool(nesterov), bool(maximize)),
-        StepContext(grad_scale, found_inf, bool(stochastic_rounding), int(seed)),
+        StepContext(
+            grad_scale,
+            found_inf,
+            bool(stochastic_rounding),
+            int(seed),
+            grad_coef,
+            bool(write_grads),
+        ),
     )
     for i, buffer in enumerate(created):
         if buffer is not None:
@@ -273,6 +288,8 @@ def run_adam(
     stochastic_rounding: bool = False,
     seed: int = 0,
     param_indices: list[int] | None = None,
+    grad_coef: Tensor | None = None,
+    write_grads: bool = False,
 ) -> Work:
     """Adam on one group through ``backend`` (``steps`` already advanced). Pass the returned
     ``Work`` back as ``work`` to reuse its plan."""
@@ -291,7 +308,14 @@ def run_adam(
             bool(decoupled_weight_decay),
             bool(capturable) or found_inf is not None,
         ),
-        StepContext(grad_scale, found_inf, bool(stochastic_rounding), int(seed)),
+        StepContext(
+            grad_scale,
+            found_inf,
+            bool(stochastic_rounding),
+            int(seed),
+            grad_coef,
+            bool(write_grads),
+        ),
     )
     return work
 

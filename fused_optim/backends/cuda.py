@@ -31,7 +31,7 @@ from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
-SUPPORTS_GRAD_COEF = False  # the optimizer applies a clipping coefficient beforehand
+SUPPORTS_GRAD_COEF = True
 
 try:
     from .. import _C_cuda  # noqa: F401  (registers torch.ops.fused_optim_cuda)
@@ -180,7 +180,7 @@ def _launch(
     lr_from_pointer, lr_dtype = _lr_kind(hypers, device)
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, lr_from_pointer)
     plan.bind_hypers(rows, lr_tensors if lr_from_pointer else None)
-    plan.bind_grads(work.grads, dtype, writes_back=context.grad_scale is not None)
+    plan.bind_grads(work.grads, dtype, writes_back=context.stores_grads)
     _enqueue(name, plan, work, context, (lr_from_pointer, lr_dtype), step_pointers,
              algorithm_flags)  # fmt: skip
 
@@ -209,6 +209,8 @@ def _enqueue(name, plan, work: Work, context: StepContext, lr_kind, step_pointer
         step_pointers,
         int(context.seed) & 0xFFFFFFFF,
         plan.aligned,
+        None if context.grad_coef is None else context.grad_coef.to(device, dtype),
+        context.stores_grads,
     )
     plan.stage_out()
 

@@ -101,19 +101,12 @@ def _launch(kernel, work, states, state_dtype, hypers, context, step_pointers, f
     base_steps, step_column = plans.step_columns(work, step_pointers)
     plan = plans.plan_for(work, "triton", states, state_dtype, BLOCK, new, step_column)
     grad_dtype = work.grads[0].dtype
-    plan.bind_grads(work.grads, grad_dtype, writes_back=_writes_grads(context))
+    plan.bind_grads(work.grads, grad_dtype, writes_back=context.stores_grads)
     constants = _constants(plan, work, context, step_pointers, flags, grad_dtype)
     on_device = constants["LR_FROM_POINTER"]
     rows, lr_tensors = plans.hyper_rows(hypers, base_steps, on_device)
     plan.bind_hypers(rows, lr_tensors if on_device else None)
     _enqueue(kernel, plan, context, constants)
-
-
-def _writes_grads(context: StepContext) -> bool:
-    """Whether the kernel stores the prepared gradient: with GradScaler's unscale, and with a
-    clipping coefficient when ``write_grads`` asks (``backends.contract.StepContext``)."""
-    has_coef = context.grad_coef is not None
-    return context.grad_scale is not None or (has_coef and context.write_grads)
 
 
 def _constants(plan, work: Work, context: StepContext, step_pointers, flags, grad_dtype) -> dict:
@@ -126,7 +119,7 @@ def _constants(plan, work: Work, context: StepContext, step_pointers, flags, gra
         COMPUTE_DTYPE=_compute_dtype(dtype),
         HAS_GRAD_SCALE=context.grad_scale is not None,
         HAS_GRAD_COEF=context.grad_coef is not None,
-        WRITE_GRAD=_writes_grads(context),
+        WRITE_GRAD=context.stores_grads,
         HAS_FOUND_INF=context.found_inf is not None,
         HAS_MASTER=bool(work.masters),
         STOCHASTIC_ROUNDING=context.stochastic_rounding
