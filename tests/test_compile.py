@@ -316,3 +316,49 @@ def test_compiled_special_params_are_the_eager_bits(case, backend):
         results.append(params)
     for c, e in zip(*results):
         torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_compiled_step_with_max_grad_norm_follows_the_eager_clip(backend):
+    """``max_grad_norm`` under ``torch.compile(opt.step, fullgraph=True)``: the traced step takes
+    torch's norm and multiplies the gradients by torch operations (the compiler reduces in its
+    own order, so the norm may differ from the eager pass in its last bits); norms and params
+    follow eager steps within fp32 rounding, and every step clipped."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    models = [nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    eager, traced = (fused_optim.AdamW(m.parameters(), lr=1e-2, max_grad_norm=0.5,
+                                       backend=backend) for m in models)  # fmt: skip
+    compiled = torch.compile(traced.step, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step)) * (step + 1)
+        for model in models:
+            model.zero_grad()
+            (model(x) ** 2).sum().backward()
+        eager.step()
+        compiled()
+        assert float(eager.last_grad_norm) > 0.5
+        torch.testing.assert_close(traced.last_grad_norm, eager.last_grad_norm, rtol=1e-6, atol=0)
+        for a, b in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_two_optimizers_compile_with_fullgraph_in_one_process():
+    """Two optimizers (a GAN's generator and discriminator, say), each step compiled with
+    fullgraph=True, in one process: the second trace of the same step code must not turn the
+    state-preparation key into a symbolic value (it did: dynamo refused the constant-result
+    call and fullgraph failed)."""
+    torch._dynamo.reset()
+    models = [torch.nn.Linear(4, 4) for _ in range(2)]
+    opts = [fused_optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    steps = [torch.compile(opt.step, fullgraph=True) for opt in opts]
+    before = [m.weight.detach().clone() for m in models]
+    for _ in range(3):
+        for model, step in zip(models, steps):
+            model.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            step()
+    for model, start in zip(models, before):
+        assert not torch.equal(model.weight, start)
+    torch._dynamo.reset()

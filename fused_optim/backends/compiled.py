@@ -53,10 +53,11 @@ class SlotPool:
     found by the custom op through ``handle(bucket)``. Owned by the optimizer, which it knows
     by a weak reference and ``prepare(owner)`` runs on (see ``prepare_state``)."""
 
-    __slots__ = ("__weakref__", "base", "owner", "prepare", "slots")
+    __slots__ = ("__weakref__", "base", "key", "owner", "prepare", "slots")
 
     def __init__(self, owner=None, prepare=None) -> None:
         number = next(_POOL_NUMBERS)
+        self.key = str(number)  # prepare_state's argument
         self.base = number * SLOTS_PER_POOL
         self.slots: dict[int, dict] = {}
         self.owner = None if owner is None else weakref.ref(owner)
@@ -77,13 +78,16 @@ def _plans(handle: int) -> dict | None:
     return None if pool is None else pool.slots.setdefault(handle % SLOTS_PER_POOL, {})
 
 
-def prepare_state(base: int) -> int:
-    """Run, while dynamo traces a step and outside the trace, the ``prepare`` of the pool whose
-    handles start at ``base``: the optimizer creates its missing state there, eagerly, and marks
-    its state tensors static (``torch._dynamo.mark_static_address``), so that the compiled step
-    guards them by identity, as dynamo does for torch.optim's own state, instead of checking
-    every tensor's metadata on every call. Returns 0 (dynamo keeps the result as a constant)."""
-    pool = _POOLS.get(base // SLOTS_PER_POOL)
+def prepare_state(pool_key: str) -> int:
+    """Run, while dynamo traces a step and outside the trace, the ``prepare`` of the pool
+    ``pool_key`` names (``SlotPool.key``): the optimizer creates its missing state there,
+    eagerly, and marks its state tensors static (``torch._dynamo.mark_static_address``), so
+    that the compiled step guards them by identity, as dynamo does for torch.optim's own state,
+    instead of checking every tensor's metadata on every call. Returns 0 (dynamo keeps the
+    result as a constant). The key is a string: dynamo keeps strings constant, where an int
+    that differs between two optimizers' traces of the same code would become symbolic, which
+    a constant-result function cannot take (two optimizers compiled with fullgraph=True)."""
+    pool = _POOLS.get(int(pool_key))
     owner = None if pool is None or pool.owner is None else pool.owner()
     if owner is not None and pool.prepare is not None:
         pool.prepare(owner)

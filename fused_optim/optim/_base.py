@@ -347,7 +347,7 @@ class FusedOptimizerMixin:
         with_grads, grads, sparse, structure, hypers, keys = self._read_groups()
         if not flat(with_grads):
             return
-        prepare_state(self._slot_pool.base)
+        prepare_state(self._slot_pool.key)
         plan = self._build_plan(with_grads, keys, structure, sparse, traced=True)
         advance_steps([state["step"] for state in plan.states if "step" in state],
                       context.found_inf)  # fmt: skip
