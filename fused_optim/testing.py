@@ -113,6 +113,7 @@ __all__ = [
     "adapt_config",
     "assert_matches_torch",
     "build_params",
+    "clipped_optimizer",
     "compare_to_torch",
     "config_label",
     "correctly_rounded_optimizer",
@@ -416,6 +417,28 @@ def correctly_rounded_torch():
     Other dtypes, other devices and tensors that require grad are left to torch.
     """
     return _CorrectlyRounded()
+
+
+def clipped_optimizer(
+    factory: Callable[..., torch.optim.Optimizer], max_norm: float
+) -> Callable[..., torch.optim.Optimizer]:
+    """``factory`` whose optimizers clip, before every ``step()``, the total 2-norm of the
+    gradients of their params to ``max_norm`` with :func:`torch.nn.utils.clip_grad_norm_`
+    (torch's recipe for what fused_optim's ``max_grad_norm`` does inside its step)."""
+
+    def build(params, **kwargs):
+        opt = factory(params, **kwargs)
+        step = opt.step
+
+        def clipped_step(*args, **step_kwargs):
+            with_grads = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+            return step(*args, **step_kwargs)
+
+        opt.step = clipped_step
+        return opt
+
+    return build
 
 
 def correctly_rounded_optimizer(
@@ -948,6 +971,7 @@ def compare_to_torch(
     seed: int = 0,
     backend: str | None = None,
     atol: float | None = None,
+    max_grad_norm: float | None = None,
 ) -> ParityReport:
     """Run PyTorch's parity recipe with ``optimizer`` and with torch.optim; compare every step.
 
@@ -976,6 +1000,10 @@ def compare_to_torch(
             automatic).
         atol: replaces the default max-abs bound for fp32/fp64 (see :func:`tolerance_for`).
             Default: None (torch's figures).
+        max_grad_norm: gradient clipping: the optimizer gets ``max_grad_norm=`` (fused_optim's
+            clip inside its step), torch.optim's runs call
+            :func:`torch.nn.utils.clip_grad_norm_` before every step (see
+            :func:`clipped_optimizer`). Default: None (no clipping).
 
     Returns:
         A :class:`ParityReport`; nothing is raised for a mismatch (use
@@ -992,11 +1020,15 @@ def compare_to_torch(
     ref_config = reference_config(config) if builtin else copy.deepcopy(config)
     if builtin:
         family = torch_counterpart(ref_factory)
+    extra = {} if backend is None else {"backend": backend}
+    if max_grad_norm is not None:
+        extra["max_grad_norm"] = max_grad_norm
+        ref_factory = clipped_optimizer(ref_factory, max_grad_norm)
     candidate = factory
-    if backend is not None:
+    if extra:
 
         def candidate(params, **kwargs):
-            return factory(params, **kwargs, backend=backend)
+            return factory(params, **kwargs, **extra)
 
     low_precision = dtype in (torch.bfloat16, torch.float16)
     if family is None and dtype == torch.float32 and atol is None:
@@ -1012,8 +1044,8 @@ def compare_to_torch(
         )
     report = ParityReport(
         optimizer=label,
-        reference=ref_label,
-        config=config,
+        reference=ref_label if max_grad_norm is None else f"{ref_label} + clip_grad_norm_",
+        config=config if max_grad_norm is None else {**config, "max_grad_norm": max_grad_norm},
         dtype=dtype,
         device=str(device),
         backend=backend,

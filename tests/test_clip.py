@@ -343,3 +343,26 @@ def test_pickling_keeps_the_clipping_configuration():
                             write_clipped_grads=True)  # fmt: skip
     twin = copy.deepcopy(opt)
     assert twin._clipping.max_grad_norm == 2.0 and twin._clipping.write_clipped_grads
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_written_grads_are_torch_s_clip_in_every_dtype(backend):
+    """With gradients of four dtypes clipped together (the total norm, and so the coefficient,
+    is fp64), the gradients each backend writes back are bitwise those of torch's
+    ``clip_grads_with_norm_`` with the returned norm: the product of the gradient and the
+    coefficient's value, rounded to the gradient's dtype (not the coefficient first)."""
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    params = [nn.Parameter(torch.randn(257, generator=gen).to(dtype)) for dtype in dtypes]
+    grads = [torch.randn(257, generator=gen).to(dtype) * 3 for dtype in dtypes]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q, g in zip(params, twins, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt = fused_optim.SGD(params, lr=0.1, backend=backend, write_clipped_grads=True)
+    total = opt.clip_grad_norm_(MAX_NORM)
+    assert total.dtype == torch.float64 and float(total) > MAX_NORM
+    torch.nn.utils.clip_grads_with_norm_(twins, MAX_NORM, total)
+    opt.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.grad, q.grad), p.dtype
+    assert opt.launches_per_step() == 4

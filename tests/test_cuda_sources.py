@@ -380,7 +380,8 @@ def _emulated_op(library, name):
         pointers = [a[key] for key in ("tensor_table", "grad_table", "block_table", "hyper_table",
                                        "grad_scale", "found_inf", "grad_coef")]  # fmt: skip
         if a["grad_coef"] is not None:  # the binding's check
-            assert a["grad_coef"].dtype == a["param_dtype"] and a["grad_coef"].numel() == 1
+            compute = torch.float64 if a["param_dtype"] == torch.float64 else torch.float32
+            assert a["grad_coef"].dtype == compute and a["grad_coef"].numel() == 1
         pointers = (ctypes.c_void_p * 7)(*[0 if t is None else t.data_ptr() for t in pointers])
         ints = [
             a["block_table"].shape[0],

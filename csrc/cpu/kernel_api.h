@@ -36,8 +36,9 @@ struct Chunk {
 };
 
 // What happens to a gradient before the update reads it: GradScaler's unscale (g / scale, in the
-// compute type), then gradient clipping's coefficient (torch's grad.mul_(coef.to(grad.dtype)):
-// the gradient and the coefficient rounded to the grad's dtype, their product rounded to it).
+// compute type), then gradient clipping's coefficient (torch's grad.mul_(coef) on the CPU: the
+// gradient rounded to its dtype times the coefficient's value in the compute type, the product
+// rounded to the grad's dtype).
 // The result is stored into the grad only with write_back; otherwise the grad's memory is only
 // read.
 struct GradArgs {

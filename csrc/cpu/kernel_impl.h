@@ -211,7 +211,7 @@ inline T* prepare_grad(const Task& task, T* g, bool g_direct, int64_t offset, in
   }
   if (a.has_coef) {
     const int8_t dtype = task.dtype[fcpu::kGrad];
-    const T coef = round_to_dtype(static_cast<T>(a.coef), dtype);
+    const T coef = static_cast<T>(a.coef);  // torch multiplies by the coefficient's value
     if (dtype == native_dtype<T>()) {
       for (int64_t i = 0; i < n; ++i) out[i] = out[i] * coef;
     } else {

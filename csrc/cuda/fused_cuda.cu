@@ -375,12 +375,12 @@ template <typename PT>
 struct GradPrep {
   using T = typename ComputeOf<PT>::type;
   bool clipped;
-  T coef;      // the coefficient in the grad's dtype, widened
+  T coef;      // the coefficient, in the compute type
   bool write;  // store the prepared gradient
 
   static __device__ __forceinline__ GradPrep of(const CommonLaunch& a) {
     const bool clipped = a.grad_coef != nullptr;
-    return GradPrep{clipped, clipped ? widen<T>(*static_cast<const PT*>(a.grad_coef)) : T(1),
+    return GradPrep{clipped, clipped ? *static_cast<const T*>(a.grad_coef) : T(1),
                     a.write_grad || a.grad_scale != nullptr};
   }
 

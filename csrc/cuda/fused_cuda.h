@@ -68,9 +68,9 @@ struct CommonLaunch {
   LrKind lr_kind = LrKind::kValue;
   const float* grad_scale = nullptr;  // GradScaler's scale (fp32, device), or null
   const float* found_inf = nullptr;   // GradScaler's found_inf (fp32, device), or null
-  // Gradient clipping's coefficient, one element in the param (and grad) dtype on the device, or
-  // null: after the unscale, g = round(round(g) * coef) in the grad's dtype (torch's
-  // grad.mul_(coef.to(grad.dtype))).
+  // Gradient clipping's coefficient, one element in the compute dtype (fp32; fp64 for fp64
+  // params) on the device, or null: after the unscale, g = round(round(g) * coef), rounding to
+  // the grad's dtype (torch's grad.mul_(coef) on the CPU).
   const void* grad_coef = nullptr;
   bool write_grad = false;            // store the prepared gradient (always with grad_scale)
   bool maximize = false;

@@ -40,13 +40,15 @@ DType to_dtype(c10::ScalarType type) {
   }
 }
 
-// Gradient clipping's coefficient: one element in the param dtype, on the tables' device.
+// Gradient clipping's coefficient: one element in the compute dtype (fp64 for fp64 params, else
+// fp32), on the tables' device.
 const void* coefficient(const std::optional<at::Tensor>& t, const at::Tensor& table,
                         c10::ScalarType param_dtype) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->device() == table.device() && t->scalar_type() == param_dtype &&
-                  t->numel() == 1,
-              "fused_optim_cuda: grad_coef must be a one-element ", param_dtype, " tensor on ",
+  const c10::ScalarType compute =
+      param_dtype == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+  TORCH_CHECK(t->device() == table.device() && t->scalar_type() == compute && t->numel() == 1,
+              "fused_optim_cuda: grad_coef must be a one-element ", compute, " tensor on ",
               table.device());
   return t->const_data_ptr();
 }

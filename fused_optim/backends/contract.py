@@ -107,11 +107,14 @@ class StepContext:
 
     ``grad_coef``: gradient clipping's coefficient, a 0-dim tensor on the params' device (see
     ``backends.clip``): after the unscale, each gradient is rounded to its dtype and multiplied
-    by the coefficient rounded to that dtype (torch's ``grad.mul_(coef.to(grad.dtype))``), the
-    product rounded to the gradient's dtype. The clipped gradient is written back when the
-    unscale writes it back (``grad_scale``) or when ``write_grads`` asks; otherwise the
-    gradients in memory stay as they were. Backends with ``SUPPORTS_GRAD_COEF`` apply it in the
-    update; the optimizer multiplies the gradients beforehand for the others.
+    by the coefficient's value in the compute dtype (fp32, or fp64 for fp64 params), the product
+    rounded to the gradient's dtype: torch's ``grad.mul_(coef)`` on the CPU. (On CUDA torch
+    casts the coefficient to the gradient's dtype first; the two differ only when gradients of
+    several dtypes are clipped together, the coefficient then being fp32 for bf16 gradients.)
+    The clipped gradient is written back when the unscale writes it back (``grad_scale``) or
+    when ``write_grads`` asks; otherwise the gradients in memory stay as they were. Backends
+    with ``SUPPORTS_GRAD_COEF`` apply it in the update; the optimizer multiplies the gradients
+    beforehand for the others.
     """
 
     grad_scale: Tensor | None = None

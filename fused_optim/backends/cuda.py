@@ -140,6 +140,11 @@ def _amp_tensor(t: Tensor | None, device: torch.device) -> Tensor | None:
     return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
 
 
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' compute dtype for params of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_params(params: list[Tensor]) -> None:
     dtype = params[0].dtype
     if dtype not in PARAM_DTYPES:
@@ -209,7 +214,7 @@ def _enqueue(name, plan, work: Work, context: StepContext, lr_kind, step_pointer
         step_pointers,
         int(context.seed) & 0xFFFFFFFF,
         plan.aligned,
-        None if context.grad_coef is None else context.grad_coef.to(device, dtype),
+        None if context.grad_coef is None else context.grad_coef.to(device, _compute(dtype)),
         context.stores_grads,
     )
     plan.stage_out()

@@ -112,15 +112,15 @@ class _Writer:
 
 def _prepared_grad(grad: Tensor, ctype, context: StepContext, write: _Writer) -> Tensor:
     """The gradient the update reads, in ``ctype``: unscaled (GradScaler), then clipped
-    (``context.grad_coef``, in the gradient's dtype as torch's ``grad.mul_(coef)``), and
-    written back when the contract says so."""
+    (``context.grad_coef``, as torch's ``grad.mul_(coef)``), and written back when the contract
+    says so."""
     g = grad.to(ctype)
     written = context.grad_scale is not None
     if written:
         g = g / context.grad_scale.to(device=grad.device, dtype=ctype)
     if context.grad_coef is not None:
-        coef = context.grad_coef.to(device=grad.device, dtype=grad.dtype)
-        g = (g.to(grad.dtype) * coef).to(ctype)
+        coef = context.grad_coef.to(device=grad.device, dtype=ctype)
+        g = (g.to(grad.dtype).to(ctype) * coef).to(grad.dtype).to(ctype)
         written = written or context.write_grads
     if written:
         write(grad, g)
@@ -130,7 +130,7 @@ def _prepared_grad(grad: Tensor, ctype, context: StepContext, write: _Writer) ->
 def _clipped_sparse_grad(grad: Tensor, context: StepContext) -> Tensor:
     if context.grad_coef is None:
         return grad
-    coef = context.grad_coef.to(device=grad.device, dtype=grad.dtype)
+    coef = context.grad_coef.to(grad.device)
     if context.write_grads:
         return grad.mul_(coef)
     return grad * coef

@@ -212,8 +212,8 @@ class FusedOptimizerMixin:
         Computes the total ``norm_type``-norm of the gradients now (one multi-tensor pass on
         the C++ CPU backend; torch's ``get_total_norm`` elsewhere) and returns it as a 0-dim
         tensor on the params' device, without a host sync. The next ``step()`` multiplies each
-        gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's coefficient, in
-        the gradient's dtype) as it reads it: the gradients in memory are not rewritten
+        gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's coefficient and
+        ``grad.mul_(coef)``'s rounding) as it reads it: the gradients in memory are not rewritten
         (``write_clipped_grads=True`` at construction writes them), which saves the pass that
         rewrites them. Modifying or replacing a gradient before that ``step()`` makes it raise
         (call this after the last backward pass); ``zero_grad()`` cancels the clip.

@@ -37,9 +37,9 @@ def grads_of_groups(param_groups: list[dict]) -> list[Tensor]:
 
 def apply_coefficient_(grads: list[Tensor], coef: Tensor) -> None:
     """torch's ``clip_grads_with_norm_`` multiply: each gradient, in place, by the coefficient
-    cast to its dtype (for backends that do not take it into their update)."""
+    (for a step traced by torch.compile, and torch.optim's own steps)."""
     for grad in grads:
-        grad.mul_(coef.to(device=grad.device, dtype=grad.dtype))
+        grad.mul_(coef.to(grad.device))
 
 
 class GradClipping:

@@ -224,14 +224,14 @@ def _load_grad(
     WRITE_GRAD: tl.constexpr,
 ):
     """The gradient in COMPUTE_DTYPE: unscaled (g / grad_scale) when GradScaler left the
-    unscaling to the optimizer, then clipped (torch's ``grad.mul_(coef.to(grad.dtype))``: the
-    gradient and the coefficient rounded to the grad's dtype, their product rounded to it), and
+    unscaling to the optimizer, then clipped (torch's ``grad.mul_(coef)``: the gradient rounded to
+    its dtype times the coefficient's value, the product rounded to the grad's dtype), and
     written back with WRITE_GRAD (always with the unscale)."""
     g = _load(grad_ptr, mask, full).to(COMPUTE_DTYPE)
     if HAS_GRAD_SCALE:
         g = _div(g, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE))
     if HAS_GRAD_COEF:
-        coef = _round_to(tl.load(grad_coef_ptr), GRAD_DTYPE).to(COMPUTE_DTYPE)
+        coef = tl.load(grad_coef_ptr).to(COMPUTE_DTYPE)
         g = _round_to(g, GRAD_DTYPE).to(COMPUTE_DTYPE) * coef
         g = _round_to(g, GRAD_DTYPE).to(COMPUTE_DTYPE)
     if WRITE_GRAD:
