@@ -420,11 +420,28 @@ def correctly_rounded_torch():
 
 
 def clipped_optimizer(
-    factory: Callable[..., torch.optim.Optimizer], max_norm: float
+    factory: Callable[..., torch.optim.Optimizer],
+    max_norm: float,
+    total_norm: Callable[[], Tensor] | None = None,
+    on_norm: Callable[[Tensor, Tensor, int], None] | None = None,
 ) -> Callable[..., torch.optim.Optimizer]:
-    """``factory`` whose optimizers clip, before every ``step()``, the total 2-norm of the
-    gradients of their params to ``max_norm`` with :func:`torch.nn.utils.clip_grad_norm_`
-    (torch's recipe for what fused_optim's ``max_grad_norm`` does inside its step)."""
+    """``factory`` whose optimizers clip, before every ``step()``, the gradients of their params
+    as :func:`torch.nn.utils.clip_grad_norm_` does (:func:`torch.nn.utils.get_total_norm`, then
+    :func:`torch.nn.utils.clip_grads_with_norm_`): torch's recipe for what fused_optim's
+    ``max_grad_norm`` does inside its step.
+
+    ``total_norm()``, if given, supplies the norm the clip uses instead of torch's own (how
+    :func:`compare_to_torch` checks the step apart from the norm's rounding); ``on_norm(own,
+    used, numel)`` is told torch's own norm, the one used and how many gradient elements it
+    covers, at every step that has gradients."""
+
+    def clip(with_grads: list[Tensor]) -> None:
+        grads = [p.grad for p in with_grads]
+        own = torch.nn.utils.get_total_norm(grads)
+        used = own if total_norm is None else total_norm()
+        if on_norm is not None:
+            on_norm(own, used, sum(g.numel() for g in grads))
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, used)
 
     def build(params, **kwargs):
         opt = factory(params, **kwargs)
@@ -432,7 +449,8 @@ def clipped_optimizer(
 
         def clipped_step(*args, **step_kwargs):
             with_grads = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(with_grads, max_norm)
+            if with_grads:
+                clip(with_grads)
             return step(*args, **step_kwargs)
 
         opt.step = clipped_step
@@ -618,8 +636,13 @@ class ParityReport:
     #: Non-empty params, by name: whether the optimizer / torch.optim changed them at all.
     params_moved: dict[str, bool] = field(default_factory=dict)
     reference_params_moved: dict[str, bool] = field(default_factory=dict)
-    #: Failures that do not belong to one step (moved check).
+    #: Failures that do not belong to one step (moved check, clipping's norms).
     final_failures: list[str] = field(default_factory=list)
+    #: With ``max_grad_norm``: the largest relative difference between the optimizer's total
+    #: gradient norm and torch's ``get_total_norm``, and how many steps the norm exceeded
+    #: ``max_grad_norm`` (the clip scaled the gradients down).
+    clip_norm_max_rel: float = 0.0
+    clipped_steps: int = 0
 
     # Overall figures ----------------------------------------------------------------------
     @property
@@ -1001,9 +1024,12 @@ def compare_to_torch(
         atol: replaces the default max-abs bound for fp32/fp64 (see :func:`tolerance_for`).
             Default: None (torch's figures).
         max_grad_norm: gradient clipping: the optimizer gets ``max_grad_norm=`` (fused_optim's
-            clip inside its step), torch.optim's runs call
-            :func:`torch.nn.utils.clip_grad_norm_` before every step (see
-            :func:`clipped_optimizer`). Default: None (no clipping).
+            clip inside its step, which must expose ``last_grad_norm``), torch.optim's runs clip
+            as :func:`torch.nn.utils.clip_grad_norm_` before every step (see
+            :func:`clipped_optimizer`), with the optimizer's norm, so that params and states
+            compare the step within the usual bounds; the norm is checked apart, against
+            torch's ``get_total_norm``, within the rounding of a sum of that many squares.
+            Default: None (no clipping).
 
     Returns:
         A :class:`ParityReport`; nothing is raised for a mismatch (use
@@ -1021,14 +1047,26 @@ def compare_to_torch(
     if builtin:
         family = torch_counterpart(ref_factory)
     extra = {} if backend is None else {"backend": backend}
+    built: list[torch.optim.Optimizer] = []  # the candidate optimizer, once the recipe built it
+    norms: list[tuple[Tensor, Tensor, int]] = []  # per clipped step: torch's, the candidate's
+    compared_reference = ref_factory
     if max_grad_norm is not None:
+        # torch.optim's runs clip with the candidate's norm (the runs go in lockstep: its step
+        # has run when torch.optim's runs), so that the params compare the step alone; the
+        # norm itself is checked against torch's get_total_norm, within the rounding of a sum.
         extra["max_grad_norm"] = max_grad_norm
+        compared_reference = clipped_optimizer(
+            ref_factory, max_grad_norm, lambda: built[0].last_grad_norm,
+            lambda own, used, numel: norms.append((own, used, numel)),
+        )  # fmt: skip
+        candidate_norm_reference = clipped_optimizer(
+            ref_factory, max_grad_norm, lambda: built[0].last_grad_norm
+        )
         ref_factory = clipped_optimizer(ref_factory, max_grad_norm)
-    candidate = factory
-    if extra:
 
-        def candidate(params, **kwargs):
-            return factory(params, **kwargs, **extra)
+    def candidate(params, **kwargs):
+        built.append(factory(params, **kwargs, **extra))
+        return built[-1]
 
     low_precision = dtype in (torch.bfloat16, torch.float16)
     if family is None and dtype == torch.float32 and atol is None:
@@ -1054,7 +1092,7 @@ def compare_to_torch(
     kw = dict(steps=steps, seed=seed)
     runs = [
         run_recipe(candidate, config, dtype, device=device, **kw),
-        run_recipe(ref_factory, ref_config, dtype, device=device, **kw),
+        run_recipe(compared_reference, ref_config, dtype, device=device, **kw),
     ]
     if low_precision:
         runs.append(run_recipe(ref_factory, ref_config, torch.float64, device="cpu", **kw))
@@ -1062,7 +1100,8 @@ def compare_to_torch(
     # correctly_rounded_torch). How far torch's own run is from it is torch's rounding on this
     # CPU, and goes into the bound; the candidate's distance from it is reported.
     if measure_rounding:
-        exact_factory = correctly_rounded_optimizer(ref_factory)
+        exact_reference = ref_factory if max_grad_norm is None else candidate_norm_reference
+        exact_factory = correctly_rounded_optimizer(exact_reference)
         runs.append(run_recipe(exact_factory, ref_config, dtype, device=device, **kw))
     capturable = bool(config.get("capturable", False))
     for it, results in enumerate(zip(*runs)):
@@ -1082,6 +1121,19 @@ def compare_to_torch(
         _compare_step(checker, params, opt, ref_params, ref_opt, truth, capturable)
         report.steps.append(checker.finish())
 
+    for it, (own, used, numel) in enumerate(norms):
+        # torch rounds each tensor's norm and the total to the result's dtype (eps/2 each, at
+        # most eps in all), the optimizer its total (eps/2), and a sum of numel squares in fp32
+        # (torch's CPU sums) rounds by at most numel units of 2^-24 of it.
+        allowed = numel * 2.0**-24 + 2 * torch.finfo(own.dtype).eps
+        difference = float((used.double() - own.double()).abs() / own.double().abs())
+        report.clip_norm_max_rel = max(report.clip_norm_max_rel, difference)
+        report.clipped_steps += int(float(own) > max_grad_norm)
+        if not difference <= allowed:
+            report.final_failures.append(
+                f"clipped step {it}: total norm {float(used):.9g} differs from torch's "
+                f"get_total_norm {float(own):.9g} by {difference:.3g} (relative) > {allowed:.3g}"
+            )
     initial = build_params(dtype, device, seed)
     for name, p0, p, ref in zip(PARAM_NAMES, initial, params, ref_params):
         if p0.numel():

@@ -366,3 +366,31 @@ def test_written_grads_are_torch_s_clip_in_every_dtype(backend):
     for p, q in zip(params, twins):
         assert torch.equal(p.grad, q.grad), p.dtype
     assert opt.launches_per_step() == 4
+
+
+def _clip_parity_cases():
+    from fused_optim import testing
+
+    for name in testing.OPTIMIZERS:
+        for config in testing.CONFIGS[name]:
+            for dtype in testing.DTYPES.values():
+                label = f"{name}[{testing.config_label(config)}]-{testing.dtype_name(dtype)}"
+                yield pytest.param(name, config, dtype, id=label)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name, config, dtype", list(_clip_parity_cases()))
+def test_recipe_with_max_grad_norm_matches_torch_for_every_config_and_dtype(
+    name, config, dtype, backend
+):
+    """PyTorch's parity recipe (7 steps, frozen layer, no-grad step, zero-size param) with
+    ``max_grad_norm``, for every configuration and dtype of the parity matrix: params and every
+    state entry within the usual bounds of torch.optim after torch's clip, and the total norm
+    within the rounding of its sum of torch's ``get_total_norm`` (testing.compare_to_torch)."""
+    from fused_optim import testing
+
+    config = testing.adapt_config(name, config, dtype)
+    report = testing.compare_to_torch(
+        name, config, dtype=dtype, backend=backend, max_grad_norm=1.5
+    ).assert_ok()
+    assert report.clipped_steps >= 3
