@@ -70,7 +70,8 @@ def find_target_torch() -> str | None:
     environment = {k: v for k, v in os.environ.items() if k not in _ISOLATION_VARIABLES}
     probe = (
         "import importlib.util, os; spec = importlib.util.find_spec('torch'); "
-        "print(os.path.dirname(list(spec.submodule_search_locations)[0]) if spec else '')"
+        "print('\\n' + (os.path.dirname(list(spec.submodule_search_locations)[0]) if spec "
+        "else ''))"
     )
     try:
         found = subprocess.run(
@@ -80,10 +81,38 @@ def find_target_torch() -> str | None:
             text=True,
             timeout=120,
             check=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
-    return found or None
+    # The last line: a sitecustomize of the environment may print before the probe does.
+    return (found[-1].strip() if found else "") or None
+
+
+# What the isolated build brings itself, and must keep over the target environment's copies.
+_BUILD_TOOLS = {"setuptools", "pkg_resources", "_distutils_hack", "wheel", "pip", "ninja"}
+
+
+def _packages_only(folder: str) -> str:
+    """A folder of links to the target environment's importable packages and modules, without
+    its distribution metadata (*.dist-info, which would bring the other packages' setuptools
+    entry points into this build) and without the build tools the isolated build has its own
+    copies of; ``folder`` itself where links cannot be made."""
+    import atexit
+    import shutil
+    import tempfile
+
+    view = tempfile.mkdtemp(prefix="fused_optim_torch_")
+    atexit.register(shutil.rmtree, view, True)
+    try:
+        for entry in os.scandir(folder):
+            name = entry.name
+            top = name.split(".")[0]
+            if name.endswith((".dist-info", ".egg-info", ".pth")) or top in _BUILD_TOOLS:
+                continue
+            os.symlink(entry.path, os.path.join(view, name))
+    except OSError:
+        return folder
+    return view
 
 
 def _import_cpp_extension():
@@ -96,7 +125,7 @@ def _import_cpp_extension():
         if folder is None or folder in sys.path:
             raise
         # After the build requirements, so that the isolated setuptools still comes first.
-        sys.path.append(folder)
+        sys.path.append(_packages_only(folder))
         import torch.utils.cpp_extension as cpp_extension
     return cpp_extension
 

@@ -243,19 +243,153 @@ def test_cpu_fast_path_keeps_running_with_clipping():
     assert opt._plan.fast is not None and opt._plan.fast.succeeded
 
 
-def test_a_clip_bound_to_changed_grads_raises_and_changes_nothing():
+def test_a_clip_of_grads_modified_in_place_raises_and_changes_nothing():
+    """Another backward pass accumulating into clipped gradients: torch would update with the
+    clipped gradients plus the new ones, which no coefficient expresses. The step raises with
+    nothing changed; after zero_grad() training goes on."""
     model = _model()
     opt = fused_optim.AdamW(model.parameters())
     _backward(model, 0)
     opt.clip_grad_norm_(MAX_NORM)
     (model(torch.randn(2, 16)) ** 2).sum().backward()  # accumulates into the grads
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="gradients changed between clip_grad_norm_"):
+    with pytest.raises(RuntimeError, match="modified in place between clip_grad_norm_"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert opt.state == {} or all(s["step"] == 0 for s in opt.state.values())
-    opt.step()  # the failed step disarmed the clip: an ordinary step now
+    opt.zero_grad()
+    _backward(model, 1)
+    opt.step()
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_clip_of_replaced_grads_does_not_apply(backend):
+    """A module's zero_grad() (the optimizer is not told) and a new backward pass: the new
+    gradient tensors carry no clip, as after torch's in-place clip, even when they reuse the
+    old tensors' ids."""
+    models = [_model(), _model()]
+    opts = [fused_optim.SGD(m.parameters(), lr=0.1, backend=backend) for m in models]
+    _backward(models[0], 0)
+    opts[0].clip_grad_norm_(1e-3)
+    for model, opt in zip(models, opts):
+        _backward(model, 1)  # model.zero_grad() inside: new gradient tensors
+        opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_two_clips_compose_as_torch_s_in_place_clips():
+    """clip_grad_norm_(a) then clip_grad_norm_(b), and an explicit clip under max_grad_norm:
+    each later clip sees the gradients as the earlier one left them, as torch's in-place clips
+    would; the returned norms are those torch's calls return."""
+    for first, second, automatic in ((0.5, 10.0, None), (10.0, 0.5, None), (0.5, None, 0.2)):
+        models = [_model(), _model()]
+        ours = fused_optim.SGD(models[0].parameters(), lr=0.1, max_grad_norm=automatic)
+        theirs = torch.optim.SGD(models[1].parameters(), lr=0.1)
+        for model in models:
+            _backward(model, 2)
+        norms = [ours.clip_grad_norm_(first)]
+        expected = [torch.nn.utils.clip_grad_norm_(models[1].parameters(), first)]
+        if second is not None:
+            norms.append(ours.clip_grad_norm_(second))
+            expected.append(torch.nn.utils.clip_grad_norm_(models[1].parameters(), second))
+        if automatic is not None:
+            expected.append(torch.nn.utils.clip_grad_norm_(models[1].parameters(), automatic))
+        ours.step()
+        theirs.step()
+        if automatic is not None:
+            norms.append(ours.last_grad_norm)
+        for mine, torch_norm in zip(norms, expected, strict=True):
+            torch.testing.assert_close(mine, torch_norm, rtol=1e-5, atol=0)
+        for a, b in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_that_raises_keeps_the_clip_armed():
+    """The coefficient is consumed by a step that succeeds: a step refused by torch.optim's
+    checks (a bad lr set between steps) leaves it armed for the retry."""
+    models = [_model(), _model()]
+    opts = [fused_optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for model in models:
+        _backward(model, 0)
+    opts[0].clip_grad_norm_(MAX_NORM)
+    opts[0].param_groups[0]["lr"] = "0.1"
+    with pytest.raises(TypeError):
+        opts[0].step()
+    opts[0].param_groups[0]["lr"] = 0.1
+    opts[0].step()
+    torch.nn.utils.clip_grad_norm_(models[1].parameters(), MAX_NORM)
+    opts[1].step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_param_listed_twice_is_measured_and_clipped_once():
+    """The norm covers each param once and its gradient is clipped once, also on the step
+    torch.optim's own code runs for a duplicated param (two updates, as torch.optim)."""
+    a, b = (nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(i)))
+            for i in range(2))  # fmt: skip
+    twins = [nn.Parameter(t.detach().clone()) for t in (a, b)]
+    for p, q in zip((a, b), twins):
+        p.grad = torch.randn(5) * 10
+        q.grad = p.grad.clone()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = fused_optim.SGD([a, b, a], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref = torch.optim.SGD([twins[0], twins[1], twins[0]], lr=0.1)
+    total = opt.clip_grad_norm_(MAX_NORM)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(twins, MAX_NORM))
+    opt.step()
+    ref.step()
+    for p, q in zip((a, b), twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_differentiable_step_with_a_closure_clips_the_closure_s_grads():
+    """differentiable=True hands the step to torch.optim's code; with a closure, the clip
+    applies to the gradients the closure makes (it runs first), as torch's clip after the
+    backward pass would."""
+    values = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
+    params, twins = ([t.clone() for t in values] for _ in range(2))
+    new_grads = [torch.randn(5) * 10 for _ in range(3)]
+    opt = fused_optim.SGD(params, lr=0.1, differentiable=True, max_grad_norm=0.5)
+    ref = torch.optim.SGD(twins, lr=0.1)
+
+    def closure():
+        for p, g in zip(params, new_grads):
+            p.grad = g.clone()
+        return torch.tensor(1.0)
+
+    for p in params:
+        p.grad = torch.ones(5)  # replaced by the closure's
+    opt.step(closure)
+    for q, g in zip(twins, new_grads):
+        q.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(twins, 0.5)
+    ref.step()
+    for p, q, start in zip(params, twins, values):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, start)
+
+
+def test_an_eager_clip_then_a_fullgraph_compiled_step():
+    model, twin = _model(), _model()
+    opt = fused_optim.AdamW(model.parameters(), lr=1e-2)
+    eager = fused_optim.AdamW(twin.parameters(), lr=1e-2)
+    step = torch.compile(opt.step, fullgraph=True)
+    try:
+        for it in range(2):
+            for m in (model, twin):
+                _backward(m, it)
+            opt.clip_grad_norm_(MAX_NORM)
+            eager.clip_grad_norm_(MAX_NORM)
+            step()
+            eager.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_zero_grad_cancels_a_clip():

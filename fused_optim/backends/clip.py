@@ -1,9 +1,10 @@
 """The total gradient norm for clipping, and clipping's coefficient, as torch computes them.
 
 ``total_norm(grads, norm_type, grad_scale, backend)`` is ``torch.nn.utils.get_total_norm`` of the
-gradients (unscaled first when ``grad_scale`` is given, each rounded to its dtype as GradScaler
-writes it): a 0-dim tensor on the first gradient's device, in the dtype torch's result has (the
-gradients' dtypes promoted), without a host sync.
+gradients, unscaled when ``grad_scale`` is given: a 0-dim tensor on the first gradient's device,
+in the dtype torch's result has (the gradients' dtypes promoted), without a host sync. The fused
+pass unscales each element as the kernels do (rounded to the gradient's dtype, as GradScaler
+writes it); torch's path divides the norm by the scale.
 
 Where every gradient lives on a device whose backend offers ``grad_norm`` (the C++ CPU backend)
 and the norm is a 1-, 2-, p- (p > 0) or inf-norm of real dense gradients, one multi-tensor pass
@@ -25,7 +26,6 @@ import torch
 from torch import Tensor
 
 from . import select_backend
-from .reference import compute_dtype
 
 #: The grad_norm kinds of the C++ op (csrc/cpu/kernel_api.h's NormKind).
 _SQUARES, _ABS, _POWER, _MAX = 0, 1, 2, 3
@@ -43,15 +43,6 @@ def _kind(norm_type: float) -> int | None:
     if math.isfinite(norm_type) and norm_type > 0:
         return _POWER
     return None  # 0, negative, -inf, NaN: torch's own definitions
-
-
-def _unscaled(grads: list[Tensor], grad_scale: Tensor) -> list[Tensor]:
-    """The gradients GradScaler's unscale (as the kernels do it) would write."""
-    out = []
-    for g in grads:
-        compute = compute_dtype(g.dtype)
-        out.append((g.to(compute) / grad_scale.to(device=g.device, dtype=compute)).to(g.dtype))
-    return out
 
 
 def _fused_backends(grads: list[Tensor], request: str | None) -> dict | None:
@@ -90,9 +81,12 @@ def total_norm(
     torch_only = torch_only or (kind == _MAX and any(g.numel() == 0 for g in grads))
     fused = None if torch_only else _fused_backends(grads, backend)
     if fused is None:
-        if grad_scale is not None:
-            grads = _unscaled(grads, grad_scale)
-        return torch.nn.utils.get_total_norm(grads, norm_type)
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        if grad_scale is None or norm_type == 0.0:  # the 0-"norm" counts, and does not scale
+            return total
+        # A norm scales with its vector: no unscaled copy of every gradient (GradScaler's
+        # scales are powers of 2, so dividing the gradients first would round the same way).
+        return total / grad_scale.to(device=total.device, dtype=total.dtype)
     first_device = grads[0].device
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:

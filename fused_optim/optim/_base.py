@@ -213,10 +213,15 @@ class FusedOptimizerMixin:
         the C++ CPU backend; torch's ``get_total_norm`` elsewhere) and returns it as a 0-dim
         tensor on the params' device, without a host sync. The next ``step()`` multiplies each
         gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's coefficient and
-        ``grad.mul_(coef)``'s rounding) as it reads it: the gradients in memory are not rewritten
-        (``write_clipped_grads=True`` at construction writes them), which saves the pass that
-        rewrites them. Modifying or replacing a gradient before that ``step()`` makes it raise
-        (call this after the last backward pass); ``zero_grad()`` cancels the clip.
+        ``grad.mul_(coef)``'s rounding) as it reads it: the fused kernels leave the gradients in
+        memory as they were (``write_clipped_grads=True`` at construction writes them), which
+        saves the pass that rewrites them; steps that torch.optim's own code runs
+        (``differentiable=True``, configurations the kernels hand to torch.optim) and steps
+        traced by ``torch.compile`` multiply the gradients in place, as torch's clip does.
+        The clip belongs to the current gradient tensors: new ones (a module's
+        ``zero_grad()`` and backward) carry none; one modified in place (another backward pass)
+        makes the step raise; a second clip composes with the first, as torch's in-place clips
+        would; ``zero_grad()`` cancels it.
 
         Args:
             max_norm (float): max norm of the gradients.
@@ -287,11 +292,21 @@ class FusedOptimizerMixin:
         With ``differentiable=True`` the step is torch.optim's own (the parent class's), which
         autograd can differentiate through.
         """
+        clipping = self._clipping
         if self._differentiable():
-            coef = self._clipping.take(self.param_groups, None, self._backend)
+            if clipping.coef is None and clipping.max_grad_norm is None:
+                return self._torch_step(closure)
+            # The closure's backward first: the clip applies to the gradients it makes.
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            coef = clipping.for_step(self.param_groups, None, self._backend)
             if coef is not None:
                 apply_coefficient_(grads_of_groups(self.param_groups), coef)
-            return self._torch_step(closure)
+            clipping.consumed()
+            self._torch_step(None)
+            return loss
         self._graph_capture_check()
         loss = None
         if closure is not None:
@@ -299,15 +314,16 @@ class FusedOptimizerMixin:
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        coef = self._clipping.take(self.param_groups, grad_scale, self._backend)
+        coef = clipping.for_step(self.param_groups, grad_scale, self._backend)
         self._amp = (grad_scale, found_inf)
         try:
             self._step(StepContext(
                 grad_scale, found_inf, self._precision.stochastic_rounding, self._precision.seed,
-                coef, self._clipping.write_clipped_grads,
+                coef, clipping.write_clipped_grads,
             ))  # fmt: skip
         finally:
             self._amp = (None, None)
+        clipping.consumed()
         if found_inf is None:
             self.step_skipped = self._not_skipped
         else:
