@@ -773,6 +773,8 @@ class ParityReport:
                 "worst_ratio": self.worst_ratio,
                 "torch_rounding": self.torch_rounding,
                 "correctly_rounded_max_abs": self.correctly_rounded_max_abs,
+                "clip_norm_max_rel": self.clip_norm_max_rel,
+                "clipped_steps": self.clipped_steps,
                 "tolerance": self.tolerance.__dict__,
                 "moved": self.moved,
                 "params_moved": self.params_moved,

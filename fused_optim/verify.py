@@ -26,6 +26,10 @@ Options:
   class ``--reference NAME`` (inferred when the candidate subclasses one), over that class's
   configs. The candidate gets ``backend=`` only if ``--backends`` is given.
 * ``--seed``: seeds the recipe (default 0).
+* ``--clip MAX_NORM``: every case with gradient clipping: the optimizer gets
+  ``max_grad_norm=MAX_NORM`` (fused_optim's clip inside its step; a ``--candidate`` must take
+  it and expose ``last_grad_norm``), torch.optim's runs clip with
+  ``torch.nn.utils.clip_grad_norm_`` first (see ``compare_to_torch``'s ``max_grad_norm``).
 
 On the CPU the Triton backend only runs through Triton's interpreter, which needs
 ``TRITON_INTERPRET=1`` before fused_optim's kernels are imported. So that the real kernels are
@@ -124,6 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the torch.optim class the --candidate must match (SGD, Adam or AdamW)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the recipe (default: 0)")
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        metavar="MAX_NORM",
+        help="verify with gradient clipping: max_grad_norm=MAX_NORM against torch's "
+        "clip_grad_norm_ before torch.optim's steps",
+    )
     parser.set_defaults(verify_parser=parser)
 
 
@@ -361,7 +373,7 @@ def _check_backends(args, device) -> None:
             _usage_error(args, f"--backends: {error} (device {device})")
 
 
-def _run_case(case: Case, device, seed: int) -> Outcome:
+def _run_case(case: Case, device, seed: int, clip: float | None = None) -> Outcome:
     try:
         report = compare_to_torch(
             case.optimizer,
@@ -371,6 +383,7 @@ def _run_case(case: Case, device, seed: int) -> Outcome:
             device=device,
             seed=seed,
             backend=case.backend,
+            max_grad_norm=clip,
         )
     except Exception as error:  # one broken case must not hide the others
         return Outcome(case, error=f"{type(error).__name__}: {error}")
@@ -386,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         _usage_error(args, "--reference needs --candidate")
     if args.candidate is not None and args.optimizers is not None:
         _usage_error(args, "--optimizers and --candidate exclude each other")
+    if args.clip is not None and not 0.0 <= args.clip < float("inf"):
+        _usage_error(args, f"--clip: a max norm must be finite and not negative, got {args.clip}")
 
     note = _prepare_interpreter(device)  # before anything imports the Triton kernels
 
@@ -411,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     with _progress(len(cases)) as progress:
         for case in cases:
             progress.set_postfix_str(f"{case.reference} {case.dtype} {case.backend or ''}")
-            outcomes.append(_run_case(case, device, args.seed))
+            outcomes.append(_run_case(case, device, args.seed, args.clip))
             progress.update()
     seconds = time.perf_counter() - started
 
@@ -433,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
             **environment,
             "quick": bool(args.quick),
             "seed": args.seed,
+            "clip": args.clip,
             "passed": not failed,
             "total": len(outcomes),
             "failed": len(failed),

@@ -191,6 +191,7 @@ def test_verify_quick_writes_json(tmp_path, capsys):
         (["--candidate", "no_such_module:X", "--reference", "SGD"], "cannot import"),
         (["--candidate", "torch.optim:Adagrad"], "--candidate needs --reference"),
         (["--device", "not_a_device"], "invalid device 'not_a_device'"),
+        (["--clip", "-1"], "--clip: a max norm must be finite and not negative"),
     ],
 )
 def test_verify_bad_arguments_exit_2(argv, message, capsys):
@@ -270,3 +271,16 @@ def test_torch_fused_passes_the_checker(name, config, dtype):
     fp32 bound must absorb torch's CPU rounding, and torch's own fused-vs-for-loop spread."""
     report = compare_to_torch(_torch_fused(name), config, reference=name, dtype=dtype)
     assert report.passed, report.summary()
+
+
+def test_verify_with_clipping(tmp_path, capsys):
+    """``fused-optim verify --clip``: every quick case with max_grad_norm against torch's
+    clip_grad_norm_ + torch.optim, and the JSON says so."""
+    path = tmp_path / "parity.json"
+    argv = ["verify", "--quick", "--device", "cpu", "--backends", "reference", "--clip", "1.5"]
+    assert main([*argv, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "max_grad_norm=1.5" in out and "FAIL" not in out
+    data = json.loads(path.read_text())
+    assert data["clip"] == 1.5 and data["passed"] is True and data["total"] == 12
+    assert all(case["clip_norm_max_rel"] < 1e-2 for case in data["cases"])
