@@ -48,11 +48,22 @@ def _ulp(x: torch.Tensor) -> float:
 NORMS = [2.0, 1.0, math.inf, 3.0, 0.5]
 
 
+def _norm_backends():
+    """The backends with a fused norm pass: the C++ CPU one and Triton (interpreted here)."""
+    return [param for param in cpu_backends() if param.id in ("cpu", "triton")]
+
+
+@pytest.mark.parametrize("backend", _norm_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm_type", NORMS)
-def test_total_norm_is_the_exact_norm_within_one_rounding(norm_type, dtype):
+def test_total_norm_is_the_exact_norm_within_one_rounding(norm_type, dtype, backend):
+    if backend == "triton" and norm_type not in (1.0, 2.0, math.inf):
+        pytest.skip("Triton's norm pass covers the 1-, 2- and inf-norms (others are torch's)")
     grads = _grads(dtype, empty=norm_type != math.inf)
-    ours = clip_backend.total_norm(grads, norm_type)
+    fused = clip_backend._fused_backends(grads, backend, clip_backend._kind(norm_type))
+    assert fused is not None  # the backend's own pass, not torch's
+    ours = clip_backend.total_norm(grads, norm_type, None, backend)
+    assert torch.equal(ours, clip_backend.total_norm(grads, norm_type, None, backend))
     theirs = torch.nn.utils.get_total_norm(grads, norm_type)
     exact = _exact_norm(grads, norm_type)
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == ()

@@ -25,6 +25,8 @@ POINTERS = {
     "block_table": "*i64",
     "hyper_table": "*fp64",
     "hyper_bits": "*i64",
+    "pointer_table": "*i64",
+    "partials": "*fp64",
 }
 
 
@@ -146,6 +148,11 @@ def compile_all() -> dict:
         if constants["LR_FROM_POINTER"]:
             constants["LR_DTYPE"] = tl.float32
         jobs.append(("adam-" + name, kernels.adam_kernel, constants))
+    for kind, kind_name in ((0, "squares"), (1, "abs"), (3, "max")):
+        for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+            constants = dict(GRAD_DTYPE=dtype, COMPUTE_DTYPE=tl.float32, KIND=kind, BLOCK=4096)
+            constants["HAS_GRAD_SCALE"] = dtype_name == "bf16"
+            jobs.append((f"norm-{kind_name}-{dtype_name}", kernels.norm_kernel, constants))
     results = {}
     for name, kernel, constants in jobs:
         try:
@@ -196,3 +203,12 @@ def test_aligned_fp32_adam_uses_16_byte_vector_accesses(compiled):
 
 if __name__ == "__main__":
     print(json.dumps(compile_all()))
+
+
+NORM_CASES = [f"norm-{k}-{d}" for k in ("squares", "abs", "max") for d in ("fp32", "bf16")]
+
+
+@pytest.mark.parametrize("case", NORM_CASES)
+def test_norm_kernel_compiles_for_sm90(compiled, case):
+    assert "error" not in compiled[case], compiled[case]
+    assert compiled[case]["cubin_bytes"] > 0

@@ -6,12 +6,13 @@ in the dtype torch's result has (the gradients' dtypes promoted), without a host
 pass unscales each element as the kernels do (rounded to the gradient's dtype, as GradScaler
 writes it); torch's path divides the norm by the scale.
 
-Where every gradient lives on a device whose backend offers ``grad_norm`` (the C++ CPU backend)
-and the norm is a 1-, 2-, p- (p > 0) or inf-norm of real dense gradients, one multi-tensor pass
-computes it: fp64 partial sums of |g|^p (or the largest |g|) per chunk of elements, combined in a
-fixed order, so that two runs give the same bits whatever the thread count. Anything else
-(complex, sparse or DTensor gradients, other norms, other backends) goes through torch's own
-``get_total_norm`` (deterministic too).
+Where every gradient lives on a device whose backend offers ``grad_norm`` for the norm asked
+for (the C++ CPU backend: 1-, 2-, p- (p > 0) and inf-norms; Triton: 1-, 2- and inf-norms) and
+the gradients are real and dense, one multi-tensor pass computes it: fp64 partial sums of |g|^p
+(or the largest |g|) per chunk of elements, combined in a fixed order, so that two runs give the
+same bits whatever the thread count. Anything else (complex, sparse or DTensor gradients, other
+norms, the CUDA C++ and reference backends) goes through torch's own ``get_total_norm``
+(deterministic too).
 
 ``coefficient(max_norm, total)`` is torch's ``clamp(max_norm / (total + 1e-6), max=1)``, with
 the same tensor operations in the same dtype.
@@ -45,7 +46,7 @@ def _kind(norm_type: float) -> int | None:
     return None  # 0, negative, -inf, NaN: torch's own definitions
 
 
-def _fused_backends(grads: list[Tensor], request: str | None) -> dict | None:
+def _fused_backends(grads: list[Tensor], request: str | None, kind: int) -> dict | None:
     """Each device's backend ``grad_norm`` when every gradient can take the fused pass."""
     chosen: dict[torch.device, object] = {}
     for g in grads:
@@ -58,7 +59,7 @@ def _fused_backends(grads: list[Tensor], request: str | None) -> dict | None:
             except RuntimeError:
                 return None
             norm = getattr(backend, "grad_norm", None)
-            if norm is None:
+            if norm is None or kind not in getattr(backend, "GRAD_NORM_KINDS", (kind,)):
                 return None
             chosen[device] = norm
     return chosen
@@ -79,7 +80,7 @@ def total_norm(
     # The compiler traces torch's own operations; torch refuses the inf-norm of an empty tensor.
     torch_only = torch.compiler.is_compiling() or kind is None
     torch_only = torch_only or (kind == _MAX and any(g.numel() == 0 for g in grads))
-    fused = None if torch_only else _fused_backends(grads, backend)
+    fused = None if torch_only else _fused_backends(grads, backend, kind)
     if fused is None:
         total = torch.nn.utils.get_total_norm(grads, norm_type)
         if grad_scale is None or norm_type == 0.0:  # the 0-"norm" counts, and does not scale

@@ -210,9 +210,10 @@ class FusedOptimizerMixin:
         :func:`torch.nn.utils.clip_grad_norm_` would, but inside the update.
 
         Computes the total ``norm_type``-norm of the gradients now (one multi-tensor pass on
-        the C++ CPU backend; torch's ``get_total_norm`` elsewhere) and returns it as a 0-dim
-        tensor on the params' device, without a host sync. The next ``step()`` multiplies each
-        gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's coefficient and
+        the C++ CPU and Triton backends; torch's ``get_total_norm`` elsewhere) and returns it
+        as a 0-dim tensor on the params' device, without a host sync. The next ``step()``
+        multiplies each gradient by ``clamp(max_norm / (total_norm + 1e-6), max=1)`` (torch's
+        coefficient and
         ``grad.mul_(coef)``'s rounding) as it reads it: the fused kernels leave the gradients in
         memory as they were (``write_clipped_grads=True`` at construction writes them), which
         saves the pass that rewrites them; steps that torch.optim's own code runs

@@ -31,7 +31,8 @@ except ImportError as error:  # pragma: no cover - depends on the machine
     _IMPORT_ERROR = error
 
 __all__ = [
-    "BLOCK", "NAME", "adam", "interpreting", "is_available", "launch_adam", "launch_sgd", "sgd",
+    "BLOCK", "GRAD_NORM_KINDS", "NAME", "adam", "grad_norm", "interpreting", "is_available",
+    "launch_adam", "launch_sgd", "sgd",
 ]  # fmt: skip
 
 GPU_DEVICE_TYPES = ("cuda", "xpu")
@@ -158,6 +159,54 @@ def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
         **constants,
     )
     plan.stage_out()
+
+
+#: The kinds of ``backends.clip``'s norms ``grad_norm`` computes (sums of squares and of absolute
+#: values, the largest absolute value); the others go through torch's ``get_total_norm``.
+GRAD_NORM_KINDS = (0, 1, 3)
+NORM_BLOCK = 4096
+
+
+def grad_norm(grads: list[Tensor], kind: int, norm_type: float, grad_scale) -> Tensor:
+    """One pass over ``grads`` for a gradient norm (``backends.clip``): the fp64 sum of
+    squares or of absolute values, or the largest absolute value (``kind``), of the unscaled
+    gradients, as a 0-dim tensor on their device; one launch per gradient dtype (fp64 partial
+    sums per block of NORM_BLOCK elements, then torch's sum over them: a fixed order, no
+    atomics, so two runs give the same bits). Gradients that are not dense are copied."""
+    device = grads[0].device
+    totals = []
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        if g.numel():
+            by_dtype.setdefault(g.dtype, []).append(g if plans.is_dense(g) else g.contiguous())
+    for dtype, tensors in by_dtype.items():
+        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        blocks = (numels + NORM_BLOCK - 1) // NORM_BLOCK
+        tensor_index = torch.repeat_interleave(torch.arange(len(tensors)), blocks)
+        first = torch.cumsum(blocks, 0) - blocks
+        starts = (torch.arange(int(blocks.sum())) - first[tensor_index]) * NORM_BLOCK
+        table = torch.stack([tensor_index, starts, numels[tensor_index]], dim=1).contiguous()
+        pointers = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+        partials = torch.empty(table.shape[0], dtype=torch.float64, device=device)
+        kernels.norm_kernel[(table.shape[0],)](
+            plans.upload(pointers, device),
+            plans.upload(table, device),
+            partials,
+            pointers if grad_scale is None else grad_scale.to(device, non_blocking=True),
+            GRAD_DTYPE=_tl_dtype(dtype),
+            COMPUTE_DTYPE=_compute_dtype(dtype),
+            KIND=kind,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            BLOCK=NORM_BLOCK,
+            num_warps=NUM_WARPS,
+        )
+        totals.append(partials.amax() if kind == 3 else partials.sum())
+    if not totals:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    total = totals[0]
+    for other in totals[1:]:
+        total = torch.maximum(total, other) if kind == 3 else total + other
+    return total
 
 
 def host_step(work: Work, hypers, flags, context: StepContext):

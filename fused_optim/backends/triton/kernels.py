@@ -461,3 +461,42 @@ def adam_kernel(
         _store(master_ptr, p, mask, full)
     rounded = _round_param(p, PARAM_DTYPE, STOCHASTIC_ROUNDING, seed, step, row, start, offsets)
     _store(param_ptr, rounded, mask, full)
+
+
+@triton.jit
+def norm_kernel(
+    pointer_table,
+    block_table,
+    partials,
+    grad_scale_ptr,
+    GRAD_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    KIND: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One block's share of a gradient norm, in fp64 (``backends.clip``): the sum of squares
+    (KIND 0) or of absolute values (1), or the largest absolute value, NaN if any is NaN (3),
+    of the gradient (unscaled first with HAS_GRAD_SCALE, rounded to its dtype as GradScaler
+    writes it). ``block_table`` rows: (tensor, start, numel); ``pointer_table``: each tensor's
+    address. The reduction order is fixed by BLOCK: two runs give the same bits."""
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_table + 3 * pid)
+    start = tl.load(block_table + 3 * pid + 1)
+    numel = tl.load(block_table + 3 * pid + 2)
+    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offsets < numel
+    g = tl.load(_pointer(pointer_table + tensor, GRAD_DTYPE, False) + offsets, mask=mask, other=0)
+    g = g.to(COMPUTE_DTYPE)
+    if HAS_GRAD_SCALE:
+        g = _round_to(_div(g, tl.load(grad_scale_ptr).to(COMPUTE_DTYPE)), GRAD_DTYPE)
+    x = tl.abs(g.to(tl.float64))
+    if KIND == 0:
+        partial = tl.sum(x * x, axis=0)
+    elif KIND == 1:
+        partial = tl.sum(x, axis=0)
+    else:
+        any_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+        largest = tl.max(tl.where(mask, x, 0.0), axis=0)
+        partial = tl.where(any_nan, float("nan"), largest)
+    tl.store(partials + pid, partial)
