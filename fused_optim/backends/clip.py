@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import reduce
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -31,7 +32,8 @@ from . import select_backend
 #: The grad_norm kinds of the C++ op (csrc/cpu/kernel_api.h's NormKind).
 _SQUARES, _ABS, _POWER, _MAX = 0, 1, 2, 3
 
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FUSED_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
+_dtype, _device, _is_sparse = attrgetter("dtype"), attrgetter("device"), attrgetter("is_sparse")
 
 
 def _kind(norm_type: float) -> int | None:
@@ -47,21 +49,22 @@ def _kind(norm_type: float) -> int | None:
 
 
 def _fused_backends(grads: list[Tensor], request: str | None, kind: int) -> dict | None:
-    """Each device's backend ``grad_norm`` when every gradient can take the fused pass."""
+    """Each device's backend ``grad_norm`` when every gradient can take the fused pass (checked
+    with C-level maps: this runs at every clipped step)."""
+    if set(map(type, grads)) != {Tensor} or not set(map(_dtype, grads)) <= _FUSED_DTYPES:
+        return None  # DTensor and other subclasses, complex and integer dtypes
+    if any(map(_is_sparse, grads)):
+        return None
     chosen: dict[torch.device, object] = {}
-    for g in grads:
-        if g.is_sparse or g.dtype not in _FUSED_DTYPES or type(g) is not Tensor:
+    for device in set(map(_device, grads)):
+        try:
+            backend = select_backend(request, device)
+        except RuntimeError:
             return None
-        device = g.device
-        if device not in chosen:
-            try:
-                backend = select_backend(request, device)
-            except RuntimeError:
-                return None
-            norm = getattr(backend, "grad_norm", None)
-            if norm is None or kind not in getattr(backend, "GRAD_NORM_KINDS", (kind,)):
-                return None
-            chosen[device] = norm
+        norm = getattr(backend, "grad_norm", None)
+        if norm is None or kind not in getattr(backend, "GRAD_NORM_KINDS", (kind,)):
+            return None
+        chosen[device] = norm
     return chosen
 
 
@@ -89,9 +92,12 @@ def total_norm(
         # scales are powers of 2, so dividing the gradients first would round the same way).
         return total / grad_scale.to(device=total.device, dtype=total.dtype)
     first_device = grads[0].device
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
+    if len(fused) == 1:
+        by_device = {first_device: grads}
+    else:
+        by_device = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
     partials = [
         fused[device](device_grads, kind, norm_type, grad_scale).to(first_device)
         for device, device_grads in by_device.items()
@@ -105,7 +111,7 @@ def total_norm(
         total = combined.pow(1.0 / norm_type)
     else:
         total = combined
-    return total.to(reduce(torch.promote_types, {g.dtype for g in grads}))
+    return total.to(reduce(torch.promote_types, set(map(_dtype, grads))))
 
 
 def check_finite(total: Tensor, norm_type: float) -> None:

@@ -28,19 +28,18 @@ from torch import Tensor
 from ..backends.clip import check_finite, coefficient, total_norm
 
 _version = attrgetter("_version")
+_grad = attrgetter("grad")
 
 
 def grads_of_groups(param_groups: list[dict]) -> list[Tensor]:
     """The gradients the next step reads, in param-group order, each param once (a param listed
     twice has one gradient, clipped and measured once)."""
-    seen: set[int] = set()
-    grads = []
-    for group in param_groups:
-        for p in group["params"]:
-            if p.grad is not None and id(p) not in seen:
-                seen.add(id(p))
-                grads.append(p.grad)
-    return grads
+    params = [p for group in param_groups for p in group["params"]]
+    if torch.compiler.is_compiling():  # what dynamo traces (no C-level maps of ids)
+        return [p.grad for p in params if p.grad is not None]
+    if len(set(map(id, params))) != len(params):
+        params = list({id(p): p for p in params}.values())  # first occurrences, in order
+    return [g for g in map(_grad, params) if g is not None]
 
 
 def apply_coefficient_(grads: list[Tensor], coef: Tensor) -> None:
