@@ -704,6 +704,26 @@ def _print_tables(result: dict, out: str) -> None:
                   f"{fmt(r['host_speedup_vs_torch_fused'], '7.2f')} "
                   f"{fmt(r['step_speedup_vs_torch_fused'], '7.2f')} "
                   f"{fmt(r['launches_per_step'], '6d')}")  # fmt: skip
+    clip = result.get("clip")
+    if isinstance(clip, dict) and "error" not in clip:
+        print(f"\nclip (max_grad_norm, AdamW, {clip.get('tensors')} tensors): backend, params and "
+              "norms vs torch's clip_grad_norm_ + AdamW, host sync, kernels of a step, "
+              "clip + step vs torch's")  # fmt: skip
+        for backend, row in clip.items():
+            if (
+                not isinstance(row, dict)
+                or "bytes_per_param" in row
+                or backend == "bytes_per_param"
+            ):
+                continue
+            if "error" in row:
+                print(f"{backend:8s} ERROR {row['error'][:80]}")
+                continue
+            timing = row.get("timing") or {}
+            print(f"{backend:8s} params {row['params_match']} norms {row['norms_match']} "
+                  f"sync {'ok' if row['sync_error'] is None else 'SYNC'} "
+                  f"kernels {row['kernels_step2']} "
+                  f"speedup {timing.get('speedup_vs_torch_fused')}")  # fmt: skip
     launches = result.get("launches")
     if isinstance(launches, dict) and "cases" in launches:
         print(f"\n{'backend':8s} {'case':38s} {'expect':>6s} {'per step':>9s} {'profiler':>8s} "
