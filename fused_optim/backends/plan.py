@@ -134,6 +134,16 @@ def signatures(tensors: list) -> tuple[list, list, list, list]:
         )
 
 
+def block_rows(numels: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """(tensor index, first element) of every block of ``block`` elements that covers tensors of
+    ``numels`` elements, tensor by tensor: the rows of a block table."""
+    blocks_per_tensor = (numels + block - 1) // block
+    tensor_index = torch.repeat_interleave(torch.arange(len(numels)), blocks_per_tensor)
+    first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+    block_in_tensor = torch.arange(len(tensor_index)) - first_block[tensor_index]
+    return tensor_index, block_in_tensor * block
+
+
 def upload(host: Tensor, device: torch.device) -> Tensor:
     """Copy a small host table to ``device`` without making the host wait for the device
     (through pinned memory on CUDA, which the caching allocator keeps alive until the copy)."""
@@ -225,12 +235,9 @@ class LaunchPlan:
         # 16-byte aligned addresses let the kernels use vector accesses (ALIGNED flag).
         self.tensors_aligned = not bool((host[:, :COL_NUMEL] % 16).any())
         numels = host[:, COL_NUMEL]
-        blocks_per_tensor = (numels + block - 1) // block
-        self.num_blocks = int(blocks_per_tensor.sum())
-        tensor_index = torch.repeat_interleave(torch.arange(len(params)), blocks_per_tensor)
-        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
-        block_in_tensor = torch.arange(self.num_blocks) - first_block[tensor_index]
-        block_host = torch.stack([tensor_index, block_in_tensor * block], dim=1).contiguous()
+        tensor_index, starts = block_rows(numels, block)
+        self.num_blocks = len(tensor_index)
+        block_host = torch.stack([tensor_index, starts], dim=1).contiguous()
         self.block_table = upload(block_host, self.device)
         self.hyper_key: list | None = None
         self.hyper_table: Tensor | None = None

@@ -181,10 +181,7 @@ def grad_norm(grads: list[Tensor], kind: int, norm_type: float, grad_scale) -> T
             by_dtype.setdefault(g.dtype, []).append(g if plans.is_dense(g) else g.contiguous())
     for dtype, tensors in by_dtype.items():
         numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-        blocks = (numels + NORM_BLOCK - 1) // NORM_BLOCK
-        tensor_index = torch.repeat_interleave(torch.arange(len(tensors)), blocks)
-        first = torch.cumsum(blocks, 0) - blocks
-        starts = (torch.arange(int(blocks.sum())) - first[tensor_index]) * NORM_BLOCK
+        tensor_index, starts = plans.block_rows(numels, NORM_BLOCK)
         table = torch.stack([tensor_index, starts, numels[tensor_index]], dim=1).contiguous()
         pointers = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
         partials = torch.empty(table.shape[0], dtype=torch.float64, device=device)
