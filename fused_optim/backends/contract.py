@@ -1,7 +1,7 @@
 """The one typed contract between the optimizers and every backend.
 
-A backend is a module with ``NAME``, ``SUPPORTS_SPARSE``, ``SUPPORTS_GRAD_COEF`` (it applies
-``StepContext.grad_coef`` in its update), ``is_available(device)`` and two entry points:
+A backend is a module with ``NAME``, ``SUPPORTS_SPARSE``, ``is_available(device)`` and two
+entry points:
 
 ``sgd(work: Work, hypers: Sequence[SgdHyper], flags: SgdFlags, context: StepContext)
 -> list[Tensor | None]``
@@ -112,9 +112,8 @@ class StepContext:
     casts the coefficient to the gradient's dtype first; the two differ only when gradients of
     several dtypes are clipped together, the coefficient then being fp32 for bf16 gradients.)
     The clipped gradient is written back when the unscale writes it back (``grad_scale``) or
-    when ``write_grads`` asks; otherwise the gradients in memory stay as they were. Backends
-    with ``SUPPORTS_GRAD_COEF`` apply it in the update; the optimizer multiplies the gradients
-    beforehand for the others.
+    when ``write_grads`` asks; otherwise the gradients in memory stay as they were. Every
+    backend applies it in its update.
     """
 
     grad_scale: Tensor | None = None
@@ -180,7 +179,6 @@ class Backend(Protocol):
 
     NAME: str
     SUPPORTS_SPARSE: bool
-    SUPPORTS_GRAD_COEF: bool
 
     def is_available(self, device: torch.device) -> tuple[bool, str]: ...
 

@@ -30,7 +30,6 @@ from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cpu"
 SUPPORTS_SPARSE = False
-SUPPORTS_GRAD_COEF = True
 
 try:
     from .. import _C_cpu

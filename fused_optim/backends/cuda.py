@@ -31,7 +31,6 @@ from .contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "cuda"
 SUPPORTS_SPARSE = False
-SUPPORTS_GRAD_COEF = True
 
 try:
     from .. import _C_cuda  # noqa: F401  (registers torch.ops.fused_optim_cuda)

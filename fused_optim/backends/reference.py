@@ -24,7 +24,6 @@ from fused_optim.backends.contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "reference"
 SUPPORTS_SPARSE = True
-SUPPORTS_GRAD_COEF = True
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:

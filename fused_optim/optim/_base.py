@@ -78,11 +78,11 @@ def unscale_grad_(grad: Tensor, grad_scale: Tensor) -> None:
     grad.copy_(grad.to(compute) / grad_scale.to(device=grad.device, dtype=compute))
 
 
-def _grads_prepared(bucket, work: Work, context: StepContext) -> StepContext:
-    """The context a bucket's backend gets. A clipping coefficient for a backend that does not
-    apply it in its update (``SUPPORTS_GRAD_COEF``; ``bucket`` None: a traced step's op) is
-    applied to the gradients here, after their unscale, as torch does: both write them."""
-    if context.grad_coef is None or (bucket is not None and bucket.backend.SUPPORTS_GRAD_COEF):
+def _traced_grads_prepared(work: Work, context: StepContext) -> StepContext:
+    """The context a traced step's op gets (``backends.compiled``'s ops take no clipping
+    coefficient): the coefficient is applied to the gradients here, after their unscale, by
+    torch operations, as torch does (both write them)."""
+    if context.grad_coef is None:
         return context
     if context.grad_scale is not None:
         for grad in work.grads:
@@ -378,7 +378,7 @@ class FusedOptimizerMixin:
             if plan.views:
                 work = self._traced_copies(plan, bucket, written)
             # The compiled ops take no clipping coefficient: it is applied by torch operations.
-            bucket_context = _grads_prepared(None, work, context)
+            bucket_context = _traced_grads_prepared(work, context)
             created = getattr(bucket.backend, self.ALGORITHM)(
                 work, bucket.hypers(hypers), bucket.flags, bucket_context
             )
@@ -486,7 +486,7 @@ class FusedOptimizerMixin:
             work = bucket.work
             work.grads = bucket.take(flat_grads)
             created = getattr(bucket.backend, run)(
-                work, bucket.hypers(hypers), bucket.flags, _grads_prepared(bucket, work, context)
+                work, bucket.hypers(hypers), bucket.flags, context
             )
             self._launches += 1
             if any(t is not None for t in created):
@@ -643,8 +643,6 @@ class FusedOptimizerMixin:
         fails, and the full path runs instead."""
         fast = plan.fast
         if fast.amp != self._amp_kind(context):
-            return False
-        if context.grad_coef is not None and not plan.takes_grad_coef:
             return False
         groups = self.param_groups
         if not fast.checks.values_unchanged(groups, fast.raw):

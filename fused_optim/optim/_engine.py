@@ -93,11 +93,6 @@ class StepPlan:
         self.fast_tried = False
         self.grad_dtypes: list | None = None  # of the last step's grads (see _base._step)
 
-    @property
-    def takes_grad_coef(self) -> bool:
-        """Whether every bucket's backend applies a clipping coefficient in its update."""
-        return all(bucket.backend.SUPPORTS_GRAD_COEF for bucket in self.buckets)
-
     def matches(self, check, structure, sparse) -> bool:
         return structure == self.structure and sparse == self.sparse and check == self.check
 

@@ -19,7 +19,6 @@ from ..contract import AdamFlags, SgdFlags, StepContext, Work
 
 NAME = "triton"
 SUPPORTS_SPARSE = False
-SUPPORTS_GRAD_COEF = True
 
 try:
     import triton.language as tl
