@@ -609,7 +609,7 @@ class FusedOptimizerMixin:
         finally:
             self.param_groups, self.state = kept
 
-    def _amp_kind(self, context: StepContext) -> tuple[bool, bool, bool, bool]:
+    def _context_kind(self, context: StepContext) -> tuple[bool, bool, bool, bool]:
         """What of the context a compiled host step was built for (its kernel flags)."""
         clipped = context.grad_coef is not None
         return (context.grad_scale is None, context.found_inf is None, clipped,
@@ -635,14 +635,14 @@ class FusedOptimizerMixin:
                 return None
             steps.append(step)
         raw = group_values(self.param_groups)
-        amp = self._amp_kind(context)
-        return FastPath(checks, plan, self.param_groups, self.state, steps, amp, raw, hypers)
+        kind = self._context_kind(context)
+        return FastPath(checks, plan, self.param_groups, self.state, steps, kind, raw, hypers)
 
     def _fast_step(self, plan: StepPlan, context: StepContext) -> bool:
         """One step through the plan's compiled path; False (nothing changed) when any check
         fails, and the full path runs instead."""
         fast = plan.fast
-        if fast.amp != self._amp_kind(context):
+        if fast.context_kind != self._context_kind(context):
             return False
         groups = self.param_groups
         if not fast.checks.values_unchanged(groups, fast.raw):

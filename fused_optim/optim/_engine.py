@@ -170,11 +170,11 @@ class FastPath:
     (``raw``) and read again only when one changed. Built once per plan; any failed check falls
     back to the full path."""
 
-    def __init__(self, checks, plan: StepPlan, param_groups, state, steps, amp, raw, hypers):
+    def __init__(self, checks, plan: StepPlan, param_groups, state, steps, kind, raw, hypers):
         self.checks = checks
         self.succeeded = False
         self.steps = steps
-        self.amp = amp
+        self.context_kind = kind  # what the host steps were built for (_context_kind)
         self.raw = raw
         self.hypers = hypers
         self.bucket_hypers = [bucket.hypers(hypers) for bucket in plan.buckets]
