@@ -168,7 +168,7 @@ def test_step_is_torch_after_torch_s_clip_with_the_returned_norm(backend, name):
         assert not torch.equal(a, start)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", _norm_backends())  # the reference is the oracle here
 def test_bf16_step_equals_the_reference_backend(backend):
     """bf16 params and grads: the clipped gradient is rounded in bf16 as torch's mul_ does; every
     backend gives the reference's bits."""
