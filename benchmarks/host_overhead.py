@@ -9,14 +9,20 @@ AdamW on CPU tensors of 16 elements, so that the update itself costs next to not
   no-op (the interpreter is loaded, never run): everything the host does per step, and nothing
   the device would do;
 * ``fused_optim cpu``: the whole step of the C++ CPU backend (host work plus a tiny kernel);
-* ``fused_optim triton (pure Python)``: the Triton path, launch elided, with the compiled host
-  path switched off (what runs where the C++ extension is not built);
+* ``fused_optim triton (pure Python)``: the Triton path, launch elided, with the fast path's
+  checks in plain Python (``backends.python_checks``: what runs where the C++ extension is not
+  built);
 * ``torch fused`` and ``torch foreach``: torch.optim.AdamW's whole step, for reference.
 
 Each cell is crossed with the same gradient tensors every step against fresh ones (what
 ``zero_grad()`` followed by backward gives: new tensors at new addresses), and one param group
-against one group per tensor. Implementations run interleaved in rotating order; the table shows
-median microseconds per step and per tensor. Prints the machine first (benchmarks/machine.py).
+against one group per tensor. Implementations run interleaved in rotating order, each taking
+``WARM_REPEATS`` steps in a row per round. The table shows median microseconds per tensor of the
+first of them (``us/tensor``: taken right after the other implementations' steps, with this
+one's objects out of cache, as a training step finds them after the forward and backward pass)
+and of the last (``warm``: the host work alone, its objects in cache), and the median of the
+per-round ratios of torch fused's first step over this one's (``vs fused``). Prints the machine
+first (benchmarks/machine.py).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ from machine import cpu_description
 import fused_optim
 
 NUMEL = 16
+#: Steps in a row per implementation and round: the first is timed right after the other
+#: implementations ran (its objects out of cache, as after a forward and backward pass: the
+#: ``us/tensor`` column), the last after its own steps (``warm``: the host work alone).
+WARM_REPEATS = 3
 HYPER = dict(lr=1e-3, weight_decay=0.01)
 
 
@@ -58,10 +68,22 @@ def elide_triton_launches() -> None:
     kernels.sgd_kernel = _NoLaunch()
 
 
-def without_host_path(opt):
-    """The optimizer with its compiled per-step host path switched off."""
-    opt._fast_path = lambda *args: None
-    return opt
+class WithPythonChecks:
+    """An optimizer whose steps run the fast path's checks in plain Python
+    (``backends.python_checks``), as an install without the C++ extension does."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        fused_optim.backends.use_python_host_checks(True)
+        try:
+            return self.opt.step()
+        finally:
+            fused_optim.backends.use_python_host_checks(False)
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
 
 
 def make_params(count: int) -> list[torch.nn.Parameter]:
@@ -79,7 +101,7 @@ def implementations(available: list[str]):
         impls["fused_optim triton (launch elided)"] = lambda g: fused_optim.AdamW(
             g, **HYPER, backend="triton"
         )
-        impls["fused_optim triton (pure Python)"] = lambda g: without_host_path(
+        impls["fused_optim triton (pure Python)"] = lambda g: WithPythonChecks(
             fused_optim.AdamW(g, **HYPER, backend="triton")
         )
     if "cpu" in available:
@@ -100,22 +122,31 @@ def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, avail
             opt.step()
         runs[name] = (opt, params)
     times = {name: [] for name in runs}
+    warm_times = {name: [] for name in runs}
     names = list(runs)
     new_grads = [torch.randn(NUMEL) for _ in range(count)]
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             opt, params = runs[name]
-            if fresh_grads:
-                for p, g in zip(params, new_grads):
-                    p.grad = g.clone()
-            start = time.perf_counter()
-            opt.step()
-            times[name].append(time.perf_counter() - start)
+            for repeat in range(WARM_REPEATS):
+                if fresh_grads:
+                    for p, g in zip(params, new_grads):
+                        p.grad = g.clone()
+                start = time.perf_counter()
+                opt.step()
+                elapsed = time.perf_counter() - start
+                if repeat == 0:
+                    times[name].append(elapsed)
+            warm_times[name].append(elapsed)
     rows = []
+    anchor = times.get("torch fused")
     for name, ts in times.items():
         median = statistics.median(ts)
+        warm = statistics.median(warm_times[name])
         opt = runs[name][0]
+        # Median of per-round ratios (torch fused's time over this one's, same round).
+        speedup = statistics.median(a / b for a, b in zip(anchor, ts)) if anchor else None
         rows.append(
             dict(
                 tensors=count,
@@ -124,8 +155,10 @@ def run_case(count: int, fresh_grads: bool, per_tensor: bool, rounds: int, avail
                 implementation=name,
                 us_per_step=median * 1e6,
                 us_per_tensor=median * 1e6 / count,
+                us_per_tensor_warm=warm * 1e6 / count,
+                speedup_vs_torch_fused=speedup,
                 launches=opt.launches_per_step() if hasattr(opt, "launches_per_step") else None,
-                compiled_host_path=getattr(getattr(opt, "_plan", None), "fast", None) is not None,
+                fast_path=getattr(getattr(opt, "_plan", None), "fast", None) is not None,
             )
         )
     return rows
@@ -189,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta))
     print(
         f"{'tensors':>7} {'grads':>5} {'groups':>10}  {'implementation':<36} "
-        f"{'us/step':>10} {'us/tensor':>9} {'launches':>8} {'C++ host':>8}"
+        f"{'us/step':>10} {'us/tensor':>9} {'warm':>6} {'vs fused':>8} {'launches':>8} "
+        f"{'fast path':>9}"
     )
     rows = []
     for count in args.tensors:
@@ -199,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                 for row in run_case(count, fresh, per_tensor, rounds, available):
                     rows.append(row)
                     launches = "" if row["launches"] is None else row["launches"]
-                    host = "yes" if row["compiled_host_path"] else ""
+                    fast = "yes" if row["fast_path"] else ""
                     print(
                         f"{row['tensors']:>7} {row['grads']:>5} {row['groups']:>10}  "
                         f"{row['implementation']:<36} {row['us_per_step']:>10.1f} "
-                        f"{row['us_per_tensor']:>9.2f} {launches!s:>8} {host:>8}"
+                        f"{row['us_per_tensor']:>9.2f} {row['us_per_tensor_warm']:>6.2f} "
+                        f"{row['speedup_vs_torch_fused'] or 0:>7.2f}x {launches!s:>8} {fast:>9}"
                     )
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")

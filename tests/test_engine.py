@@ -21,6 +21,16 @@ BACKENDS = [b for b in ("triton", "cpu", "reference") if b in fused_optim.availa
 NAMES = ["SGD", "Adam", "AdamW"]
 
 
+@pytest.fixture(autouse=True, params=["extension", "python"])
+def host_checks(request):
+    """Every test of this module runs twice: with the fast path's checks of the C++ extension
+    (where it is built; else both runs use the Python ones), and with their plain-Python twin
+    (``backends.python_checks``), which installs without the extension run."""
+    fused_optim.backends.use_python_host_checks(request.param == "python")
+    yield request.param
+    fused_optim.backends.use_python_host_checks(False)
+
+
 def group_config(name: str, index: int) -> dict:
     """Hyperparameters that differ from group to group (as layer-wise lr decay makes them)."""
     if name == "SGD":
@@ -258,13 +268,26 @@ def _add_a_param(opt, ref, ours, theirs, gen):
     theirs.append(q)
 
 
+def _swap_state_memory(opt, ref, ours, theirs, gen):
+    # The same state tensor objects, new memory (``.data``): only their addresses tell.
+    for optimizer, params in ((opt, ours), (ref, theirs)):
+        state = optimizer.state[params[5]]
+        state["exp_avg_sq"].data = state["exp_avg_sq"].clone() * 2
+        state["step"].data = state["step"].clone() + 5
+
+
+def _replace_a_step(opt, ref, ours, theirs, gen):
+    for optimizer, params in ((opt, ours), (ref, theirs)):
+        optimizer.state[params[0]]["step"] = torch.tensor(40.0)
+
+
 def _toggle_maximize(opt, ref, ours, theirs, gen):
     opt.param_groups[1]["maximize"] = True
     ref.param_groups[1]["maximize"] = True
 
 
 EDITS = [_edit_state_by_hand, _clear_state, _drop_a_grad, _move_a_param, _add_a_param,
-         _toggle_maximize]  # fmt: skip
+         _swap_state_memory, _replace_a_step, _toggle_maximize]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -310,10 +333,9 @@ def test_fresh_grads_of_any_layout_every_step(backend):
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in BACKENDS])
 def test_the_compiled_fast_path_is_taken(backend):
-    """With the extension built, later steps run through the compiled host path: the plan's
-    host steps check and run, and the results stay torch.optim's bit for bit."""
-    if fused_optim.backends.host_checks() is None:
-        pytest.skip("the C++ extension is not built here: the full path runs every step")
+    """Later steps run through the fast path (checks in the extension, or in Python without
+    it): the plan's host steps check and run, and the results stay torch.optim's bit for
+    bit."""
     opt, ref, ours, theirs, gen = make_pair("AdamW", backend, num_groups=3)
     for _ in range(3):
         set_grads(ours, theirs, gen)
@@ -348,8 +370,6 @@ def test_compiled_bias_corrections_are_pythons():
     """The fast path fills Adam's bias corrections in C++; they must be the bits of the
     Python arithmetic (backends.plan.hyper_rows) that torch.optim's host code uses."""
     checks = fused_optim.backends.host_checks()
-    if checks is None:
-        pytest.skip("the C++ extension is not built here")
     gen = torch.Generator().manual_seed(4)
     betas = torch.rand(500, 2, generator=gen, dtype=torch.float64) * 0.2 + 0.79
     steps = torch.randint(0, 100_000, (500,), generator=gen).to(torch.float64).tolist()

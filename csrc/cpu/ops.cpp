@@ -551,6 +551,9 @@ class HostPlan {
       if (!masters.empty()) h.held_.push_back(masters[i]);
     }
     for (const Tensor& t : h.held_) h.held_signatures_.emplace_back(t);
+    // The step counts are read where they are: one moved by `.data` is no longer the view of
+    // the step buffer that the optimizer advances (the full step gathers it again).
+    for (const Tensor& t : steps) h.step_addresses_.push_back(t.const_data_ptr());
     h.params_ = std::move(params);
     h.steps_ = std::move(steps);
     h.groups_ = std::move(groups);
@@ -576,6 +579,9 @@ class HostPlan {
     }
     for (size_t k = 0; k < held_.size(); ++k) {
       if (!held_signatures_[k].holds(held_[k])) return false;
+    }
+    for (size_t k = 0; k < steps_.size(); ++k) {
+      if (steps_[k].const_data_ptr() != step_addresses_[k]) return false;
     }
     return true;
   }
@@ -628,6 +634,7 @@ class HostPlan {
   Plan plan_;
   std::vector<Tensor> params_, steps_, held_;
   std::vector<Signature> signatures_, held_signatures_;
+  std::vector<const void*> step_addresses_;
   std::vector<at::ScalarType> grad_dtypes_;
   mutable std::vector<const Tensor*> grads_;  // found by check(), read by run()
   std::vector<int64_t> groups_, indices_;

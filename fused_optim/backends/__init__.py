@@ -110,11 +110,26 @@ def preload(request: str | None, devices) -> None:
         select_backend(None, torch.device(device))
 
 
+_python_host_checks = False
+
+
+def use_python_host_checks(enabled: bool) -> None:
+    """Make ``host_checks()`` answer with the plain-Python checks even where the extension is
+    built: what an install without it runs (for benchmarks and tests)."""
+    global _python_host_checks
+    _python_host_checks = bool(enabled)
+
+
 def host_checks():
-    """The compiled step checks of the C++ extension (``StepChecks``, ``values_unchanged``),
-    or None when it is not built: the optimizer's fast path needs them."""
+    """The step checks of the optimizer's fast path (``StepChecks``, ``GradTable``,
+    ``values_unchanged``, ``advance_hyper_table``): the C++ extension's where it is built,
+    else their plain-Python twin (``backends.python_checks``)."""
     cpu_backend = _module("cpu")
-    return None if cpu_backend._IMPORT_ERROR is not None else cpu_backend._C_cpu
+    if _python_host_checks or cpu_backend._IMPORT_ERROR is not None:
+        from . import python_checks
+
+        return python_checks
+    return cpu_backend._C_cpu
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

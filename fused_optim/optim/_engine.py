@@ -34,8 +34,9 @@ def fingerprint(params: list[Tensor]) -> list:
 
 def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
     """The same for state: the state dicts, and the tensors under ``keys`` in them, with the
-    shapes and dtypes (which ``.data`` can change) of those the step's checks read (not
-    ``step``), or None when a param has no state yet."""
+    shapes and dtypes (which ``.data`` can change) of those the step's checks read, and the
+    addresses of the ``step`` counts (a step moved by ``.data`` is no longer a view of the
+    plan's step buffer, which the step advances); None when a param has no state yet."""
     if None in states:
         return None
     result = [list(map(id, states))]
@@ -45,7 +46,17 @@ def state_fingerprint(states: list, keys: tuple[str, ...]) -> list | None:
         if key != "step":
             result.append(list(map(getattr, column, repeat("shape"), repeat(None))))
             result.append(list(map(getattr, column, repeat("dtype"), repeat(None))))
+        else:
+            result.append(addresses(column))
     return result
+
+
+def addresses(tensors: list) -> list:
+    """Each tensor's data pointer (None for anything else)."""
+    try:
+        return list(map(tensor_data_ptr, tensors))
+    except TypeError:
+        return [t.data_ptr() if isinstance(t, Tensor) else None for t in tensors]
 
 
 class Bucket:
