@@ -539,3 +539,108 @@ def test_recipe_with_max_grad_norm_matches_torch_for_every_config_and_dtype(
         name, config, dtype=dtype, backend=backend, max_grad_norm=1.5
     ).assert_ok()
     assert report.clipped_steps >= 3
+
+
+def _triton_or_skip():
+    available, reason = fused_optim.backends._module("triton").is_available(torch.device("cpu"))
+    if not available:
+        pytest.skip(f"backend 'triton': {reason}")
+    from fused_optim.backends import triton as triton_backend
+
+    return triton_backend
+
+
+def _grad_sets():
+    """Gradient lists of every result dtype, one of mixed dtypes, and ones with inf and NaN."""
+    sets = [(dtype, _grads(dtype, seed=3)) for dtype in
+            (torch.float32, torch.float64, torch.bfloat16, torch.float16)]  # fmt: skip
+    mixed = _grads(torch.float32, seed=4)
+    mixed[1], mixed[3] = mixed[1].to(torch.bfloat16), mixed[3].to(torch.float64)
+    sets.append(("mixed", mixed))
+    poisoned = _grads(torch.float32, seed=5)
+    poisoned[2][7] = math.inf
+    sets.append(("inf", poisoned))
+    poisoned = _grads(torch.float32, seed=6)
+    poisoned[3][70000] = math.nan
+    sets.append(("nan", poisoned))
+    # A norm near torch's 1e-6: the shift is visible in the coefficient.
+    sets.append(("tiny", [g * 1e-8 for g in _grads(torch.float32, seed=7)]))
+    return sets
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_triton_norm_pass_finishes_torch_s_coefficient_bitwise(norm_type, scaled):
+    """Triton's norm pass computes the clipping coefficient itself, in the program that finishes
+    the norm: the norm and coefficient are bitwise those of the norm's torch operations and
+    torch's ``clamp(max_norm / (total + 1e-6), max=1)``, for every result dtype, mixed dtypes,
+    inf and NaN, max_norm below, near and above the norm; two runs give the same bits."""
+    triton_backend = _triton_or_skip()
+    kind = clip_backend._kind(norm_type)
+    scale = torch.tensor(1024.0) if scaled else None
+    for label, grads in _grad_sets():
+        if norm_type == math.inf:
+            grads = [g for g in grads if g.numel()]  # torch refuses the inf-norm of nothing
+        total = clip_backend.total_norm(grads, norm_type, scale, "triton")
+        finite = float(total) if math.isfinite(float(total)) else 1.0
+        for max_norm in (0.5 * finite, finite, 2.0 * finite, 1e-3):
+            both = triton_backend.grad_norm_and_coefficient(grads, kind, scale, max_norm,
+                                                            total.dtype)  # fmt: skip
+            assert both is not None
+            ours_total, ours_coef = both
+            assert ours_total.dtype == ours_coef.dtype == total.dtype, label
+            assert torch.equal(ours_total, total) or (total.isnan() and ours_total.isnan())
+            expected = clip_backend.coefficient(max_norm, total)
+            assert ours_coef.view(-1).view(torch.uint8).tolist() == (
+                expected.view(-1).view(torch.uint8).tolist()
+            ), (label, max_norm, float(ours_coef), float(expected))
+            again = triton_backend.grad_norm_and_coefficient(grads, kind, scale, max_norm,
+                                                             total.dtype)  # fmt: skip
+            assert torch.equal(again[1], ours_coef) or ours_coef.isnan()
+    assert all(int(c) == 0 for c in triton_backend._norm_counters.values())
+
+
+def test_triton_clip_and_step_take_two_launches_and_no_torch_operations(monkeypatch):
+    """``max_grad_norm`` on Triton: per step, one norm launch and one update launch for the
+    bucket, and the coefficient is never computed by torch operations (they would be further
+    launches on a GPU); the params are those of torch's clip + torch.optim."""
+    _triton_or_skip()
+    from fused_optim.backends.triton import kernels
+
+    launches = {"norm_kernel": 0, "adam_kernel": 0}
+
+    class Counting:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+
+    for name in launches:
+        monkeypatch.setattr(kernels, name, Counting(name))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the coefficient went through torch operations")
+
+    models = [_model(seed=2), _model(seed=2)]
+    ours = fused_optim.AdamW(models[0].parameters(), lr=1e-2, backend="triton",
+                             max_grad_norm=MAX_NORM)  # fmt: skip
+    exact = correctly_rounded_optimizer(torch.optim.AdamW)
+    theirs = exact(models[1].parameters(), lr=1e-2, foreach=False)
+    monkeypatch.setattr(clip_backend, "coefficient", refuse)
+    monkeypatch.setattr(clip_backend, "total_norm", refuse)
+    for step in range(3):
+        for model in models:
+            _backward(model, step)
+        before = dict(launches)
+        ours.step()
+        assert launches["norm_kernel"] - before["norm_kernel"] == 1
+        assert launches["adam_kernel"] - before["adam_kernel"] == 1
+        assert ours.launches_per_step() == 1
+        total = torch.nn.utils.clip_grad_norm_(models[1].parameters(), MAX_NORM)
+        theirs.step()
+        assert float(total) > MAX_NORM  # the clip clipped
+        torch.testing.assert_close(ours.last_grad_norm, total, rtol=1e-6, atol=0)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -30,7 +30,8 @@ POINTERS = {
 }
 
 
-def compile_for_sm90(kernel, constants: dict):
+def compile_for_sm90(kernel, constants: dict, types: dict | None = None):
+    """``types``: the signature of arguments the rules below do not cover."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -38,6 +39,8 @@ def compile_for_sm90(kernel, constants: dict):
     for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
+        elif types and name in types:
+            signature[name] = types[name]
         elif name in POINTERS:
             signature[name] = POINTERS[name]
         elif name.endswith("_ptr"):
@@ -152,11 +155,16 @@ def compile_all() -> dict:
         for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
             constants = dict(GRAD_DTYPE=dtype, COMPUTE_DTYPE=tl.float32, KIND=kind, BLOCK=4096)
             constants["HAS_GRAD_SCALE"] = dtype_name == "bf16"
-            jobs.append((f"norm-{kind_name}-{dtype_name}", kernels.norm_kernel, constants))
+            # The program that finishes the norm, with torch's clipping coefficient.
+            constants.update(OUT_DTYPE=dtype, OPMATH_DTYPE=tl.float32, COEF=True, FINAL_BLOCK=128)
+            out = "*" + dtype_name
+            types = dict(counter="*i32", first_partial="i64", num_partials="i64",
+                         total_out=out, coef_out=out)  # fmt: skip
+            jobs.append((f"norm-{kind_name}-{dtype_name}", kernels.norm_kernel, constants, types))
     results = {}
-    for name, kernel, constants in jobs:
+    for name, kernel, constants, *types in jobs:
         try:
-            compiled = compile_for_sm90(kernel, constants)
+            compiled = compile_for_sm90(kernel, constants, *types)
         except Exception as error:  # reported by the test of that case
             results[name] = {"error": f"{type(error).__name__}: {error}"}
             continue

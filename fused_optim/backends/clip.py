@@ -49,8 +49,8 @@ def _kind(norm_type: float) -> int | None:
 
 
 def _fused_backends(grads: list[Tensor], request: str | None, kind: int) -> dict | None:
-    """Each device's backend ``grad_norm`` when every gradient can take the fused pass (checked
-    with C-level maps: this runs at every clipped step)."""
+    """Each device's backend (its module, which offers ``grad_norm``) when every gradient can
+    take the fused pass (checked with C-level maps: this runs at every clipped step)."""
     if set(map(type, grads)) != {Tensor} or not set(map(_dtype, grads)) <= _FUSED_DTYPES:
         return None  # DTensor and other subclasses, complex and integer dtypes
     if any(map(_is_sparse, grads)):
@@ -64,8 +64,18 @@ def _fused_backends(grads: list[Tensor], request: str | None, kind: int) -> dict
         norm = getattr(backend, "grad_norm", None)
         if norm is None or kind not in getattr(backend, "GRAD_NORM_KINDS", (kind,)):
             return None
-        chosen[device] = norm
+        chosen[device] = backend
     return chosen
+
+
+def _fused_pass(grads: list[Tensor], norm_type: float, backend: str | None):
+    """(norm kind, the backends of ``_fused_backends``), the backends None where torch's
+    ``get_total_norm`` computes the norm."""
+    kind = _kind(norm_type)
+    # The compiler traces torch's own operations; torch refuses the inf-norm of an empty tensor.
+    torch_only = torch.compiler.is_compiling() or kind is None
+    torch_only = torch_only or (kind == _MAX and any(g.numel() == 0 for g in grads))
+    return kind, None if torch_only else _fused_backends(grads, backend, kind)
 
 
 def total_norm(
@@ -79,11 +89,7 @@ def total_norm(
     norm_type = float(norm_type)
     if not grads:
         return torch.tensor(0.0)  # torch's result for no gradients
-    kind = _kind(norm_type)
-    # The compiler traces torch's own operations; torch refuses the inf-norm of an empty tensor.
-    torch_only = torch.compiler.is_compiling() or kind is None
-    torch_only = torch_only or (kind == _MAX and any(g.numel() == 0 for g in grads))
-    fused = None if torch_only else _fused_backends(grads, backend, kind)
+    kind, fused = _fused_pass(grads, norm_type, backend)
     if fused is None:
         total = torch.nn.utils.get_total_norm(grads, norm_type)
         if grad_scale is None or norm_type == 0.0:  # the 0-"norm" counts, and does not scale
@@ -99,7 +105,7 @@ def total_norm(
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
     partials = [
-        fused[device](device_grads, kind, norm_type, grad_scale).to(first_device)
+        fused[device].grad_norm(device_grads, kind, norm_type, grad_scale).to(first_device)
         for device, device_grads in by_device.items()
     ]
     combined = partials[0]
@@ -124,6 +130,30 @@ def check_finite(total: Tensor, norm_type: float) -> None:
             "this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
+
+
+def norm_and_coefficient(
+    grads: list[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    grad_scale: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(total_norm(grads, ...), coefficient(max_norm, total))`` for non-empty ``grads``. Where
+    every gradient is on one device whose backend offers ``grad_norm_and_coefficient`` (Triton),
+    both come from its norm pass alone: the coefficient is computed on the device by the
+    program that finishes the norm, with the same operations and roundings, and no other
+    operation runs (one launch per gradient dtype in all)."""
+    norm_type = float(norm_type)
+    kind, fused = _fused_pass(grads, norm_type, backend)
+    if fused is not None and len(fused) == 1:
+        both = getattr(next(iter(fused.values())), "grad_norm_and_coefficient", None)
+        out_dtype = reduce(torch.promote_types, set(map(_dtype, grads)))
+        done = None if both is None else both(grads, kind, grad_scale, float(max_norm), out_dtype)
+        if done is not None:
+            return done
+    total = total_norm(grads, norm_type, grad_scale, backend)
+    return total, coefficient(max_norm, total)
 
 
 def coefficient(max_norm: float, total: Tensor) -> Tensor:

@@ -25,7 +25,8 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from ..backends.clip import check_finite, coefficient, total_norm
+from ..backends.clip import check_finite, coefficient, norm_and_coefficient, total_norm
+from ._state import any_dtensor
 
 _version = attrgetter("_version")
 _grad = attrgetter("grad")
@@ -104,6 +105,8 @@ class GradClipping:
         """(the norm of the gradients as the armed coefficient left them, the coefficient that
         clips them to ``max_norm`` composed with it)."""
         armed = self._armed_for(grads)
+        if armed is None and not any_dtensor(grads):
+            return norm_and_coefficient(grads, max_norm, norm_type, grad_scale, backend)
         total = total_norm(grads, norm_type, grad_scale, backend)
         if armed is not None:
             total = total * armed.to(total.dtype)  # a norm scales with its vector

@@ -469,17 +469,39 @@ def norm_kernel(
     block_table,
     partials,
     grad_scale_ptr,
+    counter,
+    first_partial,
+    num_partials,
+    total_out,
+    coef_out,
     GRAD_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     KIND: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    OPMATH_DTYPE: tl.constexpr,
+    COEF: tl.constexpr,
+    FINAL_BLOCK: tl.constexpr,
 ):
-    """One block's share of a gradient norm, in fp64 (``backends.clip``): the sum of squares
-    (KIND 0) or of absolute values (1), or the largest absolute value, NaN if any is NaN (3),
-    of the gradient (unscaled first with HAS_GRAD_SCALE, rounded to its dtype as GradScaler
-    writes it). ``block_table`` rows: (tensor, start, numel); ``pointer_table``: each tensor's
-    address. The reduction order is fixed by BLOCK: two runs give the same bits."""
+    """A gradient norm in one pass, finished by its last program (``backends.clip``).
+
+    Each program reduces one block of a gradient in fp64: the sum of squares (KIND 0) or of
+    absolute values (1), or the largest absolute value, NaN if any is NaN (3), of the gradient
+    (unscaled first with HAS_GRAD_SCALE, rounded to its dtype as GradScaler writes it), and
+    stores it at ``partials[first_partial + pid]``. ``block_table`` rows: (tensor, start,
+    numel), then one row whose first entry holds max_norm's fp64 bits; ``pointer_table``: each
+    tensor's address. A norm over gradients of several dtypes is one launch per dtype, their
+    programs numbered on from each other's (``first_partial``; ``num_partials`` in all).
+
+    The program that increments ``counter`` last (launches run in stream order, so it is in
+    the last launch) combines the partials in index order, FINAL_BLOCK lanes at a time (a fixed
+    order: two runs give the same bits; no atomics on the values), stores the fp64 result at
+    ``partials[num_partials]``, the norm (the square root of the sum for KIND 0) rounded to
+    OUT_DTYPE (through fp32, as torch converts fp64) at ``total_out`` and, with COEF, torch's
+    clipping coefficient ``clamp(max_norm / (total + 1e-6), max=1)`` at ``coef_out``: torch
+    computes ``max_norm / x`` as ``x.reciprocal() * max_norm``, each operation in OPMATH_DTYPE
+    and rounded to OUT_DTYPE. It then sets ``counter`` back to 0 for the next norm."""
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table + 3 * pid)
     start = tl.load(block_table + 3 * pid + 1)
@@ -499,4 +521,38 @@ def norm_kernel(
         any_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
         largest = tl.max(tl.where(mask, x, 0.0), axis=0)
         partial = tl.where(any_nan, float("nan"), largest)
-    tl.store(partials + pid, partial)
+    tl.store(partials + first_partial + pid, partial)
+    # Every thread's part of the store is done before the ticket releases it to the finisher.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+    if ticket == num_partials - 1:
+        lanes = tl.arange(0, FINAL_BLOCK)
+        acc = tl.zeros([FINAL_BLOCK], dtype=tl.float64)
+        nans = tl.zeros([FINAL_BLOCK], dtype=tl.int32)
+        for first in range(0, num_partials, FINAL_BLOCK):
+            index = first + lanes
+            v = tl.load(partials + index, mask=index < num_partials, other=0.0, volatile=True)
+            if KIND == 3:
+                nans += (v != v).to(tl.int32)
+                acc = tl.maximum(acc, tl.where(v != v, 0.0, v))
+            else:
+                acc += v
+        if KIND == 3:
+            combined = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), tl.max(acc, axis=0))
+        else:
+            combined = tl.sum(acc, axis=0)
+        tl.store(partials + num_partials, combined)
+        total = tl.sqrt(combined) if KIND == 0 else combined
+        if OUT_DTYPE != tl.float64:
+            total = _round_to(total.to(tl.float32), OUT_DTYPE)
+        tl.store(total_out, total)
+        if COEF:
+            max_norm = tl.load(block_table + 3 * tl.num_programs(0)).to(tl.float64, bitcast=True)
+            t = total.to(OPMATH_DTYPE)
+            shifted = _round_to(t + tl.full([], 1e-6, OPMATH_DTYPE), OUT_DTYPE).to(OPMATH_DTYPE)
+            one = tl.full([], 1.0, OPMATH_DTYPE)
+            inverse = _round_to(_div(one, shifted), OUT_DTYPE).to(OPMATH_DTYPE)
+            coef = _round_to(inverse * max_norm.to(OPMATH_DTYPE), OUT_DTYPE).to(OPMATH_DTYPE)
+            coef = tl.where(coef > 1.0, one, coef)
+            tl.store(coef_out, coef.to(OUT_DTYPE))
+        tl.store(counter, 0)
