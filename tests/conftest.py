@@ -30,3 +30,15 @@ def pytest_report_header(config):
         f"fused_optim C++ CPU backend: kernel builds this CPU runs: "
         f"{', '.join(cpu.supported_isas())} (of {', '.join(cpu.ISAS)}); in use: {cpu.cpu_isa()}"
     )
+
+
+@pytest.fixture(params=["extension", "python"])
+def host_checks(request):
+    """Runs a test twice: with the fast path's checks of the C++ extension (where it is built;
+    else both runs use the Python ones), and with their plain-Python twin
+    (``backends.python_checks``), which installs without the extension run."""
+    import fused_optim
+
+    fused_optim.backends.use_python_host_checks(request.param == "python")
+    yield request.param
+    fused_optim.backends.use_python_host_checks(False)

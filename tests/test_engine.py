@@ -20,15 +20,8 @@ from fused_optim.testing import correctly_rounded_optimizer
 BACKENDS = [b for b in ("triton", "cpu", "reference") if b in fused_optim.available_backends("cpu")]
 NAMES = ["SGD", "Adam", "AdamW"]
 
-
-@pytest.fixture(autouse=True, params=["extension", "python"])
-def host_checks(request):
-    """Every test of this module runs twice: with the fast path's checks of the C++ extension
-    (where it is built; else both runs use the Python ones), and with their plain-Python twin
-    (``backends.python_checks``), which installs without the extension run."""
-    fused_optim.backends.use_python_host_checks(request.param == "python")
-    yield request.param
-    fused_optim.backends.use_python_host_checks(False)
+# Every test runs with the fast path's checks of the C++ extension and with their Python twin.
+pytestmark = pytest.mark.usefixtures("host_checks")
 
 
 def group_config(name: str, index: int) -> dict:

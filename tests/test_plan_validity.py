@@ -18,6 +18,9 @@ from fused_optim.testing import correctly_rounded_optimizer
 BACKENDS = [b for b in ("triton", "cpu", "reference") if b in fused_optim.available_backends("cpu")]
 OPTIMIZERS = {"SGD": {"lr": 0.1, "momentum": 0.9}, "AdamW": {"lr": 0.1}}
 
+# Every test runs with the fast path's checks of the C++ extension and with their Python twin.
+pytestmark = pytest.mark.usefixtures("host_checks")
+
 
 def pair(name: str, backend: str, params, ref_params, config=None):
     config = OPTIMIZERS[name] if config is None else config
