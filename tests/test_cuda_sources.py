@@ -23,9 +23,11 @@ the extension, says why it is unavailable.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import importlib.util
 import inspect
+import math
 import os
 import re
 import shutil
@@ -153,7 +155,8 @@ def test_raw_ops_take_tables_and_flags_only():
     """Per-group hyperparameters are hyper-table data: no float argument in the binding's
     schemas, no scalar hyperparameter in the launch structs (only flags pick code)."""
     schemas = raw_op_schemas()
-    assert set(schemas) == {"sgd_", "adam_"}
+    assert set(schemas) == {"sgd_", "adam_", "norm_"}
+    assert not [a for a in schemas.pop("norm_") if a[0] == "float"]  # max_norm is table data
     for name, arguments in schemas.items():
         assert arguments[:4] == [
             ("Tensor", t) for t in ("tensor_table", "grad_table", "block_table", "hyper_table")
@@ -306,6 +309,7 @@ def test_cuda_sources_compile(tmp_path):
     assert ptx, "nvcc --keep left no PTX"
     entries = [line for line in ptx.splitlines() if line.startswith(".entry") or " .entry " in line]
     assert any("sgd_kernel" in e for e in entries) and any("adam_kernel" in e for e in entries)
+    assert any("norm_kernel" in e for e in entries)
     # The aligned path: 16-byte vector accesses to global memory.
     assert "ld.global.v4.f32" in ptx and "st.global.v4.f32" in ptx
     assert "ld.global.v2.f64" in ptx and "st.global.v2.f64" in ptx
@@ -366,6 +370,8 @@ def _emulated_op(library, name):
     function = getattr(library, f"fused_optim_emulated_{name.rstrip('_')}")
     function.restype = ctypes.c_int
     names = [argument for _, argument in raw_op_schemas()[name]]
+    if name == "norm_":
+        return _emulated_norm(function, names)
     tail_names = (
         ["momentum", "nesterov"] if name == "sgd_" else ["amsgrad", "decoupled_weight_decay"]
     ) + ["complex_arithmetic"]
@@ -395,6 +401,25 @@ def _emulated_op(library, name):
         ints = (ctypes.c_int64 * len(ints))(*ints)
         LAUNCHES.append(name)
         assert function(pointers, ints) == 0
+
+    return op
+
+
+def _emulated_norm(function, names):
+    """The raw norm op, run by the emulation (arguments bound by the schema's names)."""
+
+    def op(*args):
+        a = dict(zip(names, args, strict=True))
+        table = a["block_table"]
+        assert table.dtype == torch.int64 and table.shape[1] == 3 and table.is_contiguous()
+        assert a["partials"].numel() == a["num_partials"] + 1
+        tensors = [a[key] for key in ("pointers", "block_table", "partials", "counter",
+                                      "grad_scale", "total_out", "coef_out")]  # fmt: skip
+        pointers = (ctypes.c_void_p * 7)(*[0 if t is None else t.data_ptr() for t in tensors])
+        dtypes = [DTYPE_CODES[a["grad_dtype"]], DTYPE_CODES[a["total_out"].dtype]]
+        ints = [table.shape[0] - 1, a["first_partial"], a["num_partials"], *dtypes, a["kind"]]
+        LAUNCHES.append("norm_")
+        assert function(pointers, (ctypes.c_int64 * len(ints))(*ints)) == 0
 
     return op
 
@@ -1083,3 +1108,68 @@ def test_emulated_custom_op_opcheck(emulated_backend):
     args = ("cuda", "sgd", params, grads, buffers, [], [], [], [], [1] * len(params), groups,
             indices, sgd_table, [], [1, 0, 0], None, None, False, 0, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.fused_optim.bucket_step.default, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gradient norm for clipping, run by the emulation.
+
+
+def _norm_grads(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1,), (7,), (4095,), (4097,), (70001,), (33, 17), (3, 0)]
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    grads[5] = grads[5].t()  # not contiguous: copied
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", [0, 1, 3], ids=["squares", "abs", "max"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_emulated_norm_and_coefficient(emulated_backend, dtype, kind, scaled):
+    """The CUDA norm pass: the fp64 sum (or maximum) within fp64 rounding of the exact one
+    (math.fsum), one launch per gradient dtype and none other, and the norm and torch's clipping
+    coefficient from its finishing block bitwise those of torch's operations on that sum
+    (``backends.clip``), including a tiny norm near torch's 1e-6, inf and NaN; two runs give the
+    same bits, and the ticket counter is back at 0."""
+    from fused_optim.backends import clip as clip_backend
+
+    scale = torch.tensor(256.0) if scaled else None
+    sets = [_norm_grads(dtype, 1), [g * 1e-8 for g in _norm_grads(torch.float32, 2)]]
+    mixed = _norm_grads(dtype, 3)
+    mixed[2] = mixed[2].to(torch.float32)
+    sets.append(mixed)
+    poisoned = _norm_grads(dtype, 4)
+    poisoned[4][123] = math.nan if kind == 3 else math.inf
+    sets.append(poisoned)
+    for grads in sets:
+        LAUNCHES.clear()
+        combined = emulated_backend.grad_norm(grads, kind, 2.0, scale)
+        assert LAUNCHES == ["norm_"] * len({g.dtype for g in grads if g.numel()})
+        unscaled = [g.double() / 256.0 if scaled else g.double() for g in grads]
+        unscaled = [u.to(g.dtype).double() for u, g in zip(unscaled, grads)]
+        values = [abs(x) for u in unscaled for x in u.flatten().tolist()]
+        if kind == 3:
+            exact = math.nan if any(v != v for v in values) else max(values)
+        else:
+            exact = math.fsum(v * v if kind == 0 else v for v in values)
+        if math.isfinite(exact):
+            assert abs(float(combined) - exact) <= 1e-13 * exact, (float(combined), exact)
+        else:
+            assert float(combined) == exact or (math.isnan(exact) and combined.isnan())
+        out_dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads})
+        total = (combined.sqrt() if kind == 0 else combined).to(out_dtype)
+        for max_norm in (0.5, 1e-3, 1e9):
+            LAUNCHES.clear()
+            ours = emulated_backend.grad_norm_and_coefficient(grads, kind, scale, max_norm,
+                                                              out_dtype)  # fmt: skip
+            assert LAUNCHES == ["norm_"] * len({g.dtype for g in grads if g.numel()})
+            expected = clip_backend.coefficient(max_norm, total)
+            for got, want in zip(ours, (total, expected)):
+                assert got.dtype == want.dtype and got.shape == ()
+                assert got.view(-1).view(torch.uint8).tolist() == (
+                    want.view(-1).view(torch.uint8).tolist()
+                ), (float(got), float(want), max_norm)
+            again = emulated_backend.grad_norm_and_coefficient(grads, kind, scale, max_norm,
+                                                               out_dtype)  # fmt: skip
+            assert torch.equal(again[0], ours[0]) or ours[0].isnan()
+    assert all(int(c) == 0 for c in plans.NormPass._counters.values())

@@ -60,6 +60,11 @@ inline long long __double_as_longlong(double x) {
   std::memcpy(&bits, &x, sizeof bits);
   return bits;
 }
+inline double __longlong_as_double(long long bits) {
+  double x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_optim
@@ -632,6 +637,164 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamLaunch a) {
   for_each_element<kVec, VectorWidth<PT>::value>(b, body);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Gradient norms (fused_cuda.h's NormLaunch). The kernel is written as phases separated by
+// __syncthreads (each thread's share, the steps of the tree, the ticket, the finishing block's
+// share of the partials, its tree, the finish); the host emulation runs the same phase
+// functions for every thread in turn, phase after phase.
+
+template <int kKind>
+__device__ __forceinline__ double norm_combine(double x, double y) {
+  if constexpr (kKind == 3) {
+    if (x != x || y != y) return x != x ? x : y;  // NaN wins, as torch's max
+    return x > y ? x : y;
+  } else {
+    return x + y;
+  }
+}
+
+// Thread t's share of block b: its elements start + t, start + t + kThreads, ... in order.
+template <typename G, int kKind>
+__device__ double norm_thread_share(const NormLaunch& a, int64_t b, int t) {
+  using T = typename ComputeOf<G>::type;
+  const int64_t* row = a.block_table + 3 * b;
+  const G* grad = reinterpret_cast<const G*>(a.pointers[row[0]]);
+  const int64_t start = row[1];
+  const int64_t end = row[2] < start + kChunk ? row[2] : start + kChunk;
+  const bool unscale = a.grad_scale != nullptr;
+  const T scale = unscale ? static_cast<T>(*a.grad_scale) : T(1);
+  double acc = 0.0;
+  for (int64_t i = start + t; i < end; i += kThreads) {
+    T g = widen<T>(grad[i]);
+    if (unscale) g = widen<T>(narrow<G>(math::unscale(g, scale)));
+    const double x = fabs(static_cast<double>(g));
+    acc = norm_combine<kKind>(acc, kKind == 0 ? x * x : x);
+  }
+  return acc;
+}
+
+// The finishing block's thread t: the partials t, t + kThreads, ... in order.
+template <int kKind>
+__device__ double norm_partials_share(const NormLaunch& a, int t) {
+  const volatile double* partials = a.partials;  // written by other blocks: not from L1
+  double acc = 0.0;
+  for (int64_t i = t; i < a.num_partials; i += kThreads) acc = norm_combine<kKind>(acc, partials[i]);
+  return acc;
+}
+
+// One step of the tree over the block's shared values: thread t < width folds in t + width.
+template <int kKind>
+__device__ __forceinline__ void norm_tree_step(double* shared, int t, int width) {
+  if (t < width) shared[t] = norm_combine<kKind>(shared[t], shared[t + width]);
+}
+
+// The whole tree, leaving the block's value in shared[0] (every thread of the block calls it;
+// the emulation runs each step for every thread in turn).
+template <int kKind>
+__device__ void norm_tree(double* shared, int t) {
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+#if defined(FUSED_OPTIM_HOST_EMULATION)
+    for (t = 0; t < kThreads; ++t) norm_tree_step<kKind>(shared, t, width);
+#else
+    norm_tree_step<kKind>(shared, t, width);
+    __syncthreads();
+#endif
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T div_rn(T x, T y) {
+  if constexpr (std::is_same<T, float>::value) {
+    return __fdiv_rn(x, y);
+  } else {
+    return x / y;
+  }
+}
+
+// The norm and torch's coefficient in the output dtype O, from the combined fp64 value.
+template <typename O>
+__device__ void norm_finish_as(const NormLaunch& a, double total64) {
+  using T = typename ComputeOf<O>::type;
+  const O total = std::is_same<O, double>::value ? narrow<O>(total64)
+                                                 : narrow<O>(static_cast<float>(total64));
+  *static_cast<O*>(a.total_out) = total;
+  if (a.coef_out == nullptr) return;
+  const double max_norm = __longlong_as_double(a.block_table[3 * a.num_blocks]);
+  const T shifted = widen<T>(narrow<O>(widen<T>(total) + static_cast<T>(1e-6)));
+  const T inverse = widen<T>(narrow<O>(div_rn(T(1), shifted)));
+  T coef = widen<T>(narrow<O>(inverse * static_cast<T>(max_norm)));
+  if (coef > T(1)) coef = T(1);  // NaN stays NaN, as torch's clamp
+  *static_cast<O*>(a.coef_out) = narrow<O>(coef);
+}
+
+template <int kKind>
+__device__ void norm_finish(const NormLaunch& a, double combined) {
+  a.partials[a.num_partials] = combined;
+  const double total = kKind == 0 ? sqrt(combined) : combined;
+  switch (a.out_dtype) {
+    case DType::kFloat32:
+      norm_finish_as<float>(a, total);
+      break;
+    case DType::kFloat64:
+      norm_finish_as<double>(a, total);
+      break;
+    case DType::kBFloat16:
+      norm_finish_as<bf16_t>(a, total);
+      break;
+    case DType::kFloat16:
+      norm_finish_as<f16_t>(a, total);
+      break;
+  }
+  *a.counter = 0u;
+}
+
+#if !defined(FUSED_OPTIM_HOST_EMULATION)
+template <typename G, int kKind>
+__global__ void __launch_bounds__(kThreads) norm_kernel(const NormLaunch a) {
+  __shared__ double shared[kThreads];
+  __shared__ bool last;
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t b = blockIdx.x;
+  shared[t] = norm_thread_share<G, kKind>(a, b, t);
+  __syncthreads();
+  norm_tree<kKind>(shared, t);
+  if (t == 0) {
+    a.partials[a.first_partial + b] = shared[0];
+    __threadfence();  // the partial is visible before the ticket
+    last = atomicAdd(a.counter, 1u) == static_cast<unsigned int>(a.num_partials - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  shared[t] = norm_partials_share<kKind>(a, t);
+  __syncthreads();
+  norm_tree<kKind>(shared, t);
+  if (t == 0) norm_finish<kKind>(a, shared[0]);
+}
+
+#define FUSED_OPTIM_LAUNCH_NORM(G, KIND, grid, stream, launch) \
+  norm_kernel<G, KIND><<<(grid), kThreads, 0, (stream)>>>(launch)
+#else
+// The same phases, every thread in turn.
+template <typename G, int kKind>
+void emulate_norm(const NormLaunch& a, dim3 grid) {
+  double shared[kThreads];
+  for (int64_t b = 0; b < static_cast<int64_t>(grid.x); ++b) {
+    for (int t = 0; t < kThreads; ++t) shared[t] = norm_thread_share<G, kKind>(a, b, t);
+    norm_tree<kKind>(shared, 0);
+    a.partials[a.first_partial + b] = shared[0];
+    if ((*a.counter)++ != static_cast<unsigned int>(a.num_partials - 1)) continue;
+    for (int t = 0; t < kThreads; ++t) shared[t] = norm_partials_share<kKind>(a, t);
+    norm_tree<kKind>(shared, 0);
+    norm_finish<kKind>(a, shared[0]);
+  }
+}
+
+#define FUSED_OPTIM_LAUNCH_NORM(G, KIND, grid, stream, launch) \
+  ((void)(stream), emulate_norm<G, KIND>((launch), (grid)))
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Host dispatch: dtype pair -> storage types, runtime flags -> template flags.
 
@@ -722,6 +885,47 @@ cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream) {
   return FUSED_OPTIM_LAST_ERROR();
 }
 
+cudaError_t launch_norm(const NormLaunch& launch, cudaStream_t stream) {
+  if (launch.num_blocks <= 0) return cudaSuccess;
+  if (launch.num_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned int>(launch.num_blocks));
+  bool ok = true;
+  const auto by_kind = [&](auto grad) {
+    using G = decltype(grad);
+    switch (launch.kind) {
+      case NormKind::kSquares:
+        FUSED_OPTIM_LAUNCH_NORM(G, 0, grid, stream, launch);
+        break;
+      case NormKind::kAbs:
+        FUSED_OPTIM_LAUNCH_NORM(G, 1, grid, stream, launch);
+        break;
+      case NormKind::kMax:
+        FUSED_OPTIM_LAUNCH_NORM(G, 3, grid, stream, launch);
+        break;
+      default:
+        ok = false;
+    }
+  };
+  switch (launch.grad_dtype) {
+    case DType::kFloat32:
+      by_kind(float{});
+      break;
+    case DType::kFloat64:
+      by_kind(double{});
+      break;
+    case DType::kBFloat16:
+      by_kind(bf16_t{});
+      break;
+    case DType::kFloat16:
+      by_kind(f16_t{});
+      break;
+    default:
+      ok = false;
+  }
+  if (!ok) return cudaErrorInvalidValue;
+  return FUSED_OPTIM_LAST_ERROR();
+}
+
 }  // namespace cuda
 }  // namespace fused_optim
 
@@ -763,6 +967,27 @@ extern "C" int fused_optim_emulated_sgd(const void* const* pointers, const int64
   launch.nesterov = ints[11] != 0;
   launch.complex_arithmetic = ints[12] != 0;
   return static_cast<int>(fused_optim::cuda::launch_sgd(launch, nullptr));
+}
+
+// pointers: pointers, block_table, partials, counter, grad_scale, total_out, coef_out. ints:
+// num_blocks, first_partial, num_partials, grad_dtype, out_dtype, kind.
+extern "C" int fused_optim_emulated_norm(void* const* pointers, const int64_t* ints) {
+  using namespace fused_optim::cuda;
+  NormLaunch launch;
+  launch.pointers = static_cast<const int64_t*>(pointers[0]);
+  launch.block_table = static_cast<const int64_t*>(pointers[1]);
+  launch.partials = static_cast<double*>(pointers[2]);
+  launch.counter = static_cast<unsigned int*>(pointers[3]);
+  launch.grad_scale = static_cast<const float*>(pointers[4]);
+  launch.total_out = pointers[5];
+  launch.coef_out = pointers[6];
+  launch.num_blocks = ints[0];
+  launch.first_partial = ints[1];
+  launch.num_partials = ints[2];
+  launch.grad_dtype = static_cast<DType>(ints[3]);
+  launch.out_dtype = static_cast<DType>(ints[4]);
+  launch.kind = static_cast<NormKind>(ints[5]);
+  return static_cast<int>(launch_norm(launch, nullptr));
 }
 
 extern "C" int fused_optim_emulated_adam(const void* const* pointers, const int64_t* ints) {

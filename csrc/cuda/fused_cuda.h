@@ -102,6 +102,40 @@ struct AdamLaunch : CommonLaunch {
 cudaError_t launch_sgd(const SgdLaunch& launch, cudaStream_t stream);
 cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 
+// A gradient norm for clipping (fused_optim/backends/clip.py), one launch per gradient dtype.
+// Each block reduces kChunk elements of one gradient in fp64 (each thread its elements in order,
+// then a fixed tree over the threads): the sum of squares (kSquares) or of absolute values
+// (kAbs), or the largest absolute value, NaN if any is NaN (kMax), of the gradient (divided by
+// grad_scale first when given, rounded to its dtype as GradScaler writes it), stored at
+// partials[first_partial + block]. The block that takes the last ticket of `counter` (launches
+// run in stream order, so it is in the last launch) combines the num_partials partials in the
+// same fixed order, stores the fp64 result at partials[num_partials], the norm (the square root
+// for kSquares) in out_dtype (through fp32, as torch converts fp64) at total_out and, when
+// coef_out is set, torch's clipping coefficient clamp(max_norm / (total + 1e-6), max=1) at
+// coef_out, computed as torch does (reciprocal, then multiply), each operation in fp32 (fp64
+// for an fp64 norm) and rounded to out_dtype. It then sets the counter back to 0. No atomics
+// touch the values: two runs give the same bits.
+enum class NormKind : int { kSquares = 0, kAbs = 1, kMax = 3 };
+
+struct NormLaunch {
+  const int64_t* pointers = nullptr;     // each gradient's address
+  const int64_t* block_table = nullptr;  // (tensor, start, numel) per block, then one row whose
+                                         // first entry holds max_norm's fp64 bits
+  double* partials = nullptr;            // num_partials + 1 values
+  unsigned int* counter = nullptr;       // 0 before the first launch of a norm
+  const float* grad_scale = nullptr;     // GradScaler's scale (fp32, device), or null
+  void* total_out = nullptr;             // one element of out_dtype
+  void* coef_out = nullptr;              // one element of out_dtype, or null
+  int64_t num_blocks = 0;
+  int64_t first_partial = 0;
+  int64_t num_partials = 0;
+  DType grad_dtype = DType::kFloat32;
+  DType out_dtype = DType::kFloat32;
+  NormKind kind = NormKind::kSquares;
+};
+
+cudaError_t launch_norm(const NormLaunch& launch, cudaStream_t stream);
+
 // Whether the kernels support this (param, state) dtype pair: the state dtype is the param's,
 // fp32 or bf16.
 bool supports_dtypes(DType param, DType state);

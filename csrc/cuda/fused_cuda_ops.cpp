@@ -1,5 +1,5 @@
-// Torch binding of the CUDA multi-tensor kernels: ops fused_optim_cuda::sgd_ and
-// fused_optim_cuda::adam_, and the Python module fused_optim._C_cuda whose import registers them.
+// Torch binding of the CUDA multi-tensor kernels: ops fused_optim_cuda::sgd_, adam_ and norm_
+// (a gradient norm for clipping), and the Python module fused_optim._C_cuda whose import registers them.
 //
 // Built only by setup.py against a CUDA build of torch (it needs c10's CUDA headers and links
 // fused_cuda.cu). The ops take the launch tables of one bucket that fused_optim/backends/plan.py
@@ -176,6 +176,59 @@ void adam_(const at::Tensor& tensor_table, const at::Tensor& grad_table,
               cudaGetErrorString(error));
 }
 
+// A gradient norm's launch for one gradient dtype (fused_cuda.h's NormLaunch; the host tables of
+// fused_optim/backends/plan.py's NormPass).
+void norm_(const at::Tensor& pointers, const at::Tensor& block_table, const at::Tensor& partials,
+           const at::Tensor& counter, const std::optional<at::Tensor>& grad_scale,
+           const at::Tensor& total_out, const std::optional<at::Tensor>& coef_out,
+           c10::ScalarType grad_dtype, int64_t first_partial, int64_t num_partials,
+           int64_t kind) {
+  for (const at::Tensor* table : {&pointers, &block_table}) {
+    TORCH_CHECK(table->is_cuda() && table->scalar_type() == c10::ScalarType::Long &&
+                    table->is_contiguous() && table->device() == partials.device(),
+                "fused_optim_cuda::norm_: tables must be contiguous int64 tensors on ",
+                partials.device());
+  }
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(1) == 3 && block_table.size(0) >= 1,
+              "fused_optim_cuda::norm_: block_table must hold (tensor, start, numel) rows and "
+              "a last row with max_norm");
+  TORCH_CHECK(partials.is_cuda() && partials.scalar_type() == c10::ScalarType::Double &&
+                  partials.is_contiguous() && partials.numel() == num_partials + 1,
+              "fused_optim_cuda::norm_: partials must be a contiguous float64 tensor of "
+              "num_partials + 1 elements");
+  TORCH_CHECK(first_partial >= 0 && first_partial + block_table.size(0) - 1 <= num_partials,
+              "fused_optim_cuda::norm_: the launch's partials lie outside the buffer");
+  TORCH_CHECK(counter.device() == partials.device() &&
+                  counter.scalar_type() == c10::ScalarType::Int && counter.numel() == 1,
+              "fused_optim_cuda::norm_: counter must be one int32 on ", partials.device());
+  TORCH_CHECK(kind == 0 || kind == 1 || kind == 3, "fused_optim_cuda::norm_: kind ", kind,
+              " is not a sum of squares (0), of absolute values (1) or a maximum (3)");
+  for (const at::Tensor* out : {&total_out, coef_out ? &*coef_out : &total_out}) {
+    TORCH_CHECK(out->device() == partials.device() && out->numel() == 1 &&
+                    out->scalar_type() == total_out.scalar_type(),
+                "fused_optim_cuda::norm_: the outputs must be one element of the norm's dtype "
+                "on ", partials.device());
+  }
+  NormLaunch launch;
+  launch.pointers = pointers.const_data_ptr<int64_t>();
+  launch.block_table = block_table.const_data_ptr<int64_t>();
+  launch.partials = partials.data_ptr<double>();
+  launch.counter = reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>());
+  launch.grad_scale = float_scalar(grad_scale, partials, "grad_scale");
+  launch.total_out = total_out.data_ptr();
+  launch.coef_out = coef_out.has_value() && coef_out->defined() ? coef_out->data_ptr() : nullptr;
+  launch.num_blocks = block_table.size(0) - 1;
+  launch.first_partial = first_partial;
+  launch.num_partials = num_partials;
+  launch.grad_dtype = to_dtype(grad_dtype);
+  launch.out_dtype = to_dtype(total_out.scalar_type());
+  launch.kind = static_cast<NormKind>(kind);
+  const c10::cuda::CUDAGuard guard(partials.device());
+  const cudaError_t error = launch_norm(launch, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == cudaSuccess, "fused_optim_cuda::norm_ launch failed: ",
+              cudaGetErrorString(error));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_optim
@@ -197,11 +250,16 @@ TORCH_LIBRARY(fused_optim_cuda, m) {
       "bool stochastic_rounding, "
       "bool step_from_pointer, int seed, bool aligned, Tensor? grad_coef, bool write_grad) "
       "-> ()");
+  m.def(
+      "norm_(Tensor pointers, Tensor block_table, Tensor partials, Tensor counter, "
+      "Tensor? grad_scale, Tensor total_out, Tensor? coef_out, ScalarType grad_dtype, "
+      "int first_partial, int num_partials, int kind) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim_cuda, CUDA, m) {
   m.impl("sgd_", &fused_optim::cuda::sgd_);
   m.impl("adam_", &fused_optim::cuda::adam_);
+  m.impl("norm_", &fused_optim::cuda::norm_);
 }
 
 // Importing fused_optim._C_cuda runs the registrations above; the module itself is empty.

@@ -7,12 +7,14 @@ pass unscales each element as the kernels do (rounded to the gradient's dtype, a
 writes it); torch's path divides the norm by the scale.
 
 Where every gradient lives on a device whose backend offers ``grad_norm`` for the norm asked
-for (the C++ CPU backend: 1-, 2-, p- (p > 0) and inf-norms; Triton: 1-, 2- and inf-norms) and
-the gradients are real and dense, one multi-tensor pass computes it: fp64 partial sums of |g|^p
-(or the largest |g|) per chunk of elements, combined in a fixed order, so that two runs give the
-same bits whatever the thread count. Anything else (complex, sparse or DTensor gradients, other
-norms, the CUDA C++ and reference backends) goes through torch's own ``get_total_norm``
-(deterministic too).
+for (the C++ CPU backend: 1-, 2-, p- (p > 0) and inf-norms; Triton and CUDA C++: 1-, 2- and
+inf-norms) and the gradients are real and dense, one multi-tensor pass computes it: fp64 partial
+sums of |g|^p (or the largest |g|) per chunk of elements, combined in a fixed order, so that two
+runs give the same bits whatever the thread count. Anything else (complex, sparse or DTensor
+gradients, other norms, the reference backend) goes through torch's own ``get_total_norm``
+(deterministic too). The Triton and CUDA C++ passes (``grad_norm_and_coefficient``) also
+compute the clipping coefficient on the device, in the block that finishes the norm
+(``norm_and_coefficient``).
 
 ``coefficient(max_norm, total)`` is torch's ``clamp(max_norm / (total + 1e-6), max=1)``, with
 the same tensor operations in the same dtype.

@@ -40,8 +40,8 @@ except ImportError as error:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = error
 
 __all__ = [
-    "CHUNK", "NAME", "SUPPORTS_SPARSE", "adam", "host_step", "is_available", "launch_adam",
-    "launch_sgd", "sgd",
+    "CHUNK", "GRAD_NORM_KINDS", "NAME", "SUPPORTS_SPARSE", "adam", "grad_norm",
+    "grad_norm_and_coefficient", "host_step", "is_available", "launch_adam", "launch_sgd", "sgd",
 ]  # fmt: skip
 
 # Elements per CUDA block (kChunk in csrc/cuda/fused_cuda.h).
@@ -217,6 +217,29 @@ def _enqueue(name, plan, work: Work, context: StepContext, lr_kind, step_pointer
         context.stores_grads,
     )
     plan.stage_out()
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient norms for clipping (``backends.clip``).
+
+#: The norm kinds ``grad_norm`` computes (sums of squares and of absolute values, the largest
+#: absolute value: NormKind in fused_cuda.h); the others go through torch's ``get_total_norm``.
+GRAD_NORM_KINDS = (0, 1, 3)
+
+
+def _launch_norm(norm: plans.NormPass, kind: int, grad_scale) -> None:
+    """Enqueue a norm's launches (fused_cuda.h's NormLaunch)."""
+    scale = _amp_tensor(grad_scale, norm.device)
+    first = 0
+    for dtype, blocks, pointers, table in norm.launches:
+        _op("norm_")(
+            pointers, table, norm.partials, norm.counter, scale, norm.total, norm.coef, dtype,
+            first, norm.num_partials, kind,
+        )  # fmt: skip
+        first += blocks
+
+
+grad_norm, grad_norm_and_coefficient = plans.norm_entry_points(CHUNK, _launch_norm)
 
 
 def launch_sgd(work, buffers, new_buffers, hypers, flags: SgdFlags, context: StepContext) -> None:

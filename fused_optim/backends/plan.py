@@ -165,6 +165,94 @@ def step_values(steps: list[Tensor]) -> Tensor:
     return torch.stack([s.reshape(()) for s in steps])
 
 
+class NormPass:
+    """The host side of a multi-tensor gradient norm (Triton's and the CUDA C++ ``norm_kernel``):
+    one launch per gradient dtype over blocks of ``block`` elements, its tables, and the
+    buffers the kernels write.
+
+    ``launches``: (dtype, number of blocks, pointer table, block table) per launch, on the
+    device. Block-table rows are (tensor, start, numel), then one row whose first entry holds
+    ``max_norm``'s fp64 bits (read by the block that finishes the norm). ``partials``: fp64,
+    one per block of all launches, then the combined value; ``total`` and ``coef``: 0-dim, in
+    ``out_dtype``. ``counter``: the zeroed int32 ticket counter of this device and stream (the
+    finishing block sets it back to 0), so that norms on two streams never share one. Gradients
+    that are not dense are copied; gradients without elements are left out."""
+
+    _counters: dict = {}
+
+    def __init__(self, grads: list[Tensor], block: int, out_dtype, max_norm: float | None):
+        device = self.device = grads[0].device
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for g in grads:
+            if g.numel():
+                by_dtype.setdefault(g.dtype, []).append(g if is_dense(g) else g.contiguous())
+        self.launches = []
+        bits = torch.tensor(0.0 if max_norm is None else max_norm, dtype=torch.float64)
+        for dtype, tensors in by_dtype.items():
+            numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+            tensor_index, starts = block_rows(numels, block)
+            rows = torch.stack([tensor_index, starts, numels[tensor_index]], dim=1)
+            extra = torch.zeros(1, 3, dtype=torch.int64)
+            extra[0, 0] = bits.view(torch.int64)
+            table = torch.cat([rows, extra]).contiguous()
+            pointers = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+            self.launches.append(
+                (dtype, len(tensor_index), upload(pointers, device), upload(table, device))
+            )
+        self.keep_alive = by_dtype  # contiguous copies live until the launches are enqueued
+        self.num_partials = sum(blocks for _, blocks, _, _ in self.launches)
+        self.partials = torch.empty(self.num_partials + 1, dtype=torch.float64, device=device)
+        self.total = torch.empty((), dtype=out_dtype, device=device)
+        self.coef = None if max_norm is None else torch.empty((), dtype=out_dtype, device=device)
+        stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+        key = (device, stream)
+        if key not in NormPass._counters:
+            NormPass._counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        self.counter = NormPass._counters[key]
+
+    @property
+    def empty(self) -> bool:
+        """No gradient has an element: nothing to launch, nothing finishes the norm."""
+        return self.num_partials == 0
+
+    @property
+    def combined(self) -> Tensor:
+        """The fp64 sum (or maximum) the finishing block stored."""
+        return self.partials[self.num_partials]
+
+
+def norm_entry_points(block: int, launch):
+    """A backend's ``grad_norm`` and ``grad_norm_and_coefficient`` (``backends.clip``) over a
+    norm kernel that walks a ``NormPass`` of ``block``-element blocks: ``launch(norm, kind,
+    grad_scale)`` enqueues its launches (one per gradient dtype, finished by the last block)."""
+
+    def grad_norm(grads: list[Tensor], kind: int, norm_type: float, grad_scale) -> Tensor:
+        """The fp64 sum of squares or of absolute values, or the largest absolute value
+        (``kind``), of the unscaled gradients, as a 0-dim tensor on their device: one launch
+        per gradient dtype (fp64 partial sums per block, combined in a fixed order by the block
+        that finishes; no atomics on the values, so two runs give the same bits)."""
+        norm = NormPass(grads, block, torch.float64, None)
+        if norm.empty:
+            return torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        launch(norm, kind, grad_scale)
+        return norm.combined
+
+    def grad_norm_and_coefficient(
+        grads: list[Tensor], kind: int, grad_scale, max_norm: float, out_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor] | None:
+        """The norm (the square root of the sum for kind 0) in ``out_dtype`` and torch's
+        clipping coefficient for ``max_norm``, from the same launches as ``grad_norm`` and none
+        other: the block that finishes the norm computes the coefficient on the device, with
+        torch's operations and roundings. None when no gradient has an element."""
+        norm = NormPass(grads, block, out_dtype, float(max_norm))
+        if norm.empty:
+            return None
+        launch(norm, kind, grad_scale)
+        return norm.total, norm.coef
+
+    return grad_norm, grad_norm_and_coefficient
+
+
 class Stage:
     """A dense work tensor standing in for a tensor the kernel cannot address directly."""
 

@@ -165,64 +165,24 @@ def _enqueue(kernel, plan, context: StepContext, constants: dict) -> None:
 GRAD_NORM_KINDS = (0, 1, 3)
 NORM_BLOCK = 4096
 FINAL_BLOCK = 128
-_norm_counters: dict = {}
 
 
-def _norm_counter(device: torch.device) -> Tensor:
-    """The zeroed int32 counter the norm kernel's programs take tickets from (the last one
-    sets it back to 0): one per device and stream, so that norms on two streams never share
-    one."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
-    key = (device, stream)
-    counter = _norm_counters.get(key)
-    if counter is None:
-        counter = _norm_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
-
-
-def _norm_pass(grads, kind: int, grad_scale, out_dtype, max_norm: float | None):
-    """(the fp64 sum or maximum, the norm in ``out_dtype``, the clipping coefficient or None),
-    0-dim tensors on the gradients' device, from one launch per gradient dtype (see
-    ``kernels.norm_kernel``); None when no gradient has an element."""
-    device = grads[0].device
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for g in grads:
-        if g.numel():
-            by_dtype.setdefault(g.dtype, []).append(g if plans.is_dense(g) else g.contiguous())
-    if not by_dtype:
-        return None
-    launches = []
-    for dtype, tensors in by_dtype.items():
-        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-        tensor_index, starts = plans.block_rows(numels, NORM_BLOCK)
-        rows = torch.stack([tensor_index, starts, numels[tensor_index]], dim=1)
-        # The last row carries max_norm's fp64 bits to the program that finishes the norm.
-        extra = torch.zeros(1, 3, dtype=torch.int64)
-        extra[0, 0] = torch.tensor(0.0 if max_norm is None else max_norm, dtype=torch.float64).view(
-            torch.int64
-        )
-        table = torch.cat([rows, extra]).contiguous()
-        pointers = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-        launches.append((dtype, len(tensor_index), table, pointers))
-    num_partials = sum(programs for _, programs, _, _ in launches)
-    partials = torch.empty(num_partials + 1, dtype=torch.float64, device=device)
-    total = torch.empty((), dtype=out_dtype, device=device)
-    coef = torch.empty((), dtype=out_dtype, device=device)
-    counter = _norm_counter(device)
-    scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+def _launch_norm(norm: plans.NormPass, kind: int, grad_scale) -> None:
+    """Enqueue a norm's launches (``kernels.norm_kernel``)."""
+    scale = None if grad_scale is None else grad_scale.to(norm.device, non_blocking=True)
+    out_dtype = norm.total.dtype
     first = 0
-    for dtype, programs, table, pointers in launches:
-        device_pointers = plans.upload(pointers, device)
-        kernels.norm_kernel[(programs,)](
-            device_pointers,
-            plans.upload(table, device),
-            partials,
-            device_pointers if scale is None else scale,
-            counter,
+    for dtype, blocks, pointers, table in norm.launches:
+        kernels.norm_kernel[(blocks,)](
+            pointers,
+            table,
+            norm.partials,
+            pointers if scale is None else scale,
+            norm.counter,
             first,
-            num_partials,
-            total,
-            coef,
+            norm.num_partials,
+            norm.total,
+            norm.total if norm.coef is None else norm.coef,
             GRAD_DTYPE=_tl_dtype(dtype),
             COMPUTE_DTYPE=_compute_dtype(dtype),
             KIND=kind,
@@ -230,36 +190,14 @@ def _norm_pass(grads, kind: int, grad_scale, out_dtype, max_norm: float | None):
             BLOCK=NORM_BLOCK,
             OUT_DTYPE=_tl_dtype(out_dtype),
             OPMATH_DTYPE=_compute_dtype(out_dtype),
-            COEF=max_norm is not None,
+            COEF=norm.coef is not None,
             FINAL_BLOCK=FINAL_BLOCK,
             num_warps=NUM_WARPS,
         )
-        first += programs
-    return partials[num_partials], total, None if max_norm is None else coef
+        first += blocks
 
 
-def grad_norm(grads: list[Tensor], kind: int, norm_type: float, grad_scale) -> Tensor:
-    """One pass over ``grads`` for a gradient norm (``backends.clip``): the fp64 sum of
-    squares or of absolute values, or the largest absolute value (``kind``), of the unscaled
-    gradients, as a 0-dim tensor on their device; one launch per gradient dtype, finished by
-    its last program (fp64 partial sums per block of NORM_BLOCK elements combined in a fixed
-    order, no atomics on the values, so two runs give the same bits). Gradients that are not
-    dense are copied."""
-    done = _norm_pass(grads, kind, grad_scale, torch.float64, None)
-    if done is None:
-        return torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    return done[0]
-
-
-def grad_norm_and_coefficient(
-    grads: list[Tensor], kind: int, grad_scale, max_norm: float, out_dtype: torch.dtype
-) -> tuple[Tensor, Tensor] | None:
-    """The norm (the square root of the sum for kind 0) in ``out_dtype`` and torch's clipping
-    coefficient for ``max_norm``, from the same launches as ``grad_norm`` (none other): the
-    coefficient is computed on the device by the program that finishes the norm, with torch's
-    operations and roundings. None when no gradient has an element."""
-    done = _norm_pass(grads, kind, grad_scale, out_dtype, float(max_norm))
-    return None if done is None else (done[1], done[2])
+grad_norm, grad_norm_and_coefficient = plans.norm_entry_points(NORM_BLOCK, _launch_norm)
 
 
 def host_step(work: Work, hypers, flags, context: StepContext):
