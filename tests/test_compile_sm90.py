@@ -159,7 +159,7 @@ def compile_all() -> dict:
             constants.update(OUT_DTYPE=dtype, OPMATH_DTYPE=tl.float32, COEF=True, FINAL_BLOCK=128)
             out = "*" + dtype_name
             types = dict(counter="*i32", first_partial="i64", num_partials="i64",
-                         total_out=out, coef_out=out)  # fmt: skip
+                         total_out=out, coef_out="*fp32")  # fmt: skip
             jobs.append((f"norm-{kind_name}-{dtype_name}", kernels.norm_kernel, constants, types))
     results = {}
     for name, kernel, constants, *types in jobs:

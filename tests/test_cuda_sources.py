@@ -1163,7 +1163,11 @@ def test_emulated_norm_and_coefficient(emulated_backend, dtype, kind, scaled):
             ours = emulated_backend.grad_norm_and_coefficient(grads, kind, scale, max_norm,
                                                               out_dtype)  # fmt: skip
             assert LAUNCHES == ["norm_"] * len({g.dtype for g in grads if g.numel()})
-            expected = clip_backend.coefficient(max_norm, total)
+            # torch's coefficient (a value of the norm's dtype), held in the compute dtype: the
+            # update kernel of params of the norm's dtype takes it as it is (no conversion op).
+            compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+            assert ours[1].to(ours[1].device, cuda_backend._compute(out_dtype)) is ours[1]
+            expected = clip_backend.coefficient(max_norm, total).to(compute)
             for got, want in zip(ours, (total, expected)):
                 assert got.dtype == want.dtype and got.shape == ()
                 assert got.view(-1).view(torch.uint8).tolist() == (

@@ -725,7 +725,7 @@ __device__ void norm_finish_as(const NormLaunch& a, double total64) {
   const T inverse = widen<T>(narrow<O>(div_rn(T(1), shifted)));
   T coef = widen<T>(narrow<O>(inverse * static_cast<T>(max_norm)));
   if (coef > T(1)) coef = T(1);  // NaN stays NaN, as torch's clamp
-  *static_cast<O*>(a.coef_out) = narrow<O>(coef);
+  *static_cast<T*>(a.coef_out) = coef;  // a value of O, held in the compute type
 }
 
 template <int kKind>

@@ -112,7 +112,7 @@ cudaError_t launch_adam(const AdamLaunch& launch, cudaStream_t stream);
 // same fixed order, stores the fp64 result at partials[num_partials], the norm (the square root
 // for kSquares) in out_dtype (through fp32, as torch converts fp64) at total_out and, when
 // coef_out is set, torch's clipping coefficient clamp(max_norm / (total + 1e-6), max=1) at
-// coef_out, computed as torch does (reciprocal, then multiply), each operation in fp32 (fp64
+// coef_out (held in the compute type), computed as torch does (reciprocal, then multiply), each operation in fp32 (fp64
 // for an fp64 norm) and rounded to out_dtype. It then sets the counter back to 0. No atomics
 // touch the values: two runs give the same bits.
 enum class NormKind : int { kSquares = 0, kAbs = 1, kMax = 3 };
@@ -125,7 +125,8 @@ struct NormLaunch {
   unsigned int* counter = nullptr;       // 0 before the first launch of a norm
   const float* grad_scale = nullptr;     // GradScaler's scale (fp32, device), or null
   void* total_out = nullptr;             // one element of out_dtype
-  void* coef_out = nullptr;              // one element of out_dtype, or null
+  void* coef_out = nullptr;              // one element of out_dtype's compute type (fp32; fp64
+                                         // for fp64), which the update kernels read, or null
   int64_t num_blocks = 0;
   int64_t first_partial = 0;
   int64_t num_partials = 0;

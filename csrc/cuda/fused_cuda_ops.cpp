@@ -203,12 +203,16 @@ void norm_(const at::Tensor& pointers, const at::Tensor& block_table, const at::
               "fused_optim_cuda::norm_: counter must be one int32 on ", partials.device());
   TORCH_CHECK(kind == 0 || kind == 1 || kind == 3, "fused_optim_cuda::norm_: kind ", kind,
               " is not a sum of squares (0), of absolute values (1) or a maximum (3)");
-  for (const at::Tensor* out : {&total_out, coef_out ? &*coef_out : &total_out}) {
-    TORCH_CHECK(out->device() == partials.device() && out->numel() == 1 &&
-                    out->scalar_type() == total_out.scalar_type(),
-                "fused_optim_cuda::norm_: the outputs must be one element of the norm's dtype "
-                "on ", partials.device());
-  }
+  const c10::ScalarType compute = total_out.scalar_type() == c10::ScalarType::Double
+                                      ? c10::ScalarType::Double
+                                      : c10::ScalarType::Float;
+  TORCH_CHECK(total_out.device() == partials.device() && total_out.numel() == 1,
+              "fused_optim_cuda::norm_: total_out must be one element on ", partials.device());
+  TORCH_CHECK(!coef_out.has_value() || !coef_out->defined() ||
+                  (coef_out->device() == partials.device() && coef_out->numel() == 1 &&
+                   coef_out->scalar_type() == compute),
+              "fused_optim_cuda::norm_: coef_out must be one ", compute, " element on ",
+              partials.device());
   NormLaunch launch;
   launch.pointers = pointers.const_data_ptr<int64_t>();
   launch.block_table = block_table.const_data_ptr<int64_t>();

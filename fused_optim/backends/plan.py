@@ -173,10 +173,12 @@ class NormPass:
     ``launches``: (dtype, number of blocks, pointer table, block table) per launch, on the
     device. Block-table rows are (tensor, start, numel), then one row whose first entry holds
     ``max_norm``'s fp64 bits (read by the block that finishes the norm). ``partials``: fp64,
-    one per block of all launches, then the combined value; ``total`` and ``coef``: 0-dim, in
-    ``out_dtype``. ``counter``: the zeroed int32 ticket counter of this device and stream (the
-    finishing block sets it back to 0), so that norms on two streams never share one. Gradients
-    that are not dense are copied; gradients without elements are left out."""
+    one per block of all launches, then the combined value; ``total``: 0-dim, in ``out_dtype``;
+    ``coef``: 0-dim, torch's coefficient (a value of ``out_dtype``) held in the update kernels'
+    compute dtype (fp32; fp64 for an fp64 norm), which they read without a conversion.
+    ``counter``: the zeroed int32 ticket counter of this device and stream (the finishing block
+    sets it back to 0), so that norms on two streams never share one. Gradients that are not
+    dense are copied; gradients without elements are left out."""
 
     _counters: dict = {}
 
@@ -203,7 +205,8 @@ class NormPass:
         self.num_partials = sum(blocks for _, blocks, _, _ in self.launches)
         self.partials = torch.empty(self.num_partials + 1, dtype=torch.float64, device=device)
         self.total = torch.empty((), dtype=out_dtype, device=device)
-        self.coef = None if max_norm is None else torch.empty((), dtype=out_dtype, device=device)
+        compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+        self.coef = None if max_norm is None else torch.empty((), dtype=compute, device=device)
         stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
         key = (device, stream)
         if key not in NormPass._counters:

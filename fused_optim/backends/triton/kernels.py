@@ -499,9 +499,10 @@ def norm_kernel(
     order: two runs give the same bits; no atomics on the values), stores the fp64 result at
     ``partials[num_partials]``, the norm (the square root of the sum for KIND 0) rounded to
     OUT_DTYPE (through fp32, as torch converts fp64) at ``total_out`` and, with COEF, torch's
-    clipping coefficient ``clamp(max_norm / (total + 1e-6), max=1)`` at ``coef_out``: torch
-    computes ``max_norm / x`` as ``x.reciprocal() * max_norm``, each operation in OPMATH_DTYPE
-    and rounded to OUT_DTYPE. It then sets ``counter`` back to 0 for the next norm."""
+    clipping coefficient ``clamp(max_norm / (total + 1e-6), max=1)`` at ``coef_out`` (held in
+    OPMATH_DTYPE): torch computes ``max_norm / x`` as ``x.reciprocal() * max_norm``, each
+    operation in OPMATH_DTYPE and rounded to OUT_DTYPE. It then sets ``counter`` back to 0 for
+    the next norm."""
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table + 3 * pid)
     start = tl.load(block_table + 3 * pid + 1)
@@ -553,6 +554,5 @@ def norm_kernel(
             one = tl.full([], 1.0, OPMATH_DTYPE)
             inverse = _round_to(_div(one, shifted), OUT_DTYPE).to(OPMATH_DTYPE)
             coef = _round_to(inverse * max_norm.to(OPMATH_DTYPE), OUT_DTYPE).to(OPMATH_DTYPE)
-            coef = tl.where(coef > 1.0, one, coef)
-            tl.store(coef_out, coef.to(OUT_DTYPE))
+            tl.store(coef_out, tl.where(coef > 1.0, one, coef))
         tl.store(counter, 0)
