@@ -383,3 +383,40 @@ def test_compiled_bias_corrections_are_pythons():
     )
     assert torch.equal(advanced.view(torch.int64), expected.view(torch.int64))
     assert base_steps.tolist() == steps and expected_steps.tolist() == [1.0] * 3
+
+
+TENSOR_VALUE_EDITS = {
+    "lr_filled": lambda g: g["lr"].fill_(0.05),
+    "lr_memory_swapped": lambda g: setattr(g["lr"], "data", torch.tensor(0.05)),
+    "beta1_filled": lambda g: g["betas"][0].fill_(0.5),
+    "beta2_memory_swapped": lambda g: setattr(g["betas"][1], "data", torch.tensor(0.9)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", list(TENSOR_VALUE_EDITS))
+def test_tensor_hyperparameters_edited_in_place_are_seen(backend, edit):
+    """A tensor lr or beta changed in place, or given new memory through ``.data``, is the same
+    object in the group: the next step (through the fast path) still uses its new value, as
+    torch.optim does. (Tensor betas are read as values: the oracle has them as floats, README
+    "Tensor betas".)"""
+    gen = torch.Generator().manual_seed(21)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((9,), (4, 5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    opt = fused_optim.Adam([{"params": ours, "lr": torch.tensor(0.01), "betas": betas}],
+                           backend=backend)  # fmt: skip
+    ref = correctly_rounded_optimizer(torch.optim.Adam)(
+        [{"params": theirs, "lr": torch.tensor(0.01), "betas": tuple(map(float, betas))}],
+        foreach=False,
+    )
+    for step in range(6):
+        if step == 3:
+            TENSOR_VALUE_EDITS[edit](opt.param_groups[0])
+            ref.param_groups[0]["lr"].copy_(opt.param_groups[0]["lr"])
+            ref.param_groups[0]["betas"] = tuple(map(float, opt.param_groups[0]["betas"]))
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+    assert opt._plan.fast is not None or backend == "reference"

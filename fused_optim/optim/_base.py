@@ -645,7 +645,7 @@ class FusedOptimizerMixin:
         if fast.context_kind != self._context_kind(context):
             return False
         groups = self.param_groups
-        if not fast.checks.values_unchanged(groups, fast.raw):
+        if fast.reread or not fast.checks.values_unchanged(groups, fast.raw):
             raw = group_values(groups)
             # A value changed (a scheduler's lr): read the groups again, check them (raising
             # torch.optim's errors before anything changes), and keep the plan if no flag did.

@@ -156,6 +156,16 @@ def flat(lists: list[list]) -> list:
     return out
 
 
+def holds_tensor(values: tuple) -> bool:
+    """Whether a group's recorded values (``group_values``) hold a tensor, directly or in a
+    tuple (betas); the params are not values."""
+    return any(
+        isinstance(v, Tensor) or (isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v))
+        for v in values
+        if not isinstance(v, list)
+    )
+
+
 def lr_kind(lr) -> tuple | None:
     """What about a group's lr changes the kernel's code: a tensor lr's dtype and device."""
     return (lr.dtype, lr.device) if isinstance(lr, Tensor) else None
@@ -187,6 +197,9 @@ class FastPath:
         self.steps = steps
         self.context_kind = kind  # what the host steps were built for (_context_kind)
         self.raw = raw
+        # A tensor value (an lr, a beta) can change in place, or its memory through ``.data``,
+        # while the group holds the same object: such groups are read again every step.
+        self.reread = any(map(holds_tensor, raw))
         self.hypers = hypers
         self.bucket_hypers = [bucket.hypers(hypers) for bucket in plan.buckets]
         flat_params = flat([group["params"] for group in param_groups])
