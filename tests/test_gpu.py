@@ -484,3 +484,38 @@ def test_clip_in_the_step_matches_the_reference_without_a_sync(backend, dtype):
     assert_lists_close(runs[backend], runs["reference"], "param")
     for a, start in zip(runs[backend], init):
         assert not torch.equal(a, start)
+
+
+@pytest.mark.parametrize("backend", optimizer_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_clipped_step_is_two_kernels_with_torch_s_coefficient(backend, dtype):
+    """A clipped step on one bucket runs 2 device kernels whatever the number of tensors and
+    groups: the norm pass (whose last block computes the norm and the coefficient) and the
+    update. The coefficient is torch's ``clamp(max_norm / (total + 1e-6), max=1)`` of the
+    returned norm, bitwise."""
+    from fused_optim.backends import clip as clip_backend
+
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen).to(DEVICE, dtype).requires_grad_()
+              for n in [3, 4096, 70001] * 20]  # fmt: skip
+    groups = [{"params": params[i::3], "lr": 0.01 * (i + 1)} for i in range(3)]
+    opt = fused_optim.AdamW(groups, backend=backend)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, dtype)
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            total = opt.clip_grad_norm_(0.5)
+            coef = opt._clipping.coef
+            opt.step()
+            torch.cuda.synchronize()
+        expected = clip_backend.coefficient(0.5, total).to(coef.dtype)
+        assert torch.equal(coef, expected), (float(coef), float(expected))
+        if step == 0:
+            continue  # the first step also creates the state
+        device = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [
+            name for name in device if not ("memcpy" in name.lower() or "memset" in name.lower())
+        ]
+        assert len(kernels) == 2, kernels
