@@ -553,7 +553,11 @@ class HostPlan {
     for (const Tensor& t : h.held_) h.held_signatures_.emplace_back(t);
     // The step counts are read where they are: one moved by `.data` is no longer the view of
     // the step buffer that the optimizer advances (the full step gathers it again).
-    for (const Tensor& t : steps) h.step_addresses_.push_back(t.const_data_ptr());
+    for (const Tensor& t : steps) {
+      if (t.numel() != 1 || !t.device().is_cpu()) return nullptr;
+      h.step_addresses_.push_back(t.const_data_ptr());
+      h.step_dtypes_.push_back(t.scalar_type());
+    }
     h.params_ = std::move(params);
     h.steps_ = std::move(steps);
     h.groups_ = std::move(groups);
@@ -565,9 +569,15 @@ class HostPlan {
   // a dense CPU grad of its shape (any other shape is torch.optim's broadcast, or its error: the
   // full step decides). Changes nothing.
   // The grads it found are kept for the run() that follows in the same step.
+  // What run() needs of each grad (its address and dtype, or that it must be staged) and of
+  // each step (its address and dtype) is recorded here, so that run() walks these arrays and
+  // not the tensors again: between steps the forward and backward passes evict the tensors'
+  // objects, and every visit costs cache misses.
   bool check() const {
     const size_t count = params_.size();
     grads_.resize(count);
+    grad_data_.resize(count);
+    grad_codes_.resize(count);
     for (size_t i = 0; i < count; ++i) {
       const Tensor& p = params_[i];
       if (!signatures_[i].holds(p)) return false;
@@ -576,14 +586,31 @@ class HostPlan {
         return false;
       if (g.scalar_type() != grad_dtypes_[i]) return false;
       grads_[i] = &g;
+      const bool direct = is_dense(g) && same_layout(g, p);
+      grad_data_[i] = direct ? g.data_ptr() : nullptr;  // nullptr: staged by run()
+      grad_codes_[i] = direct ? dtype_code(g, "a grad") : kNone;
     }
     for (size_t k = 0; k < held_.size(); ++k) {
       if (!held_signatures_[k].holds(held_[k])) return false;
     }
     for (size_t k = 0; k < steps_.size(); ++k) {
-      if (steps_[k].const_data_ptr() != step_addresses_[k]) return false;
+      const Tensor& step = steps_[k];
+      if (step.const_data_ptr() != step_addresses_[k] || step.scalar_type() != step_dtypes_[k])
+        return false;
     }
     return true;
+  }
+
+  // The value of step i, at the address check() verified.
+  double step_at(size_t i) const {
+    switch (step_dtypes_[i]) {
+      case at::kFloat:
+        return *static_cast<const float*>(step_addresses_[i]);
+      case at::kDouble:
+        return *static_cast<const double*>(step_addresses_[i]);
+      default:
+        return scalar_value(steps_[i]);
+    }
   }
 
   // One step of the bucket (after check() said the plan holds).
@@ -599,14 +626,16 @@ class HostPlan {
     for (size_t i = 0; i < count; ++i) {
       Task& task = plan_.tasks[i];
       if (task.numel == 0) continue;
-      const Tensor& p = params_[i];
-      const Tensor& g = *grads_[i];
-      const bool direct = is_dense(g) && same_layout(g, p);
-      const Tensor& used = direct ? g : staging.resolve(g, p, grad.write_back);
-      task.data[kGrad] = used.data_ptr();
-      task.dtype[kGrad] = dtype_code(used, "a grad");
+      if (grad_data_[i] != nullptr) {
+        task.data[kGrad] = grad_data_[i];
+        task.dtype[kGrad] = grad_codes_[i];
+      } else {
+        const Tensor& used = staging.resolve(*grads_[i], params_[i], grad.write_back);
+        task.data[kGrad] = used.data_ptr();
+        task.dtype[kGrad] = dtype_code(used, "a grad");
+      }
       const double* row = rows + groups_[i] * kHyperColumns;
-      const double step = steps_.empty() ? 0.0 : scalar_value(steps_[i]);
+      const double step = steps_.empty() ? 0.0 : step_at(i);
       if (adam_) {
         scalars.fill(task, row, step, lr_kind_, tensor_bias_corrections_);
       } else {
@@ -635,8 +664,13 @@ class HostPlan {
   std::vector<Tensor> params_, steps_, held_;
   std::vector<Signature> signatures_, held_signatures_;
   std::vector<const void*> step_addresses_;
+  std::vector<at::ScalarType> step_dtypes_;
   std::vector<at::ScalarType> grad_dtypes_;
-  mutable std::vector<const Tensor*> grads_;  // found by check(), read by run()
+  // Found by check(), read by run(): each grad, and its address and dtype code when the kernel
+  // walks it in place (nullptr: it is staged).
+  mutable std::vector<const Tensor*> grads_;
+  mutable std::vector<void*> grad_data_;
+  mutable std::vector<int8_t> grad_codes_;
   std::vector<int64_t> groups_, indices_;
   AdamArgs adam_args_{};
   SgdArgs sgd_args_{};
