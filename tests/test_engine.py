@@ -420,3 +420,26 @@ def test_tensor_hyperparameters_edited_in_place_are_seen(backend, edit):
         ref.step()
         assert_same(opt, ref, ours, theirs)
     assert opt._plan.fast is not None or backend == "reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_that_gains_a_grad_is_updated(backend):
+    """A param without a grad when the fast path was recorded, which then gets one: the next
+    step updates it (the plan is rebuilt), as torch.optim does."""
+    gen = torch.Generator().manual_seed(8)
+    ours = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=0.1, backend=backend)
+    ref = correctly_rounded_optimizer(torch.optim.AdamW)(theirs, lr=0.1, foreach=False)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            if i == 1 and step < 3:
+                continue
+            g = torch.randn(5, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+        if step == 2:
+            untouched = ours[1].detach().clone()
+    assert not torch.equal(ours[1], untouched)  # it moved once it had a grad

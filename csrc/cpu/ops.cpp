@@ -837,7 +837,10 @@ bool values_unchanged(const pybind11::list& groups, const pybind11::list& values
 }
 
 // Whether the param groups (the optimizer's list of group dicts) still list the same params
-// (`ids`, flat over the groups) and exactly those of `with_grad` have a grad.
+// (`ids`, flat over the groups) and those recorded without a grad still have none. The params
+// recorded with one are in a bucket whose host step (HostPlan, GradTable) checks their grads
+// next (the fast path exists only where every bucket has one): reading them here too would
+// visit every param's autograd metadata once more.
 bool params_unchanged(const pybind11::list& param_groups, const std::vector<intptr_t>& ids,
                       const std::vector<bool>& with_grad) {
   size_t k = 0;
@@ -853,7 +856,7 @@ bool params_unchanged(const pybind11::list& param_groups, const std::vector<intp
       PyObject* p = PyList_GET_ITEM(params, i);
       if (k >= ids.size() || reinterpret_cast<intptr_t>(p) != ids[k]) return false;
       if (!THPVariable_Check(p)) return false;
-      if (THPVariable_Unpack(p).grad().defined() != with_grad[k]) return false;
+      if (!with_grad[k] && THPVariable_Unpack(p).grad().defined()) return false;
     }
   }
   return k == ids.size();
