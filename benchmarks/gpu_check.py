@@ -15,8 +15,9 @@ sizes, to check the script itself (there the profiler sees no kernels: launches 
 ``optimizer.launches_per_step()`` and by wrapping the Triton kernels' ``run``).
 
 gpu_check.json keys: ``info``, ``verify_exit``, ``checkpoint``, ``clip`` (per backend: params and
-norms against torch's clip_grad_norm_ + AdamW, sync error, profiled kernels of a step, clip +
-step timing against torch's), ``bench_clip_exit`` (bench.json's --clip run in bench_clip.json),
+norms against torch's clip_grad_norm_ + AdamW, sync error, profiled kernels of a step (the
+update's, and with the norm pass's: 2 expected, ``two_kernels``), clip + step timing against
+torch's), ``bench_clip_exit`` (bench.json's --clip run in bench_clip.json),
 ``launches`` (per backend, per
 case: launches_per_step, profiler_kernels_per_step, triton_runs_per_step, sync_error,
 triton_cache_after_step_2 / _after_last_step, ok), ``launches_ok``, ``no_host_sync``,
@@ -57,6 +58,7 @@ PARTS = (
 #: Substrings of the kernel names of both GPU backends: the Triton kernels are named after their
 #: functions, the CUDA C++ ones are ``fused_optim::cuda::{sgd,adam}_kernel<...>``.
 KERNEL_NAMES = ("sgd_kernel", "adam_kernel")
+NORM_KERNEL_NAMES = ("norm_kernel",)  # clipping's norm pass (Triton and CUDA C++)
 
 
 def synchronize():
@@ -144,9 +146,9 @@ class TritonRunCounter:
         self._saved = []
 
 
-def device_kernel_counts(prof) -> tuple[int | None, dict]:
-    """(device kernels named like ours, other device events by name) in a profile; (None, {})
-    when the profile holds no device events (the CPU)."""
+def device_kernel_counts(prof, names=KERNEL_NAMES) -> tuple[int | None, dict]:
+    """(device kernels named like ``names``, other device events by name) in a profile;
+    (None, {}) when the profile holds no device events (the CPU)."""
     try:
         events = [(e.name(), e.device_type()) for e in prof.profiler.kineto_results.events()]
     except Exception:
@@ -154,7 +156,7 @@ def device_kernel_counts(prof) -> tuple[int | None, dict]:
     device = [name for name, kind in events if kind == torch.autograd.DeviceType.CUDA]
     if not device:
         return None, {}
-    ours = [name for name in device if any(k in name for k in KERNEL_NAMES)]
+    ours = [name for name in device if any(k in name for k in names)]
     others = collections.Counter(name[:100] for name in device if name not in ours)
     return len(ours), dict(others.most_common(12))
 
@@ -526,7 +528,12 @@ def clip_check() -> dict:
                             opt.step()
                             synchronize()
                         count, others = device_kernel_counts(prof)
-                        kernels_step2 = dict(update_kernels=count, others=others)
+                        # A clipped step: the norm pass and the update, 2 kernels in all.
+                        both, others = device_kernel_counts(prof, KERNEL_NAMES + NORM_KERNEL_NAMES)
+                        kernels_step2 = dict(
+                            update_kernels=count, norm_and_update=both, two_kernels=both == 2,
+                            others=others,
+                        )  # fmt: skip
                     else:
                         opt.step()
                 except RuntimeError as error:
