@@ -249,14 +249,7 @@ def run_sgd(
         work,
         [SgdHyper(lr, float(momentum), float(dampening), hyper_value(weight_decay))],
         SgdFlags(momentum != 0, bool(nesterov), bool(maximize)),
-        StepContext(
-            grad_scale,
-            found_inf,
-            bool(stochastic_rounding),
-            int(seed),
-            grad_coef,
-            bool(write_grads),
-        ),
+        _context(grad_scale, found_inf, stochastic_rounding, seed, grad_coef, write_grads),
     )
     for i, buffer in enumerate(created):
         if buffer is not None:
@@ -309,16 +302,14 @@ def run_adam(
             bool(decoupled_weight_decay),
             bool(capturable) or found_inf is not None,
         ),
-        StepContext(
-            grad_scale,
-            found_inf,
-            bool(stochastic_rounding),
-            int(seed),
-            grad_coef,
-            bool(write_grads),
-        ),
+        _context(grad_scale, found_inf, stochastic_rounding, seed, grad_coef, write_grads),
     )
     return work
+
+
+def _context(grad_scale, found_inf, stochastic_rounding, seed, grad_coef, write_grads):
+    return StepContext(grad_scale, found_inf, bool(stochastic_rounding), int(seed), grad_coef,
+                       bool(write_grads))  # fmt: skip
 
 
 def _work(work, params, grads, states, steps, masters, indices) -> Work:
