@@ -447,6 +447,12 @@ def step_columns(
     return base.tolist(), (base[group_index] - values).to(torch.int64)
 
 
+def bias_corrections_at(beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """Adam's bias corrections at ``step`` as torch.optim's host code computes them, in Python
+    floats (fp64): ``1 - beta1 ** step`` and ``(1 - beta2 ** step) ** 0.5``."""
+    return 1 - beta1**step, (1 - beta2**step) ** 0.5
+
+
 def hyper_rows(hypers, base_steps: list[float], lr_on_device: bool = False) -> tuple[list, list]:
     """(rows of the hyperparameter table, the tensor lr of each group or None).
 
@@ -454,7 +460,7 @@ def hyper_rows(hypers, base_steps: list[float], lr_on_device: bool = False) -> t
     is then 0); otherwise a tensor lr is read here (a sync if it lives on a GPU).
 
     Adam's bias corrections at the group's base step are torch.optim's host arithmetic
-    (``1 - beta1 ** step`` and ``(1 - beta2 ** step) ** 0.5`` in fp64)."""
+    (``bias_corrections_at``)."""
     rows, lr_tensors = [], []
     for hyper, base in zip(hypers, base_steps):
         lr = hyper.lr
@@ -464,7 +470,7 @@ def hyper_rows(hypers, base_steps: list[float], lr_on_device: bool = False) -> t
         if isinstance(hyper, AdamHyper):
             rows.append([
                 lr_value, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, base,
-                1 - hyper.beta1**base, (1 - hyper.beta2**base) ** 0.5, 0.0,
+                *bias_corrections_at(hyper.beta1, hyper.beta2, base), 0.0,
             ])  # fmt: skip
         else:
             assert isinstance(hyper, SgdHyper)

@@ -24,6 +24,7 @@ from .plan import (
     HYPER_BETA2,
     HYPER_BIAS_CORRECTION1,
     HYPER_BIAS_CORRECTION2_SQRT,
+    bias_corrections_at,
     gc_paused,
     is_dense,
     same_layout,
@@ -181,16 +182,16 @@ class GradTable:
 
 def adam_bias_corrections(table: Tensor) -> None:
     """Adam's bias corrections in a hyperparameter table, in place, from each row's betas and
-    base step: ``1 - beta1 ** t`` and ``(1 - beta2 ** t) ** 0.5`` with Python's float
-    arithmetic, as torch.optim computes them."""
+    base step, with Python's float arithmetic as torch.optim computes them
+    (``plan.bias_corrections_at``)."""
     inputs = table[:, [HYPER_BETA1, HYPER_BETA2, HYPER_BASE_STEP]]
     if bool((inputs == inputs[:1]).all()):
         rows = inputs[:1].tolist()  # every group at the same betas and step: the usual case
     else:
         rows = inputs.tolist()
     distinct = {row: None for row in map(tuple, rows)}
-    for beta1, beta2, step in distinct:
-        distinct[beta1, beta2, step] = (1 - beta1**step, (1 - beta2**step) ** 0.5)
+    for row in distinct:
+        distinct[row] = bias_corrections_at(*row)
     values = torch.tensor([distinct[row] for row in map(tuple, rows)], dtype=torch.float64)
     table[:, HYPER_BIAS_CORRECTION1] = values[:, 0]
     table[:, HYPER_BIAS_CORRECTION2_SQRT] = values[:, 1]
