@@ -103,6 +103,8 @@ _dtype = attrgetter("dtype")
 tensor_data_ptr = torch._C.TensorBase.data_ptr
 tensor_size = torch._C.TensorBase.size
 tensor_stride = torch._C.TensorBase.stride
+tensor_numel = torch._C.TensorBase.numel
+tensor_is_contiguous = torch._C.TensorBase.is_contiguous
 
 
 @contextmanager
@@ -184,20 +186,25 @@ class NormPass:
 
     def __init__(self, grads: list[Tensor], block: int, out_dtype, max_norm: float | None):
         device = self.device = grads[0].device
+        # C-level maps: this runs at every clipped step.
+        sizes = list(map(tensor_numel, grads))
+        dtypes = list(map(_dtype, grads))
+        walkable = list(map(tensor_is_contiguous, grads))
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for g in grads:
-            if g.numel():
-                by_dtype.setdefault(g.dtype, []).append(g if is_dense(g) else g.contiguous())
+        for g, size, dtype, contiguous in zip(grads, sizes, dtypes, walkable):
+            if size:
+                dense = contiguous or is_dense(g)
+                by_dtype.setdefault(dtype, []).append(g if dense else g.contiguous())
         self.launches = []
         bits = torch.tensor(0.0 if max_norm is None else max_norm, dtype=torch.float64)
         for dtype, tensors in by_dtype.items():
-            numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+            numels = torch.tensor(list(map(tensor_numel, tensors)), dtype=torch.int64)
             tensor_index, starts = block_rows(numels, block)
             rows = torch.stack([tensor_index, starts, numels[tensor_index]], dim=1)
             extra = torch.zeros(1, 3, dtype=torch.int64)
             extra[0, 0] = bits.view(torch.int64)
             table = torch.cat([rows, extra]).contiguous()
-            pointers = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+            pointers = torch.tensor(list(map(tensor_data_ptr, tensors)), dtype=torch.int64)
             self.launches.append(
                 (dtype, len(tensor_index), upload(pointers, device), upload(table, device))
             )
