@@ -38,6 +38,11 @@ _FUSED_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.float16}
 _dtype, _device, _is_sparse = attrgetter("dtype"), attrgetter("device"), attrgetter("is_sparse")
 
 
+def _result_dtype(grads: list[Tensor]) -> torch.dtype:
+    """The dtype of torch's norm of ``grads``: their dtypes promoted."""
+    return reduce(torch.promote_types, set(map(_dtype, grads)))
+
+
 def _kind(norm_type: float) -> int | None:
     if norm_type == 2.0:
         return _SQUARES
@@ -119,7 +124,7 @@ def total_norm(
         total = combined.pow(1.0 / norm_type)
     else:
         total = combined
-    return total.to(reduce(torch.promote_types, set(map(_dtype, grads))))
+    return total.to(_result_dtype(grads))
 
 
 def check_finite(total: Tensor, norm_type: float) -> None:
@@ -150,7 +155,7 @@ def norm_and_coefficient(
     kind, fused = _fused_pass(grads, norm_type, backend)
     if fused is not None and len(fused) == 1:
         both = getattr(next(iter(fused.values())), "grad_norm_and_coefficient", None)
-        out_dtype = reduce(torch.promote_types, set(map(_dtype, grads)))
+        out_dtype = _result_dtype(grads)
         done = None if both is None else both(grads, kind, grad_scale, float(max_norm), out_dtype)
         if done is not None:
             return done
