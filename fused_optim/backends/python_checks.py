@@ -2,7 +2,8 @@
 ``StepChecks``, ``GradTable``, ``values_unchanged`` and ``advance_hyper_table`` do
 (``csrc/cpu/ops.cpp``), for installs without the extension.
 
-Same contract, same answers (tests/test_python_checks.py runs both on the same cases): a check
+Same contract, same answers (tests/test_engine.py and tests/test_plan_validity.py run every
+test with both): a check
 changes nothing and answers False for anything it does not recognise, and the full step then
 runs. Every per-tensor test is a C-level ``map`` over one list (an address, a dtype, a shape, a
 strides tuple), compared as a whole with what was recorded; only a mismatch looks closer. The
@@ -115,8 +116,8 @@ class GradTable:
 
     def __init__(self, params: list[Tensor], held: list[Tensor], grad_dtype: torch.dtype):
         self.params = list(params)
-        # 0-dim tensors (step counts) are read one element at their address: their address and
-        # dtype are what can change under the kernel.
+        # 0-dim tensors (step counts, the states of 0-dim params) are read as one element at
+        # their address: their address and dtype are what can change under the kernel.
         self.held = [t for t in held if t.dim()]
         self.scalars = [t for t in held if not t.dim()]
         self.grad_dtype = grad_dtype
