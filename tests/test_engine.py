@@ -229,30 +229,30 @@ def test_table_layout_is_defined_once():
     assert sorted(columns) == list(range(plans.TABLE_COLUMNS))
 
 
-def _edit_state_by_hand(opt, ref, ours, theirs, gen):
+def _edit_state_by_hand(opt, ref, ours, theirs, gen, at=1):
     # A state tensor replaced (as offloading code does): the new one is the one updated.
     for optimizer, params in ((opt, ours), (ref, theirs)):
-        state = optimizer.state[params[1]]
+        state = optimizer.state[params[at]]
         state["exp_avg"] = state["exp_avg"].clone()
 
 
-def _clear_state(opt, ref, ours, theirs, gen):
+def _clear_state(opt, ref, ours, theirs, gen, at=None):
     opt.state.clear()
     ref.state.clear()
 
 
-def _drop_a_grad(opt, ref, ours, theirs, gen):
-    ours[2].grad = None
-    theirs[2].grad = None
+def _drop_a_grad(opt, ref, ours, theirs, gen, at=2):
+    ours[at].grad = None
+    theirs[at].grad = None
 
 
-def _move_a_param(opt, ref, ours, theirs, gen):
-    value = torch.randn(ours[0].shape, generator=gen)
-    ours[0].data = value.clone()
-    theirs[0].data = value.clone()
+def _move_a_param(opt, ref, ours, theirs, gen, at=0):
+    value = torch.randn(ours[at].shape, generator=gen)
+    ours[at].data = value.clone()
+    theirs[at].data = value.clone()
 
 
-def _add_a_param(opt, ref, ours, theirs, gen):
+def _add_a_param(opt, ref, ours, theirs, gen, at=None):
     value = torch.randn(6, generator=gen)
     p, q = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
     opt.param_groups[0]["params"].append(p)
@@ -261,20 +261,20 @@ def _add_a_param(opt, ref, ours, theirs, gen):
     theirs.append(q)
 
 
-def _swap_state_memory(opt, ref, ours, theirs, gen):
+def _swap_state_memory(opt, ref, ours, theirs, gen, at=5):
     # The same state tensor objects, new memory (``.data``): only their addresses tell.
     for optimizer, params in ((opt, ours), (ref, theirs)):
-        state = optimizer.state[params[5]]
+        state = optimizer.state[params[at]]
         state["exp_avg_sq"].data = state["exp_avg_sq"].clone() * 2
         state["step"].data = state["step"].clone() + 5
 
 
-def _replace_a_step(opt, ref, ours, theirs, gen):
+def _replace_a_step(opt, ref, ours, theirs, gen, at=0):
     for optimizer, params in ((opt, ours), (ref, theirs)):
-        optimizer.state[params[0]]["step"] = torch.tensor(40.0)
+        optimizer.state[params[at]]["step"] = torch.tensor(40.0)
 
 
-def _toggle_maximize(opt, ref, ours, theirs, gen):
+def _toggle_maximize(opt, ref, ours, theirs, gen, at=None):
     opt.param_groups[1]["maximize"] = True
     ref.param_groups[1]["maximize"] = True
 
@@ -283,17 +283,20 @@ EDITS = [_edit_state_by_hand, _clear_state, _drop_a_grad, _move_a_param, _add_a_
          _swap_state_memory, _replace_a_step, _toggle_maximize]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
-def test_every_change_between_steps_is_seen(backend, edit):
-    """Whatever changes between two steps (through the compiled fast path where the extension
-    is built), the result is torch.optim's, bit for bit."""
-    opt, ref, ours, theirs, gen = make_pair("Adam", backend, num_groups=2, per_group=3, seed=5)
+#: Edits of one param's tensors: run again on the last param of a plan large enough for the
+#: extension's checks to split over threads (the second thread's share).
+ONE_PARAM_EDITS = [_edit_state_by_hand, _drop_a_grad, _move_a_param, _swap_state_memory,
+                   _replace_a_step]  # fmt: skip
+
+
+def _steps_after_an_edit(backend, edit, per_group, at):
+    opt, ref, ours, theirs, gen = make_pair("Adam", backend, num_groups=2, per_group=per_group,
+                                            seed=5)  # fmt: skip
     for _ in range(3):
         set_grads(ours, theirs, gen)
         opt.step()
         ref.step()
-    edit(opt, ref, ours, theirs, gen)
+    edit(opt, ref, ours, theirs, gen, **({} if at is None else {"at": at}))
     for _ in range(2):
         for p, q in zip(ours, theirs):
             if p.grad is not None:
@@ -305,6 +308,46 @@ def test_every_change_between_steps_is_seen(backend, edit):
         opt.step()
         ref.step()
         assert_same(opt, ref, ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__.strip("_"))
+def test_every_change_between_steps_is_seen(backend, edit):
+    """Whatever changes between two steps (through the compiled fast path where the extension
+    is built), the result is torch.optim's, bit for bit."""
+    _steps_after_an_edit(backend, edit, per_group=3, at=None)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("edit", ONE_PARAM_EDITS, ids=lambda f: f.__name__.strip("_"))
+def test_a_change_to_the_last_of_many_params_is_seen(edit):
+    """600 params: the extension's host plan checks them on several threads (from 256 on); an
+    edit of the last param, in the last thread's share, is seen as one of the first is."""
+    _steps_after_an_edit("cpu", edit, per_group=300, at=-1)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+@pytest.mark.parametrize("edit", ONE_PARAM_EDITS, ids=lambda f: f.__name__.strip("_"))
+def test_the_grad_table_sees_a_change_to_the_last_of_many_params(edit, monkeypatch):
+    """The table-walking backends' per-step check (``GradTable`` in the extension, split over
+    threads from 256 params on), on 600 params with the kernel launch elided (what is tested
+    is the check, not the kernel): an edit of the last param makes the fast path decline."""
+    from fused_optim.backends.triton import kernels
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kernels, "adam_kernel", NoLaunch())
+    opt, ref, ours, theirs, gen = make_pair("Adam", "triton", num_groups=2, per_group=300)
+    for _ in range(2):
+        set_grads(ours, theirs, gen)
+        opt.step()
+        ref.step()  # the edits change both
+    fast = opt._plan.fast
+    assert fast is not None and all(step.check() for step in fast.steps)
+    edit(opt, ref, ours, theirs, gen, at=-1)
+    assert not fast.holds(opt.param_groups, opt.state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

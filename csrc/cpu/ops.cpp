@@ -475,21 +475,57 @@ Tensor grad_norm(TensorList grads, int64_t kind, double p,
 // whose params, states and masters are dense in the param's layout get one; grads of any layout
 // are staged per run.
 
-struct Signature {
-  const void* data;
-  int64_t numel;
-  at::ScalarType dtype;
-  std::vector<int64_t> sizes, strides;
-
-  // const_data_ptr: the address without data_ptr()'s copy-on-write materialization.
-  explicit Signature(const Tensor& t)
-      : data(t.const_data_ptr()), numel(t.numel()), dtype(t.scalar_type()),
-        sizes(t.sizes().vec()), strides(t.strides().vec()) {}
-
-  bool holds(const Tensor& t) const {
-    return t.const_data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype &&
-           t.sizes().equals(sizes) && t.strides().equals(strides);
+// Whether test(i) holds for every i in [0, count): in parallel over the OpenMP threads when
+// there are enough items to pay for waking them. The plans' checks read each tensor's objects
+// (TensorImpl, StorageImpl, autograd meta), which a training step finds evicted by the forward
+// and backward passes: the cache misses are the check's cost, and each core adds its own misses
+// in flight. `test` must not throw; it may run for some items after another has failed.
+template <typename Test>
+bool all_hold(int64_t count, const Test& test) {
+  constexpr int64_t kParallelItems = 256;
+  bool holds = true;
+#pragma omp parallel for schedule(static) reduction(&& : holds) if (count >= kParallelItems)
+  for (int64_t i = 0; i < count; ++i) {
+    if (holds) holds = test(i);
   }
+  return holds;
+}
+
+// The signatures (address, numel, dtype, sizes, strides) of a list of tensors, in two flat
+// arrays instead of a heap vector per tensor: check() walks them in order every step, so they
+// stream from memory while the tensors' own objects (the cold part) cost their cache misses.
+class Signatures {
+ public:
+  // const_data_ptr: the address without data_ptr()'s copy-on-write materialization.
+  void add(const Tensor& t) {
+    const int64_t dim = t.dim();
+    heads_.push_back(Head{t.const_data_ptr(), t.numel(), dim, shapes_.size(), t.scalar_type()});
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    shapes_.insert(shapes_.end(), sizes.begin(), sizes.end());
+    shapes_.insert(shapes_.end(), strides.begin(), strides.end());
+  }
+
+  // Whether tensor `t` still has the signature added `i`-th.
+  bool holds(size_t i, const Tensor& t) const {
+    const Head& head = heads_[i];
+    if (t.const_data_ptr() != head.data || t.numel() != head.numel ||
+        t.scalar_type() != head.dtype || t.dim() != head.dim)
+      return false;
+    const int64_t* shape = shapes_.data() + head.offset;
+    return t.sizes().equals(c10::IntArrayRef(shape, head.dim)) &&
+           t.strides().equals(c10::IntArrayRef(shape + head.dim, head.dim));
+  }
+
+ private:
+  struct Head {
+    const void* data;
+    int64_t numel, dim;
+    size_t offset;  // of the sizes, then the strides, in shapes_
+    at::ScalarType dtype;
+  };
+  std::vector<Head> heads_;
+  std::vector<int64_t> shapes_;
 };
 
 class HostPlan {
@@ -543,14 +579,14 @@ class HostPlan {
         if (arrays[s] != nullptr) dtype_code(*arrays[s], "a tensor");  // throws if unsupported
       }
       h.plan_.add(arrays, writes);
-      h.signatures_.emplace_back(p);
+      h.signatures_.add(p);
       // The grad dtype the full step checked (torch.optim's rules): another one takes the full
       // path again, which raises torch's error where torch would.
       h.grad_dtypes_.push_back(p.grad().defined() ? p.grad().scalar_type() : at::kFloat);
       for (const auto& column : states) h.held_.push_back(column[i]);
       if (!masters.empty()) h.held_.push_back(masters[i]);
     }
-    for (const Tensor& t : h.held_) h.held_signatures_.emplace_back(t);
+    for (const Tensor& t : h.held_) h.held_signatures_.add(t);
     // The step counts are read where they are: one moved by `.data` is no longer the view of
     // the step buffer that the optimizer advances (the full step gathers it again).
     for (const Tensor& t : steps) {
@@ -578,27 +614,25 @@ class HostPlan {
     grads_.resize(count);
     grad_data_.resize(count);
     grad_codes_.resize(count);
-    for (size_t i = 0; i < count; ++i) {
+    const size_t held_per_param = count == 0 ? 0 : held_.size() / count;
+    return all_hold(static_cast<int64_t>(count), [&](int64_t i) {
       const Tensor& p = params_[i];
-      if (!signatures_[i].holds(p)) return false;
+      if (!signatures_.holds(i, p)) return false;
       const Tensor& g = p.grad();
       if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.sizes() != p.sizes())
         return false;
-      if (g.scalar_type() != grad_dtypes_[i]) return false;
+      if (g.scalar_type() != grad_dtypes_[i]) return false;  // supported: dtype_code can't throw
       grads_[i] = &g;
       const bool direct = is_dense(g) && same_layout(g, p);
       grad_data_[i] = direct ? g.data_ptr() : nullptr;  // nullptr: staged by run()
       grad_codes_[i] = direct ? dtype_code(g, "a grad") : kNone;
-    }
-    for (size_t k = 0; k < held_.size(); ++k) {
-      if (!held_signatures_[k].holds(held_[k])) return false;
-    }
-    for (size_t k = 0; k < steps_.size(); ++k) {
-      const Tensor& step = steps_[k];
-      if (step.const_data_ptr() != step_addresses_[k] || step.scalar_type() != step_dtypes_[k])
-        return false;
-    }
-    return true;
+      for (size_t k = i * held_per_param; k < (i + 1) * held_per_param; ++k) {
+        if (!held_signatures_.holds(k, held_[k])) return false;
+      }
+      if (steps_.empty()) return true;
+      const Tensor& step = steps_[i];
+      return step.const_data_ptr() == step_addresses_[i] && step.scalar_type() == step_dtypes_[i];
+    });
   }
 
   // The value of step i, at the address check() verified.
@@ -662,7 +696,7 @@ class HostPlan {
   HostPlan() = default;
   Plan plan_;
   std::vector<Tensor> params_, steps_, held_;
-  std::vector<Signature> signatures_, held_signatures_;
+  Signatures signatures_, held_signatures_;
   std::vector<const void*> step_addresses_;
   std::vector<at::ScalarType> step_dtypes_;
   std::vector<at::ScalarType> grad_dtypes_;
@@ -689,24 +723,21 @@ class GradTable {
  public:
   GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype)
       : params_(std::move(params)), held_(std::move(held)), grad_dtype_(grad_dtype) {
-    for (const Tensor& p : params_) signatures_.emplace_back(p);
-    for (const Tensor& t : held_) held_signatures_.emplace_back(t);
+    for (const Tensor& p : params_) signatures_.add(p);
+    for (const Tensor& t : held_) held_signatures_.add(t);
     last_.assign(params_.size(), nullptr);
   }
 
   bool check() const {
-    for (size_t i = 0; i < params_.size(); ++i) {
+    return all_hold(static_cast<int64_t>(params_.size()), [&](int64_t i) {
       const Tensor& p = params_[i];
-      if (!signatures_[i].holds(p)) return false;
+      if (!signatures_.holds(i, p)) return false;
       const Tensor& g = p.grad();
-      if (!g.defined() || g.is_sparse() || g.scalar_type() != grad_dtype_ ||
-          g.device() != p.device() || !is_dense(g) || !same_layout(g, p))
-        return false;
-    }
-    for (size_t k = 0; k < held_.size(); ++k) {
-      if (!held_signatures_[k].holds(held_[k])) return false;
-    }
-    return true;
+      return g.defined() && !g.is_sparse() && g.scalar_type() == grad_dtype_ &&
+             g.device() == p.device() && is_dense(g) && same_layout(g, p);
+    }) && all_hold(static_cast<int64_t>(held_.size()), [&](int64_t k) {
+      return held_signatures_.holds(k, held_[k]);
+    });
   }
 
   // Writes the grads' addresses into `out` (int64, contiguous, one per param) when any changed
@@ -734,7 +765,7 @@ class GradTable {
 
  private:
   std::vector<Tensor> params_, held_;
-  std::vector<Signature> signatures_, held_signatures_;
+  Signatures signatures_, held_signatures_;
   std::vector<const void*> last_;
   at::ScalarType grad_dtype_;
 };
