@@ -486,3 +486,30 @@ def test_a_param_that_gains_a_grad_is_updated(backend):
         if step == 2:
             untouched = ours[1].detach().clone()
     assert not torch.equal(ours[1], untouched)  # it moved once it had a grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_step_counts_advance_as_torch_s(backend, default_dtype):
+    """Every ``step`` after five steps (the fast path's from the third on, which add in the
+    extension where it is built): torch.optim's value and dtype, and its version counter
+    advanced by one in-place add per step."""
+    kept = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        opt, ref, ours, theirs, gen = make_pair("AdamW", backend, num_groups=2, per_group=3)
+        for step in range(5):
+            set_grads(ours, theirs, gen)
+            opt.step()
+            ref.step()
+            if step == 1:
+                before = [(opt.state[p]["step"]._version, ref.state[q]["step"]._version)
+                          for p, q in zip(ours, theirs)]  # fmt: skip
+        assert_same(opt, ref, ours, theirs)
+        for (ours_before, theirs_before), p, q in zip(before, ours, theirs):
+            mine, torch_s = opt.state[p]["step"], ref.state[q]["step"]
+            assert mine.dtype == torch_s.dtype == default_dtype
+            assert mine.item() == torch_s.item() == 5
+            assert mine._version - ours_before == torch_s._version - theirs_before == 3
+    finally:
+        torch.set_default_dtype(kept)

@@ -810,6 +810,31 @@ Tensor advance_hyper_table(const Tensor& static_table, Tensor& base_steps, Tenso
   return table;
 }
 
+// Adds one to every step-count buffer in place, as torch's in-place add does (same bits, the
+// version counter bumped), where every buffer is a contiguous CPU float32 or float64 tensor;
+// returns false, changing nothing, otherwise (the caller adds with torch). One call per step
+// instead of a torch operation's dispatch.
+bool advance_steps(std::vector<Tensor> buffers) {
+  for (const Tensor& b : buffers) {
+    const auto dtype = b.scalar_type();
+    if (!b.device().is_cpu() || !b.is_contiguous() || b.is_inference() || b.requires_grad() ||
+        (dtype != at::kFloat && dtype != at::kDouble))
+      return false;
+  }
+  for (Tensor& b : buffers) {
+    const int64_t n = b.numel();
+    if (b.scalar_type() == at::kFloat) {
+      float* count = b.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) count[i] += 1.0f;
+    } else {
+      double* count = b.data_ptr<double>();
+      for (int64_t i = 0; i < n; ++i) count[i] += 1.0;
+    }
+    b.unsafeGetTensorImpl()->bump_version();
+  }
+  return true;
+}
+
 // Whether the optimizer's state still holds what a step plan was built from: the same state
 // dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
 // insertion order: a value replaced, added or deleted counts as a change). Identity checks on
@@ -969,6 +994,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("check", &fused_optim::cpu::GradTable::check)
       .def("pointers", &fused_optim::cpu::GradTable::pointers)
       .def("reset", &fused_optim::cpu::GradTable::reset);
+  m.def("advance_steps", &fused_optim::cpu::advance_steps);
   py::class_<fused_optim::cpu::StepChecks, std::shared_ptr<fused_optim::cpu::StepChecks>>(
       m, "StepChecks")
       .def(py::init<std::vector<intptr_t>, std::vector<bool>, std::vector<intptr_t>, py::list,

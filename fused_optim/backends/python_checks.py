@@ -1,6 +1,6 @@
 """The step checks of the optimizer's fast path in plain Python: what the C++ extension's
-``StepChecks``, ``GradTable``, ``values_unchanged`` and ``advance_hyper_table`` do
-(``csrc/cpu/ops.cpp``), for installs without the extension.
+``StepChecks``, ``GradTable``, ``values_unchanged``, ``advance_hyper_table`` and
+``advance_steps`` do (``csrc/cpu/ops.cpp``), for installs without the extension.
 
 Same contract, same answers (tests/test_engine.py and tests/test_plan_validity.py run every
 test with both): a check
@@ -198,6 +198,12 @@ def adam_bias_corrections(table: Tensor) -> None:
     table[:, HYPER_BIAS_CORRECTION2_SQRT] = values[:, 1]
 
 
+def advance_steps(buffers: list[Tensor]) -> bool:
+    """Add one to every step-count buffer (torch's in-place add); True."""
+    torch._foreach_add_(buffers, 1)
+    return True
+
+
 def advance_hyper_table(
     static_table: Tensor, base_steps: Tensor, expected: Tensor, adam: bool
 ) -> Tensor:
@@ -218,5 +224,6 @@ __all__ = [
     "StepChecks",
     "adam_bias_corrections",
     "advance_hyper_table",
+    "advance_steps",
     "values_unchanged",
 ]

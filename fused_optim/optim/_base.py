@@ -367,7 +367,7 @@ class FusedOptimizerMixin:
         prepare_state(self._slot_pool.key)
         plan = self._build_plan(with_grads, keys, structure, sparse, traced=True)
         advance_steps([state["step"] for state in plan.states if "step" in state],
-                      context.found_inf)  # fmt: skip
+                      context.found_inf, traced=True)  # fmt: skip
         flat_grads = plan.real_grads(flat(grads))
         pool = self._slot_pool
         for number, bucket in enumerate(plan.buckets):

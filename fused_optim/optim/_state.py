@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..backends import host_checks
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch built without distributed
@@ -161,13 +163,16 @@ def gather_steps(states: list[dict], devices: list[torch.device]) -> list[Tensor
     return buffers
 
 
-def advance_steps(buffers: list[Tensor], found_inf: Tensor | None) -> None:
+def advance_steps(buffers: list[Tensor], found_inf: Tensor | None, traced: bool = False) -> None:
     """Add one to every step count; under GradScaler add ``found_inf == 0`` (on the device)
-    instead, so that a skipped step leaves them unchanged."""
+    instead, so that a skipped step leaves them unchanged. Eager steps add in the extension
+    where it is built (contiguous CPU buffers, the usual case: a torch dispatch saved per step);
+    a ``traced`` step (torch.compile) adds with torch operations."""
     if not buffers:
         return
     if found_inf is None:
-        torch._foreach_add_(buffers, 1)
+        if traced or not host_checks().advance_steps(buffers):
+            torch._foreach_add_(buffers, 1)
         return
     for buffer in buffers:
         buffer.add_((found_inf.to(buffer.device, non_blocking=True) == 0).to(buffer.dtype))
