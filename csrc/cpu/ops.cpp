@@ -728,35 +728,42 @@ class GradTable {
     last_.assign(params_.size(), nullptr);
   }
 
+  // Also records the grads' addresses, for the pointers() call that follows.
   bool check() const {
-    return all_hold(static_cast<int64_t>(params_.size()), [&](int64_t i) {
+    found_.resize(params_.size());
+    has_found_ = false;
+    has_found_ = all_hold(static_cast<int64_t>(params_.size()), [&](int64_t i) {
       const Tensor& p = params_[i];
       if (!signatures_.holds(i, p)) return false;
       const Tensor& g = p.grad();
-      return g.defined() && !g.is_sparse() && g.scalar_type() == grad_dtype_ &&
-             g.device() == p.device() && is_dense(g) && same_layout(g, p);
+      if (!g.defined() || g.is_sparse() || g.scalar_type() != grad_dtype_ ||
+          g.device() != p.device() || !is_dense(g) || !same_layout(g, p))
+        return false;
+      found_[i] = g.data_ptr();
+      return true;
     }) && all_hold(static_cast<int64_t>(held_.size()), [&](int64_t k) {
       return held_signatures_.holds(k, held_[k]);
     });
+    return has_found_;
   }
 
-  // Writes the grads' addresses into `out` (int64, contiguous, one per param) when any changed
-  // since the last call; returns whether it did.
+  // Writes the addresses of the grads the last check() found (read again without one) into
+  // `out` (int64, contiguous, one per param) when any changed since the last call; returns
+  // whether it did.
   bool pointers(Tensor& out) {
-    bool changed = false;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const void* address = params_[i].grad().data_ptr();
-      changed |= address != last_[i];
-      last_[i] = address;
+    if (!has_found_) {
+      found_.resize(params_.size());
+      for (size_t i = 0; i < params_.size(); ++i) found_[i] = params_[i].grad().data_ptr();
     }
-    if (!changed) return false;
+    if (found_ == last_) return false;
     TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() &&
                     out.numel() == static_cast<int64_t>(params_.size()) && out.device().is_cpu(),
                 "GradTable.pointers: out must be a contiguous CPU int64 tensor, one per param");
     int64_t* table = out.data_ptr<int64_t>();
     for (size_t i = 0; i < params_.size(); ++i) {
-      table[i] = reinterpret_cast<int64_t>(last_[i]);
+      table[i] = reinterpret_cast<int64_t>(found_[i]);
     }
+    last_ = found_;
     return true;
   }
 
@@ -767,6 +774,9 @@ class GradTable {
   std::vector<Tensor> params_, held_;
   Signatures signatures_, held_signatures_;
   std::vector<const void*> last_;
+  // The grads' addresses the last check() found (has_found_: it succeeded).
+  mutable std::vector<const void*> found_;
+  mutable bool has_found_ = false;
   at::ScalarType grad_dtype_;
 };
 

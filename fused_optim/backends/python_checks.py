@@ -135,6 +135,7 @@ class GradTable:
             return self._check()
 
     def _check(self) -> bool:
+        self.addresses = None
         params = self.params
         if signatures(params) != self.param_signature:
             return False
@@ -165,8 +166,9 @@ class GradTable:
         return list(map(tensor_data_ptr, scalars)), list(map(_dtype, scalars))
 
     def pointers(self, out: Tensor) -> bool:
-        """Write the addresses of the grads the last ``check()`` found into ``out`` (int64,
-        one per param) when any changed since the last call; return whether it did."""
+        """Write the addresses of the grads the last ``check()`` found (read again without a
+        successful one) into ``out`` (int64, one per param) when any changed since the last
+        call; return whether it did."""
         addresses = self.addresses
         if addresses is None:
             addresses = list(map(tensor_data_ptr, map(_grad, self.params)))
