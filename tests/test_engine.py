@@ -389,6 +389,35 @@ def test_the_compiled_fast_path_is_taken(backend):
     assert calls == ["check", "run"] * 2
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not installed")
+def test_the_fast_path_tracks_whether_the_grads_are_aligned():
+    """The kernels' 16-byte vector path needs aligned grads: a fast-path step whose grads sit
+    4 bytes off (views of a larger buffer, dense and in the param's layout, so not staged)
+    turns it off, and aligned grads turn it on again; the numbers stay torch.optim's."""
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.nn.Parameter(torch.randn(64, generator=gen)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=0.1, backend="triton")
+    ref = correctly_rounded_optimizer(torch.optim.AdamW)(theirs, lr=0.1, foreach=False)
+    calls = []
+    for step in range(7):
+        off = step >= 2 and step % 2 == 1
+        for p, q in zip(ours, theirs):
+            buffer = torch.randn(65, generator=gen)
+            p.grad = buffer[1:] if off else buffer[:64].clone()
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, ours, theirs)
+        fast = opt._plan.fast
+        if step == 2:
+            assert fast is not None
+            fast.steps[0] = _Spy(fast.steps[0], calls)
+        if step >= 2:
+            assert fast.steps[0].step.plan.aligned is not off
+    assert calls == ["check", "run"] * 4
+
+
 class _Spy:
     def __init__(self, step, calls):
         self.step, self.calls = step, calls

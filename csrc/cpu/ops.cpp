@@ -767,6 +767,14 @@ class GradTable {
     return true;
   }
 
+  // Whether every address the last pointers() call wrote is a multiple of 16 bytes (the
+  // kernels' vector loads).
+  bool aligned() const {
+    return std::all_of(last_.begin(), last_.end(), [](const void* address) {
+      return reinterpret_cast<uintptr_t>(address) % 16 == 0;
+    });
+  }
+
   // Forget the last addresses (the next pointers() call writes the table).
   void reset() { last_.assign(params_.size(), nullptr); }
 
@@ -1003,6 +1011,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, at::ScalarType>())
       .def("check", &fused_optim::cpu::GradTable::check)
       .def("pointers", &fused_optim::cpu::GradTable::pointers)
+      .def("aligned", &fused_optim::cpu::GradTable::aligned)
       .def("reset", &fused_optim::cpu::GradTable::reset);
   m.def("advance_steps", &fused_optim::cpu::advance_steps);
   py::class_<fused_optim::cpu::StepChecks, std::shared_ptr<fused_optim::cpu::StepChecks>>(

@@ -581,7 +581,7 @@ class PlanHostStep:
             plan.hyper_key = None  # the full path binds its own table again
         if self.grad_table.pointers(self.addresses):
             plan.grad_table = upload(self.addresses, plan.device)
-            plan.grads_aligned = not bool((self.addresses % 16).any())
+            plan.grads_aligned = self.grad_table.aligned()
             plan.grad_key = None  # the full path binds its own grads again
         self.launch(plan, context)
 

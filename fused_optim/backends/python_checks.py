@@ -178,6 +178,11 @@ class GradTable:
         self.last = addresses
         return True
 
+    def aligned(self) -> bool:
+        """Whether every address the last ``pointers()`` call wrote is a multiple of 16
+        bytes (the kernels' vector loads)."""
+        return not any(address % 16 for address in self.last or ())
+
     def reset(self) -> None:
         """Forget the last addresses (the next ``pointers()`` writes the table)."""
         self.last = None
