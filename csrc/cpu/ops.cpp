@@ -479,14 +479,21 @@ Tensor grad_norm(TensorList grads, int64_t kind, double p,
 // there are enough items to pay for waking them. The plans' checks read each tensor's objects
 // (TensorImpl, StorageImpl, autograd meta), which a training step finds evicted by the forward
 // and backward passes: the cache misses are the check's cost, and each core adds its own misses
-// in flight. `test` must not throw; it may run for some items after another has failed.
+// in flight. `test` may run for some items after another has failed. An exception (a tensor
+// kind whose strides or sizes cannot be read) counts as a failed check and goes no further (it
+// must not leave an OpenMP region): the full path then handles that tensor as torch.optim does.
 template <typename Test>
 bool all_hold(int64_t count, const Test& test) {
   constexpr int64_t kParallelItems = 256;
   bool holds = true;
 #pragma omp parallel for schedule(static) reduction(&& : holds) if (count >= kParallelItems)
   for (int64_t i = 0; i < count; ++i) {
-    if (holds) holds = test(i);
+    if (!holds) continue;
+    try {
+      holds = test(i);
+    } catch (...) {
+      holds = false;
+    }
   }
   return holds;
 }
