@@ -201,3 +201,48 @@ def test_fallback_with_precision_modes_raises_value_error(name):
     with pytest.raises(ValueError, match="with state_dtype, master_weights or stochastic_rounding"):
         opt.step()
     assert torch.equal(p, before) and not opt.state.get(p)
+
+
+def _two_tensor_components(t):
+    return (t.a, t.b) if type(t).__name__ == "TwoTensor" else (t,)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_dispatch_subclass_params_follow_torch(name, kwargs, backend):
+    """Params (and so grads and states) that are a tensor subclass with its own
+    ``__torch_dispatch__`` (torch's ``TwoTensor``: a wrapper of two tensors, each op applied to
+    both) have no memory the kernels could address: torch.optim's step updates them through
+    their dispatch, and so does fused_optim (it crashed here before), bitwise, on both
+    components, through steps where the fast path would otherwise hold."""
+    two_tensor = pytest.importorskip(
+        "torch.testing._internal.two_tensor", reason="this torch has no TwoTensor test subclass"
+    )
+
+    def params():
+        generator = torch.Generator().manual_seed(7)
+        values = [torch.randn(s, generator=generator) for s in [(3, 4), (3, 4), (5,), (5,)]]
+        return [
+            torch.nn.Parameter(two_tensor.TwoTensor(values[i], values[i + 1]))
+            for i in range(0, 4, 2)
+        ]
+
+    def set_grads(flat, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for p in flat:
+            a, b = (torch.randn(p.shape, generator=generator) for _ in range(2))
+            p.grad = two_tensor.TwoTensor(a, b)
+
+    torch_opt, torch_params = _run(torch.optim, name, kwargs, params, set_grads, steps=5)
+    fused_opt, fused_params = _run(fused_optim, name, kwargs, params, set_grads, steps=5,
+                                   backend=backend)  # fmt: skip
+    for theirs, ours, start in zip(torch_params, fused_params, params()):
+        assert type(ours) is type(theirs)
+        for a, b in zip(_two_tensor_components(theirs), _two_tensor_components(ours)):
+            assert torch.equal(a, b)
+        assert not torch.equal(ours.a, start.a)
+        state, torch_state = fused_opt.state[ours], torch_opt.state[theirs]
+        assert state.keys() == torch_state.keys()
+        for key, value in torch_state.items():
+            for a, b in zip(_two_tensor_components(value), _two_tensor_components(state[key])):
+                assert a.dtype == b.dtype and torch.equal(a, b), key

@@ -44,6 +44,7 @@ from ._state import (
     MASTER_KEY,
     Precision,
     advance_steps,
+    any_dispatch_subclass,
     as_state_of,
     bucket_state_dtype,
     gather_steps,
@@ -511,7 +512,10 @@ class FusedOptimizerMixin:
           dtype is not its grad's (but fp32 states of bf16/fp16 params, which the kernels
           update as torch.optim does): torch.optim raises (Adam), or keeps the grad's dtype in
           the momentum buffer (SGD);
-        - a param listed twice in a group: torch.optim updates it twice, counting two steps.
+        - a param listed twice in a group: torch.optim updates it twice, counting two steps;
+        - a param, grad or state that is a tensor subclass with its own ``__torch_dispatch__``
+          (not a DTensor): its memory is not the kernels' to address (nothing to replay: the
+          list is empty when only these are found).
 
         Grads are checked on every full-path step (the fast path's checks cover them); states,
         dtypes and repeats when the plan is rebuilt (its fingerprint covers the state tensors'
@@ -526,8 +530,12 @@ class FusedOptimizerMixin:
         if torch_numbers and grad_dtypes != list(map(_dtype, params)):
             suspects.update(i for i, (g, p) in enumerate(zip(grads, params)) if g.dtype != p.dtype)
         repeated = False
+        foreign = any_dispatch_subclass(params) or any_dispatch_subclass(grads)
         if rebuild:
             state_keys = {key for key in flat([list(k) for k in keys])} - {"step", MASTER_KEY}
+            states = [v for p in params for v in self.state.get(p, {}).values()]
+            states = [v for v in states if isinstance(v, Tensor)]
+            foreign = foreign or any_dispatch_subclass(states)
             for i, (p, g) in enumerate(zip(params, grads)):
                 if not (p.is_floating_point() or p.is_complex()):
                     suspects.add(i)
@@ -545,7 +553,7 @@ class FusedOptimizerMixin:
                     ):
                         suspects.add(i)
             repeated = any(len(set(map(id, ps))) != len(ps) for ps in with_grads)
-        if not suspects and not repeated:
+        if not suspects and not repeated and not foreign:
             return None
         return [params[i] for i in sorted(suspects)]
 

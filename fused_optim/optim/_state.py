@@ -36,11 +36,25 @@ def is_dtensor(t: Tensor | None) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def is_dtensor_type(kind: type) -> bool:
+    return DTensor is not None and issubclass(kind, DTensor)
+
+
 def any_dtensor(tensors: list[Tensor]) -> bool:
     """``any(map(is_dtensor, tensors))`` at C speed: the distinct types are few."""
-    if DTensor is None:
-        return False
-    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
+    return any(map(is_dtensor_type, set(map(type, tensors))))
+
+
+def any_dispatch_subclass(tensors: list[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a tensor subclass with its own ``__torch_dispatch__``
+    (a wrapper such as torch's ``TwoTensor``, or a quantized or float8 weight), other than a
+    DTensor (whose local shard the kernels update): the kernels cannot address its memory, and
+    torch.optim's step reaches it through its dispatch. Checked on the distinct types only."""
+    plain = Tensor.__torch_dispatch__
+    return any(
+        kind.__torch_dispatch__ is not plain and not is_dtensor_type(kind)
+        for kind in set(map(type, tensors))
+    )
 
 
 def needs_views(tensors: list[Tensor]) -> bool:
