@@ -542,3 +542,31 @@ def test_step_counts_advance_as_torch_s(backend, default_dtype):
             assert mine._version - ours_before == torch_s._version - theirs_before == 3
     finally:
         torch.set_default_dtype(kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("betas", [(-0.5, 0.9), (0.0, 0.9), (0.9, 0.0)], ids=str)
+def test_betas_written_out_of_range_later_follow_torch(backend, betas):
+    """torch.optim checks betas only when it is built: negative or zero betas written into a
+    group later are used as they are, also for a param whose step is not its group's (its first
+    grad came a step late), where the kernels compute beta ** step themselves (odd and even
+    steps: the sign of a negative beta's power)."""
+    gen = torch.Generator().manual_seed(11)
+    start = [torch.randn(5, generator=gen) for _ in range(3)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = fused_optim.AdamW(ours, lr=0.1, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=0.1, foreach=False)
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            g = None if step == 0 and i == 0 else torch.randn(5, generator=gen)
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        if step == 1:
+            for optimizer in (opt, ref):
+                optimizer.param_groups[0]["betas"] = betas
+        opt.step()
+        ref.step()
+    assert float(opt.state[ours[0]]["step"]) == 3 and float(opt.state[ours[1]]["step"]) == 4
+    for p, q, initial in zip(ours, theirs, start):
+        torch.testing.assert_close(p.detach(), q.detach())
+        assert not torch.equal(p.detach(), initial)

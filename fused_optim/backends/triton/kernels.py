@@ -201,6 +201,17 @@ def _step_of(row, hyper, STEP_FROM_POINTER: tl.constexpr):
 
 
 @triton.jit
+def _beta_power(beta, step):
+    """``beta ** step`` (fp64) for a whole step count, as Python's float ``**`` gives it to
+    torch.optim (to within the last bits: exp2 and log2 are not its pow), sign included: a
+    negative beta (torch.optim checks betas only when the optimizer is built) to an odd power is
+    negative, where exp2(step * log2(beta)) alone is NaN."""
+    magnitude = tl.exp2(step * tl.log2(tl.abs(beta)))
+    odd = step - 2.0 * tl.floor(step * 0.5) == 1.0
+    return tl.where((beta < 0) & odd, -magnitude, magnitude)
+
+
+@triton.jit
 def _lr_of(hyper, hyper_bits, LR_FROM_POINTER: tl.constexpr, LR_DTYPE: tl.constexpr):
     """The group's lr in LR_DTYPE: read through the tensor lr's address, or from the table."""
     if LR_FROM_POINTER:
@@ -393,14 +404,14 @@ def adam_kernel(
     wd64 = tl.load(hyper + HYPER_WEIGHT_DECAY)
     step = _step_of(row, hyper, STEP_FROM_POINTER)
     if STEP_FROM_POINTER:
-        bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
+        bias_correction1 = 1.0 - _beta_power(b1, step)
+        bias_correction2_sqrt = tl.sqrt(1.0 - _beta_power(b2, step))
     else:
         bias_correction1 = tl.load(hyper + HYPER_BIAS_CORRECTION1)
         bias_correction2_sqrt = tl.load(hyper + HYPER_BIAS_CORRECTION2_SQRT)
         if step != tl.load(hyper + HYPER_BASE_STEP):
-            bias_correction1 = 1.0 - tl.exp2(step * tl.log2(b1))
-            bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(b2)))
+            bias_correction1 = 1.0 - _beta_power(b1, step)
+            bias_correction2_sqrt = tl.sqrt(1.0 - _beta_power(b2, step))
     # The scalar math around lr runs in LR_DTYPE: fp64 for a float lr (torch.optim's host
     # arithmetic), the tensor's dtype for a tensor lr (torch.optim's tensor arithmetic).
     lr_t = _lr_of(hyper, hyper_bits + group * HYPER_ROW, LR_FROM_POINTER, LR_DTYPE)
