@@ -8,11 +8,16 @@ same exception (type and message; fused_optim with its params and state untouche
 succeed with the same results (torch.testing's default tolerances for the dtype: where fused_optim
 hands the step to torch.optim, and where it does not, the one difference is torch's fp32 sqrt
 rounding on this CPU).
+
+Each run draws 25 examples per case, new ones every run (a fixed sequence under CI: see
+conftest.py). A longer campaign: ``FUSED_OPTIM_FUZZ_EXAMPLES=500 python -m pytest -x
+tests/test_fuzz_dropin.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -25,6 +30,7 @@ import fused_optim
 from cases import cpu_backends
 
 SHAPES = [(3,), (2, 3), (4, 1)]
+EXAMPLES = int(os.environ.get("FUSED_OPTIM_FUZZ_EXAMPLES", "25"))
 
 
 def _configs(name: str):
@@ -173,7 +179,7 @@ def _same_tree(a, b, exact: bool) -> None:
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_changes_between_steps_match_torch(name, backend, data):
     config = data.draw(_configs(name))
