@@ -31,9 +31,11 @@
 #include <cstring>
 #undef __global__
 #undef __device__
+#undef __host__
 #undef __forceinline__
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(threads)
 #define FUSED_OPTIM_ASSUME_GLOBAL(pointer) ((void)0)
@@ -712,6 +714,28 @@ __device__ __forceinline__ T div_rn(T x, T y) {
   }
 }
 
+// f(T{}) with T the storage type of `dtype` (float, double, bf16_t or f16_t); false, calling
+// nothing, for any other value. On the host (a launch's grad dtype) and on the device (the
+// norm's output dtype).
+template <typename F>
+__host__ __device__ __forceinline__ bool with_storage_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      f(float{});
+      return true;
+    case DType::kFloat64:
+      f(double{});
+      return true;
+    case DType::kBFloat16:
+      f(bf16_t{});
+      return true;
+    case DType::kFloat16:
+      f(f16_t{});
+      return true;
+  }
+  return false;
+}
+
 // The norm and torch's coefficient in the output dtype O, from the combined fp64 value.
 template <typename O>
 __device__ void norm_finish_as(const NormLaunch& a, double total64) {
@@ -732,20 +756,7 @@ template <int kKind>
 __device__ void norm_finish(const NormLaunch& a, double combined) {
   a.partials[a.num_partials] = combined;
   const double total = kKind == 0 ? sqrt(combined) : combined;
-  switch (a.out_dtype) {
-    case DType::kFloat32:
-      norm_finish_as<float>(a, total);
-      break;
-    case DType::kFloat64:
-      norm_finish_as<double>(a, total);
-      break;
-    case DType::kBFloat16:
-      norm_finish_as<bf16_t>(a, total);
-      break;
-    case DType::kFloat16:
-      norm_finish_as<f16_t>(a, total);
-      break;
-  }
+  with_storage_type(a.out_dtype, [&](auto out) { norm_finish_as<decltype(out)>(a, total); });
   *a.counter = 0u;
 }
 
@@ -906,23 +917,7 @@ cudaError_t launch_norm(const NormLaunch& launch, cudaStream_t stream) {
         ok = false;
     }
   };
-  switch (launch.grad_dtype) {
-    case DType::kFloat32:
-      by_kind(float{});
-      break;
-    case DType::kFloat64:
-      by_kind(double{});
-      break;
-    case DType::kBFloat16:
-      by_kind(bf16_t{});
-      break;
-    case DType::kFloat16:
-      by_kind(f16_t{});
-      break;
-    default:
-      ok = false;
-  }
-  if (!ok) return cudaErrorInvalidValue;
+  if (!with_storage_type(launch.grad_dtype, by_kind) || !ok) return cudaErrorInvalidValue;
   return FUSED_OPTIM_LAST_ERROR();
 }
 
