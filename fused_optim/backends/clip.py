@@ -147,9 +147,9 @@ def norm_and_coefficient(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(total_norm(grads, ...), coefficient(max_norm, total))`` for non-empty ``grads``. Where
-    every gradient is on one device whose backend offers ``grad_norm_and_coefficient`` (Triton),
-    both come from its norm pass alone: the coefficient is computed on the device by the
-    program that finishes the norm, with the same operations and roundings, and no other
+    every gradient is on one device whose backend offers ``grad_norm_and_coefficient`` (Triton,
+    CUDA C++), both come from its norm pass alone: the coefficient is computed on the device by
+    the program that finishes the norm, with the same operations and roundings, and no other
     operation runs (one launch per gradient dtype in all)."""
     norm_type = float(norm_type)
     kind, fused = _fused_pass(grads, norm_type, backend)
