@@ -446,15 +446,27 @@ def test_compiled_bias_corrections_are_pythons():
     table[:, plans.HYPER_BIAS_CORRECTION2_SQRT] = 0.0
     checks.adam_bias_corrections(table)
     assert torch.equal(table.view(torch.int64), expected.view(torch.int64))
-    # The host step's table: the groups' values at base step 0, advanced by one step in C++.
+    # The host step's table: the groups' values at base step 0, advanced by one step in place
+    # by a grad table, whose step counts then expect one more.
     static, _ = plans.hyper_rows(hypers, [0.0] * len(hypers))
+    advanced = torch.tensor(static, dtype=torch.float64)
     base_steps = torch.tensor(steps, dtype=torch.float64) - 1
-    expected_steps = torch.zeros(3)
-    advanced = checks.advance_hyper_table(
-        torch.tensor(static, dtype=torch.float64), base_steps, expected_steps, True
-    )
+    params = [torch.zeros(2)]
+    params[0].grad = torch.zeros(2)
+    counts = torch.full((1,), 2.0**24 - 1)  # float32: the next count is the last exact one
+    table = checks.GradTable(params, [], torch.float32, counts)
+    assert table.check()
+    table.advance(advanced, base_steps, True)
     assert torch.equal(advanced.view(torch.int64), expected.view(torch.int64))
-    assert base_steps.tolist() == steps and expected_steps.tolist() == [1.0] * 3
+    assert base_steps.tolist() == steps
+    assert not table.check(), "the counts have not advanced yet"
+    counts.add_(1)
+    assert table.check()
+    table.advance(advanced, base_steps, True)
+    counts.add_(1)  # 2**24 + 1 rounds to 2**24 in float32, as the expected count does
+    assert table.check()
+    counts.fill_(7.0)
+    assert not table.check(), "a count edited by hand"
 
 
 TENSOR_VALUE_EDITS = {

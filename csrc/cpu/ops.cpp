@@ -721,6 +721,8 @@ class HostPlan {
   int64_t seed_ = 0;
 };
 
+void advance_hyper_table(Tensor& table, Tensor& base_steps, bool adam);
+
 // The per-step host work of a table-walking backend (Triton, CUDA): checks that every param and
 // held tensor (states, masters, steps) kept its signature and that every param has a grad the
 // kernel can walk in place (dense, the param's layout, device and the bucket's grad dtype), and
@@ -728,11 +730,25 @@ class HostPlan {
 // full path stages them).
 class GradTable {
  public:
-  GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype)
+  // `step_values`, where given: the host step counts (one contiguous CPU float32 or float64
+  // tensor) whose values check() also compares with those the table expects, which start at
+  // their values now and advance() moves by one per step.
+  GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype,
+            std::optional<Tensor> step_values)
       : params_(std::move(params)), held_(std::move(held)), grad_dtype_(grad_dtype) {
     for (const Tensor& p : params_) signatures_.add(p);
     for (const Tensor& t : held_) held_signatures_.add(t);
     last_.assign(params_.size(), nullptr);
+    if (step_values.has_value()) {
+      const Tensor& values = *step_values;
+      TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() &&
+                      (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
+                  "GradTable: step_values must be a contiguous CPU float32 or float64 tensor");
+      step_values_ = values;
+      step_signature_.add(values);
+      expected_.resize(values.numel());
+      for (int64_t i = 0; i < values.numel(); ++i) expected_[i] = step_value(values, i);
+    }
   }
 
   // Also records the grads' addresses, for the pointers() call that follows.
@@ -750,8 +766,19 @@ class GradTable {
       return true;
     }) && all_hold(static_cast<int64_t>(held_.size()), [&](int64_t k) {
       return held_signatures_.holds(k, held_[k]);
-    });
+    }) && steps_hold();
     return has_found_;
+  }
+
+  // One host step taken: the step counts check() expects, every group's base step and the
+  // hyperparameter table advance by one (advance_hyper_table).
+  void advance(Tensor& table, Tensor& base_steps, bool adam) {
+    advance_hyper_table(table, base_steps, adam);
+    // In the counts' own dtype, as the optimizer's in-place add advances them.
+    const bool single = step_values_.defined() && step_values_.scalar_type() == at::kFloat;
+    for (double& value : expected_) {
+      value = single ? static_cast<double>(static_cast<float>(value) + 1.0f) : value + 1.0;
+    }
   }
 
   // Writes the addresses of the grads the last check() found (read again without one) into
@@ -786,6 +813,21 @@ class GradTable {
   void reset() { last_.assign(params_.size(), nullptr); }
 
  private:
+  static double step_value(const Tensor& values, int64_t i) {
+    if (values.scalar_type() == at::kFloat) return values.const_data_ptr<float>()[i];
+    return values.const_data_ptr<double>()[i];
+  }
+
+  // Whether the host step counts are where they were, with the values expected.
+  bool steps_hold() const {
+    if (!step_values_.defined()) return true;
+    if (!step_signature_.holds(0, step_values_)) return false;
+    for (size_t i = 0; i < expected_.size(); ++i) {
+      if (step_value(step_values_, static_cast<int64_t>(i)) != expected_[i]) return false;
+    }
+    return true;
+  }
+
   std::vector<Tensor> params_, held_;
   Signatures signatures_, held_signatures_;
   std::vector<const void*> last_;
@@ -793,6 +835,9 @@ class GradTable {
   mutable std::vector<const void*> found_;
   mutable bool has_found_ = false;
   at::ScalarType grad_dtype_;
+  Tensor step_values_;
+  Signatures step_signature_;
+  std::vector<double> expected_;
 };
 
 // Adam's bias corrections in a hyperparameter table (float64, kHyperColumns per group, CPU), from
@@ -811,20 +856,17 @@ void adam_bias_corrections(Tensor& table) {
   }
 }
 
-// One host step of a launch plan's hyperparameter table, in one call: every group's base step
-// (`base_steps`, float64) and the step counts the plan expects to find (`expected`) advance by
-// one, and the returned table is `static_table` (the groups' values) with the new base steps and,
-// for Adam, the bias corrections at them.
-Tensor advance_hyper_table(const Tensor& static_table, Tensor& base_steps, Tensor& expected,
-                           bool adam) {
+// One host step of a launch plan's hyperparameter table, in place: every group's base step
+// (`base_steps`, float64, one per row) advances by one, and `table` (the groups' values,
+// float64) gets the new base steps and, for Adam, the bias corrections at them.
+void advance_hyper_table(Tensor& table, Tensor& base_steps, bool adam) {
   TORCH_CHECK(base_steps.device().is_cpu() && base_steps.scalar_type() == at::kDouble &&
-                  base_steps.is_contiguous() && base_steps.dim() == 1 &&
-                  static_table.dim() == 2 && base_steps.size(0) == static_table.size(0),
-              "advance_hyper_table: expected one contiguous CPU float64 base step per row");
-  Tensor table = static_table.clone();
-  TORCH_CHECK(table.scalar_type() == at::kDouble && table.size(1) == kHyperColumns,
-              "advance_hyper_table: expected a float64 table of ", kHyperColumns, " columns");
-  expected.add_(1);
+                  base_steps.is_contiguous() && base_steps.dim() == 1 && table.dim() == 2 &&
+                  base_steps.size(0) == table.size(0) && table.device().is_cpu() &&
+                  table.is_contiguous() && table.scalar_type() == at::kDouble &&
+                  table.size(1) == kHyperColumns,
+              "advance_hyper_table: expected a contiguous CPU float64 table of ", kHyperColumns,
+              " columns and one contiguous CPU float64 base step per row");
   double* base = base_steps.data_ptr<double>();
   double* row = table.data_ptr<double>();
   for (int64_t g = 0; g < table.size(0); ++g, row += kHyperColumns) {
@@ -832,7 +874,6 @@ Tensor advance_hyper_table(const Tensor& static_table, Tensor& base_steps, Tenso
     row[kHyperBaseStep] = base[g];
   }
   if (adam) adam_bias_corrections(table);
-  return table;
 }
 
 // Adds one to every step-count buffer in place, as torch's in-place add does (same bits, the
@@ -1015,8 +1056,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &HostPlan::size);
   py::class_<fused_optim::cpu::GradTable, std::shared_ptr<fused_optim::cpu::GradTable>>(
       m, "GradTable")
-      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, at::ScalarType>())
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, at::ScalarType,
+                    std::optional<at::Tensor>>(),
+           py::arg("params"), py::arg("held"), py::arg("grad_dtype"),
+           py::arg("step_values") = py::none())
       .def("check", &fused_optim::cpu::GradTable::check)
+      .def("advance", &fused_optim::cpu::GradTable::advance)
       .def("pointers", &fused_optim::cpu::GradTable::pointers)
       .def("aligned", &fused_optim::cpu::GradTable::aligned)
       .def("reset", &fused_optim::cpu::GradTable::reset);
@@ -1027,6 +1072,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<intptr_t>>())
       .def("holds", &fused_optim::cpu::StepChecks::holds);
   m.def("adam_bias_corrections", &fused_optim::cpu::adam_bias_corrections);
-  m.def("advance_hyper_table", &fused_optim::cpu::advance_hyper_table);
   m.def("values_unchanged", &fused_optim::cpu::values_unchanged);
 }

@@ -122,7 +122,7 @@ def use_python_host_checks(enabled: bool) -> None:
 
 def host_checks():
     """The step checks of the optimizer's fast path (``StepChecks``, ``GradTable``,
-    ``values_unchanged``, ``advance_hyper_table``, ``advance_steps``): the C++ extension's where
+    ``values_unchanged``, ``adam_bias_corrections``, ``advance_steps``): the C++ extension's where
     it is built, else their plain-Python twin (``backends.python_checks``)."""
     cpu_backend = _module("cpu")
     if _python_host_checks or cpu_backend._IMPORT_ERROR is not None:

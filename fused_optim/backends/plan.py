@@ -147,12 +147,12 @@ def block_rows(numels: Tensor, block: int) -> tuple[Tensor, Tensor]:
 
 
 def upload(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host table to ``device`` without making the host wait for the device
-    (through pinned memory on CUDA, which the caching allocator keeps alive until the copy)."""
+    """Copy a small host table to ``device`` without making the host wait for the device, from
+    a copy of its own (pinned memory on CUDA, which the caching allocator keeps alive until the
+    copy is done), so the caller may write ``host`` again right away; on the CPU, ``host``."""
     if device.type == "cpu":
         return host
-    if device.type == "cuda":
-        host = host.pin_memory()
+    host = host.pin_memory() if device.type == "cuda" else host.clone()
     return host.to(device, non_blocking=True)
 
 
@@ -525,58 +525,54 @@ class PlanHostStep:
     """The compiled per-step host path of a bucket that walks a launch plan
     (``contract.HostStep``), shared by the Triton and CUDA backends.
 
-    ``grad_table`` (the extension's ``GradTable``) checks every tensor's signature and writes
+    Its grad table (the extension's ``GradTable``) checks every tensor's signature and writes
     the grads' addresses, read from the params; the grad table is uploaded only when one moved.
     Host steps (torch.optim's default path) advance by one per step here: the groups' base steps
-    are kept on the host and ``check()`` verifies the step tensors are where they should be (a
-    step edited by hand sends the step down the full path); Adam's bias corrections at them are
-    filled into the table in compiled code. ``launch(plan, context)`` enqueues the kernel on the
-    plan with its tables bound. Built after a full step, so the plan exists."""
+    are kept on the host, and the grad table also checks that the step counts hold the values
+    it expects (a step edited by hand sends the step down the full path) and then advances
+    them, the base steps and Adam's bias corrections in the hyperparameter table, in compiled
+    code and in place. ``launch(plan, context)`` enqueues the kernel on the plan with its tables
+    bound. Built after a full step, so the plan exists."""
 
-    def __init__(self, checks, grad_table, plan: LaunchPlan, work, adam: bool, step_pointers,
+    def __init__(self, checks, plan: LaunchPlan, work, held, adam: bool, step_pointers,
                  lr_on_device: bool, launch) -> None:  # fmt: skip
-        self.checks = checks
-        self.grad_table = grad_table
         self.plan = plan
         self.adam = adam
         self.lr_on_device = lr_on_device
         self.launch = launch
         self.addresses = torch.zeros(len(work.params), dtype=torch.int64)
-        self.step_values = None
+        self.host_steps = bool(work.steps) and not step_pointers
+        values = step_values(work.steps) if self.host_steps else None
         base_steps = [0.0] * (max(work.groups) + 1)
-        if work.steps and not step_pointers:
-            self.step_values = step_values(work.steps)
-            self.expected = self.step_values.clone()
-            base_steps, _ = step_columns(work, False, self.step_values)
+        if self.host_steps:
+            base_steps, _ = step_columns(work, False, values)
         self.base_steps = torch.tensor(base_steps, dtype=torch.float64)
+        self.grad_table = checks.GradTable(work.params, held, work.grads[0].dtype, values)
         self.hypers = None
-        self.static: Tensor | None = None
+        self.table: Tensor | None = None  # the groups' values (and, for host steps, their steps)
 
     def check(self) -> bool:
-        if not self.grad_table.check() or self.plan.stages:
-            return False
-        return self.step_values is None or torch.equal(self.step_values, self.expected)
+        return not self.plan.stages and self.grad_table.check()
 
     def _hyper_table(self, hypers) -> Tensor | None:
-        """This step's hyperparameter table: the groups' values (rebuilt when one changed)
-        and, for host steps, the new base steps and Adam's bias corrections at them; None when
-        the bound table still holds."""
+        """This step's hyperparameter table on the plan's device: the groups' values (rebuilt
+        when one changed) and, for host steps, the new base steps and Adam's bias corrections at
+        them; None when the bound table still holds."""
         changed = hypers is not self.hypers
         if changed:
             rows, lr_tensors = hyper_rows(hypers, self.base_steps.tolist(), self.lr_on_device)
-            self.static = hyper_host_table(rows, lr_tensors if self.lr_on_device else None)
+            self.table = hyper_host_table(rows, lr_tensors if self.lr_on_device else None)
             self.hypers = hypers
-        if self.step_values is None:
-            return None if not changed else upload(self.static, self.plan.device)
-        advance = self.checks.advance_hyper_table
-        return upload(
-            advance(self.static, self.base_steps, self.expected, self.adam), self.plan.device
-        )
+        if self.host_steps:
+            self.grad_table.advance(self.table, self.base_steps, self.adam)
+        elif not changed:
+            return None
+        return upload(self.table, self.plan.device)
 
     def run(self, hypers, context) -> None:
         plan = self.plan
         table = self._hyper_table(hypers)
-        if table is not None:
+        if table is not None and table is not plan.hyper_table:
             plan.hyper_table, plan.hyper_bits = table, table.view(torch.int64)
             plan.hyper_key = None  # the full path binds its own table again
         if self.grad_table.pointers(self.addresses):
@@ -600,5 +596,4 @@ def host_step_for(checks, work, name: str, adam: bool, step_pointers, lr_on_devi
         return None
     if adam and not step_pointers and step_values(work.steps) is not work.steps[0]._base:
         return None  # the steps are not views of one buffer: read them the full way
-    grad_table = checks.GradTable(work.params, held, work.grads[0].dtype)
-    return PlanHostStep(checks, grad_table, plan, work, adam, step_pointers, lr_on_device, launch)
+    return PlanHostStep(checks, plan, work, held, adam, step_pointers, lr_on_device, launch)

@@ -1,5 +1,5 @@
 """The step checks of the optimizer's fast path in plain Python: what the C++ extension's
-``StepChecks``, ``GradTable``, ``values_unchanged``, ``advance_hyper_table`` and
+``StepChecks``, ``GradTable``, ``values_unchanged``, ``adam_bias_corrections`` and
 ``advance_steps`` do (``csrc/cpu/ops.cpp``), for installs without the extension.
 
 Same contract, same answers (tests/test_engine.py and tests/test_plan_validity.py run every
@@ -112,9 +112,14 @@ class GradTable:
     that every param and held tensor (states, masters, steps) kept its address, dtype, shape and
     strides, and that every param has a grad the kernel walks in place (dense, in the param's
     layout, on its device, of the bucket's grad dtype); ``pointers(out)`` writes the grads'
-    addresses into ``out`` when one moved."""
+    addresses into ``out`` when one moved. Given ``step_values`` (the host step counts, one
+    tensor), ``check()`` also verifies that they hold the values expected, which start at their
+    values now and ``advance()`` moves by one per step."""
 
-    def __init__(self, params: list[Tensor], held: list[Tensor], grad_dtype: torch.dtype):
+    def __init__(self, params: list[Tensor], held: list[Tensor], grad_dtype: torch.dtype,
+                 step_values: Tensor | None = None):  # fmt: skip
+        self.step_values = step_values
+        self.expected = None if step_values is None else step_values.clone()
         self.params = list(params)
         # 0-dim tensors (step counts, the states of 0-dim params) are read as one element at
         # their address: their address and dtype are what can change under the kernel.
@@ -158,8 +163,21 @@ class GradTable:
             return False
         if self.scalars and self._scalar_signature() != self.scalar_signature:
             return False
+        if self.expected is not None and not torch.equal(self.step_values, self.expected):
+            return False
         self.addresses = addresses
         return True
+
+    def advance(self, table: Tensor, base_steps: Tensor, adam: bool) -> None:
+        """One host step taken: the step counts ``check()`` expects and every group's base step
+        advance by one, and ``table`` gets the new base steps and, for Adam, the bias
+        corrections at them, in place."""
+        if self.expected is not None:
+            self.expected.add_(1)
+        base_steps.add_(1)
+        table[:, HYPER_BASE_STEP] = base_steps
+        if adam:
+            adam_bias_corrections(table)
 
     def _scalar_signature(self) -> tuple[list, list]:
         scalars = self.scalars
@@ -211,26 +229,10 @@ def advance_steps(buffers: list[Tensor]) -> bool:
     return True
 
 
-def advance_hyper_table(
-    static_table: Tensor, base_steps: Tensor, expected: Tensor, adam: bool
-) -> Tensor:
-    """One host step of a hyperparameter table: the groups' base steps and the step counts the
-    plan expects advance by one; returns ``static_table`` with the new base steps and, for
-    Adam, the bias corrections at them."""
-    expected.add_(1)
-    base_steps.add_(1)
-    table = static_table.clone()
-    table[:, HYPER_BASE_STEP] = base_steps
-    if adam:
-        adam_bias_corrections(table)
-    return table
-
-
 __all__ = [
     "GradTable",
     "StepChecks",
     "adam_bias_corrections",
-    "advance_hyper_table",
     "advance_steps",
     "values_unchanged",
 ]
