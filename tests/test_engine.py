@@ -437,7 +437,16 @@ def test_compiled_bias_corrections_are_pythons():
     checks = fused_optim.backends.host_checks()
     gen = torch.Generator().manual_seed(4)
     betas = torch.rand(500, 2, generator=gen, dtype=torch.float64) * 0.2 + 0.79
-    steps = torch.randint(0, 100_000, (500,), generator=gen).to(torch.float64).tolist()
+    # Steps up to 100 (where beta ** step is still above the rounding of 1 - it), then large.
+    steps = torch.randint(1, 100, (500,), generator=gen).to(torch.float64)
+    steps[300:] = torch.randint(0, 100_000, (200,), generator=gen).to(torch.float64)
+    # Runs of groups at the same betas and step (one group per param, layer-wise lr), whose
+    # corrections the extension computes once per run, next to groups that differ in one.
+    betas[100:200], steps[100:200] = betas[100], steps[100]
+    betas[200:210, 0], steps[200:210] = betas[199, 0], steps[199]  # beta2 differs
+    betas[210:220, 1], steps[210:220] = betas[209, 1], steps[209]  # beta1 differs
+    betas[220:230] = betas[219]  # the step differs
+    steps = steps.tolist()
     hypers = [contract.AdamHyper(0.1, b1, b2, 1e-8, 0.0) for b1, b2 in betas.tolist()]
     rows, _ = plans.hyper_rows(hypers, steps)
     expected = torch.tensor(rows, dtype=torch.float64)

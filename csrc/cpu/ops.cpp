@@ -849,10 +849,20 @@ void adam_bias_corrections(Tensor& table) {
               "adam_bias_corrections: expected a contiguous CPU float64 table of ", kHyperColumns,
               " columns");
   double* row = table.data_ptr<double>();
+  const double* previous = nullptr;
   for (int64_t g = 0; g < table.size(0); ++g, row += kHyperColumns) {
     const double step = row[kHyperBaseStep];
-    row[kHyperBiasCorrection1] = 1.0 - std::pow(row[kHyperBeta1], step);
-    row[kHyperBiasCorrection2Sqrt] = std::pow(1.0 - std::pow(row[kHyperBeta2], step), 0.5);
+    if (previous != nullptr && previous[kHyperBeta1] == row[kHyperBeta1] &&
+        previous[kHyperBeta2] == row[kHyperBeta2] && previous[kHyperBaseStep] == step) {
+      // Groups that differ in lr or weight decay only (one group per param, layer-wise lr):
+      // the same bits, without three pow calls per group.
+      row[kHyperBiasCorrection1] = previous[kHyperBiasCorrection1];
+      row[kHyperBiasCorrection2Sqrt] = previous[kHyperBiasCorrection2Sqrt];
+    } else {
+      row[kHyperBiasCorrection1] = 1.0 - std::pow(row[kHyperBeta1], step);
+      row[kHyperBiasCorrection2Sqrt] = std::pow(1.0 - std::pow(row[kHyperBeta2], step), 0.5);
+    }
+    previous = row;
   }
 }
 
@@ -977,24 +987,29 @@ bool params_unchanged(const pybind11::list& param_groups, const std::vector<intp
     for (Py_ssize_t i = 0; i < n; ++i, ++k) {
       PyObject* p = PyList_GET_ITEM(params, i);
       if (k >= ids.size() || reinterpret_cast<intptr_t>(p) != ids[k]) return false;
-      if (!THPVariable_Check(p)) return false;
-      if (!with_grad[k] && THPVariable_Unpack(p).grad().defined()) return false;
+      // The same object as recorded (StepChecks keeps them alive, so no other object has its
+      // id): a tensor, read only where it must still have no grad.
+      if (!with_grad[k] && (!THPVariable_Check(p) || THPVariable_Unpack(p).grad().defined()))
+        return false;
     }
   }
   return k == ids.size();
 }
 
 // What the optimizer's compiled fast path checks before each step, recorded once per step
-// plan (no list converted per step): the params of every group (identity, and which have a
-// grad), the state dicts and their entries (see params_unchanged and state_unchanged).
+// plan (no list converted per step): the params of every group (`params`, flat over the
+// groups: identity, and which have a grad), the state dicts and their entries (see
+// params_unchanged and state_unchanged). It keeps the params and dicts alive, so that an
+// identity it compares with stays theirs.
 class StepChecks {
  public:
-  StepChecks(std::vector<intptr_t> param_ids, std::vector<bool> with_grad,
-             std::vector<intptr_t> dict_ids, pybind11::list dicts,
-             std::vector<intptr_t> entry_ids)
-      : param_ids_(std::move(param_ids)), with_grad_(std::move(with_grad)),
+  StepChecks(pybind11::list params, std::vector<bool> with_grad, std::vector<intptr_t> dict_ids,
+             pybind11::list dicts, std::vector<intptr_t> entry_ids)
+      : params_(std::move(params)), with_grad_(std::move(with_grad)),
         dict_ids_(std::move(dict_ids)), dicts_(std::move(dicts)),
-        entry_ids_(std::move(entry_ids)) {}
+        entry_ids_(std::move(entry_ids)) {
+    for (const auto& p : params_) param_ids_.push_back(reinterpret_cast<intptr_t>(p.ptr()));
+  }
 
   bool holds(const pybind11::list& param_groups, const pybind11::dict& state) const {
     return params_unchanged(param_groups, param_ids_, with_grad_) &&
@@ -1002,6 +1017,7 @@ class StepChecks {
   }
 
  private:
+  pybind11::list params_;
   std::vector<intptr_t> param_ids_;
   std::vector<bool> with_grad_;
   std::vector<intptr_t> dict_ids_;
@@ -1068,7 +1084,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advance_steps", &fused_optim::cpu::advance_steps);
   py::class_<fused_optim::cpu::StepChecks, std::shared_ptr<fused_optim::cpu::StepChecks>>(
       m, "StepChecks")
-      .def(py::init<std::vector<intptr_t>, std::vector<bool>, std::vector<intptr_t>, py::list,
+      .def(py::init<py::list, std::vector<bool>, std::vector<intptr_t>, py::list,
                     std::vector<intptr_t>>())
       .def("holds", &fused_optim::cpu::StepChecks::holds);
   m.def("adam_bias_corrections", &fused_optim::cpu::adam_bias_corrections);

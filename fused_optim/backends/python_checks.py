@@ -68,8 +68,9 @@ class StepChecks:
     every group (identity, and which have a grad), the state dicts (identity, insertion order)
     and, in each of ``dicts``, the entries (identity, insertion order)."""
 
-    def __init__(self, param_ids, with_grad, dict_ids, dicts, entry_ids):
-        self.param_ids = list(param_ids)
+    def __init__(self, params, with_grad, dict_ids, dicts, entry_ids):
+        self.params = list(params)  # kept alive: the ids compared stay theirs
+        self.param_ids = list(map(id, self.params))
         self.without_grad = [i for i, has in enumerate(with_grad) if not has]
         self.dict_ids = list(dict_ids)
         self.dicts = list(dicts)

@@ -208,7 +208,7 @@ class FastPath:
         for entries in dicts:
             entry_ids += [len(entries), *map(id, entries.values())]
         self.recorded = checks.StepChecks(
-            list(map(id, flat_params)),
+            flat_params,
             [p.grad is not None for p in flat_params],
             list(map(id, state.values())),
             dicts,
