@@ -476,6 +476,17 @@ def test_compiled_bias_corrections_are_pythons():
     assert table.check()
     counts.fill_(7.0)
     assert not table.check(), "a count edited by hand"
+    # Counts of other dtypes (a checkpoint's int64 step, a bf16 one) advance as torch's add_
+    # does (256 + 1 is 256 in bf16).
+    cases = ((torch.float64, 2.0**53 - 1, True), (torch.bfloat16, 256.0, False),
+             (torch.int64, 9, True))  # fmt: skip
+    for dtype, start, moves in cases:
+        counts = torch.full((2,), start, dtype=dtype)
+        table = checks.GradTable(params, [], torch.float32, counts)
+        table.advance(advanced, base_steps, True)
+        assert table.check() is not moves, dtype
+        counts.add_(1)
+        assert table.check(), dtype
 
 
 TENSOR_VALUE_EDITS = {

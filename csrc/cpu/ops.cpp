@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -741,9 +743,9 @@ class GradTable {
     last_.assign(params_.size(), nullptr);
     if (step_values.has_value()) {
       const Tensor& values = *step_values;
-      TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() &&
-                      (values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble),
-                  "GradTable: step_values must be a contiguous CPU float32 or float64 tensor");
+      TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() && !values.is_complex() &&
+                      values.scalar_type() != at::kBool,
+                  "GradTable: step_values must be a contiguous CPU tensor of real numbers");
       step_values_ = values;
       step_signature_.add(values);
       expected_.resize(values.numel());
@@ -774,11 +776,15 @@ class GradTable {
   // hyperparameter table advance by one (advance_hyper_table).
   void advance(Tensor& table, Tensor& base_steps, bool adam) {
     advance_hyper_table(table, base_steps, adam);
-    // In the counts' own dtype, as the optimizer's in-place add advances them.
-    const bool single = step_values_.defined() && step_values_.scalar_type() == at::kFloat;
-    for (double& value : expected_) {
-      value = single ? static_cast<double>(static_cast<float>(value) + 1.0f) : value + 1.0;
-    }
+    // Rounded to the counts' own dtype, as the optimizer's in-place add advances them.
+    if (!step_values_.defined()) return;
+    const auto dtype = step_values_.scalar_type();
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "GradTable.advance", [&] {
+      using opmath = at::opmath_type<scalar_t>;
+      for (double& value : expected_) {
+        value = static_cast<double>(static_cast<scalar_t>(static_cast<opmath>(value) + 1));
+      }
+    });
   }
 
   // Writes the addresses of the grads the last check() found (read again without one) into
@@ -814,8 +820,11 @@ class GradTable {
 
  private:
   static double step_value(const Tensor& values, int64_t i) {
-    if (values.scalar_type() == at::kFloat) return values.const_data_ptr<float>()[i];
-    return values.const_data_ptr<double>()[i];
+    double value = 0.0;
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "GradTable", [&] {
+      value = static_cast<double>(values.const_data_ptr<scalar_t>()[i]);
+    });
+    return value;
   }
 
   // Whether the host step counts are where they were, with the values expected.
