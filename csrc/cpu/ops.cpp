@@ -500,15 +500,39 @@ bool all_hold(int64_t count, const Test& test) {
   return holds;
 }
 
+// Where a tensor's elements start, read from its TensorImpl and StorageImpl with inline
+// accessors (no virtual call; a Signatures check runs this for every tensor of a plan each
+// step): the storage's address plus the offset. nullptr for a tensor without storage.
+inline uintptr_t start_address(const c10::TensorImpl& t) {
+  const c10::StorageImpl* storage = t.unsafe_storage().unsafeGetStorageImpl();
+  if (storage == nullptr) return 0;
+  return reinterpret_cast<uintptr_t>(storage->data()) +
+         static_cast<uintptr_t>(t.storage_offset()) * t.itemsize();
+}
+
+// A param's grad as the optimizer reads it (`p.grad`), from its autograd metadata directly;
+// nullptr where there is none.
+inline const Tensor* grad_of(const c10::TensorImpl& param) {
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(param.autograd_meta());
+  return meta == nullptr || !meta->grad_.defined() ? nullptr : &meta->grad_;
+}
+
+inline bool same_values(c10::IntArrayRef values, const int64_t* expected) {
+  for (size_t d = 0; d < values.size(); ++d) {
+    if (values[d] != expected[d]) return false;
+  }
+  return true;
+}
+
 // The signatures (address, numel, dtype, sizes, strides) of a list of tensors, in two flat
 // arrays instead of a heap vector per tensor: check() walks them in order every step, so they
 // stream from memory while the tensors' own objects (the cold part) cost their cache misses.
 class Signatures {
  public:
-  // const_data_ptr: the address without data_ptr()'s copy-on-write materialization.
-  void add(const Tensor& t) {
+  void add(const Tensor& tensor) {
+    const c10::TensorImpl& t = *tensor.unsafeGetTensorImpl();
     const int64_t dim = t.dim();
-    heads_.push_back(Head{t.const_data_ptr(), t.numel(), dim, shapes_.size(), t.scalar_type()});
+    heads_.push_back(Head{start_address(t), t.numel(), dim, shapes_.size(), t.dtype()});
     const auto sizes = t.sizes();
     const auto strides = t.strides();
     shapes_.insert(shapes_.end(), sizes.begin(), sizes.end());
@@ -516,22 +540,31 @@ class Signatures {
   }
 
   // Whether tensor `t` still has the signature added `i`-th.
-  bool holds(size_t i, const Tensor& t) const {
+  bool holds(size_t i, const Tensor& tensor) const {
+    const c10::TensorImpl& t = *tensor.unsafeGetTensorImpl();
     const Head& head = heads_[i];
-    if (t.const_data_ptr() != head.data || t.numel() != head.numel ||
-        t.scalar_type() != head.dtype || t.dim() != head.dim)
+    if (start_address(t) != head.address || t.numel() != head.numel || t.dtype() != head.dtype ||
+        t.dim() != head.dim)
       return false;
     const int64_t* shape = shapes_.data() + head.offset;
-    return t.sizes().equals(c10::IntArrayRef(shape, head.dim)) &&
-           t.strides().equals(c10::IntArrayRef(shape + head.dim, head.dim));
+    return same_values(t.sizes(), shape) && same_values(t.strides(), shape + head.dim);
+  }
+
+  // Whether tensor `t` has the sizes and strides of the signature added `i`-th (a grad in its
+  // param's layout).
+  bool same_shape(size_t i, const c10::TensorImpl& t) const {
+    const Head& head = heads_[i];
+    if (t.dim() != head.dim) return false;
+    const int64_t* shape = shapes_.data() + head.offset;
+    return same_values(t.sizes(), shape) && same_values(t.strides(), shape + head.dim);
   }
 
  private:
   struct Head {
-    const void* data;
+    uintptr_t address;
     int64_t numel, dim;
     size_t offset;  // of the sizes, then the strides, in shapes_
-    at::ScalarType dtype;
+    caffe2::TypeMeta dtype;
   };
   std::vector<Head> heads_;
   std::vector<int64_t> shapes_;
@@ -627,12 +660,14 @@ class HostPlan {
     return all_hold(static_cast<int64_t>(count), [&](int64_t i) {
       const Tensor& p = params_[i];
       if (!signatures_.holds(i, p)) return false;
-      const Tensor& g = p.grad();
-      if (!g.defined() || g.is_sparse() || !g.device().is_cpu() || g.sizes() != p.sizes())
-        return false;
+      const Tensor* grad = grad_of(*p.unsafeGetTensorImpl());
+      if (grad == nullptr) return false;
+      const Tensor& g = *grad;
+      if (g.is_sparse() || !g.device().is_cpu() || g.sizes() != p.sizes()) return false;
       if (g.scalar_type() != grad_dtypes_[i]) return false;  // supported: dtype_code can't throw
       grads_[i] = &g;
-      const bool direct = is_dense(g) && same_layout(g, p);
+      const bool direct =
+          signatures_.same_shape(i, *g.unsafeGetTensorImpl()) || (is_dense(g) && same_layout(g, p));
       grad_data_[i] = direct ? g.data_ptr() : nullptr;  // nullptr: staged by run()
       grad_codes_[i] = direct ? dtype_code(g, "a grad") : kNone;
       for (size_t k = i * held_per_param; k < (i + 1) * held_per_param; ++k) {
@@ -737,7 +772,10 @@ class GradTable {
   // their values now and advance() moves by one per step.
   GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype,
             std::optional<Tensor> step_values)
-      : params_(std::move(params)), held_(std::move(held)), grad_dtype_(grad_dtype) {
+      : params_(std::move(params)),
+        held_(std::move(held)),
+        grad_dtype_(c10::scalarTypeToTypeMeta(grad_dtype)) {
+    if (!params_.empty()) device_ = params_[0].device();
     for (const Tensor& p : params_) signatures_.add(p);
     for (const Tensor& t : held_) held_signatures_.add(t);
     last_.assign(params_.size(), nullptr);
@@ -760,11 +798,13 @@ class GradTable {
     has_found_ = all_hold(static_cast<int64_t>(params_.size()), [&](int64_t i) {
       const Tensor& p = params_[i];
       if (!signatures_.holds(i, p)) return false;
-      const Tensor& g = p.grad();
-      if (!g.defined() || g.is_sparse() || g.scalar_type() != grad_dtype_ ||
-          g.device() != p.device() || !is_dense(g) || !same_layout(g, p))
+      const Tensor* grad = grad_of(*p.unsafeGetTensorImpl());
+      if (grad == nullptr) return false;
+      const c10::TensorImpl& g = *grad->unsafeGetTensorImpl();
+      if (g.is_sparse() || g.dtype() != grad_dtype_ || g.device() != device_) return false;
+      if (!signatures_.same_shape(i, g) && !(is_dense(*grad) && same_layout(*grad, p)))
         return false;
-      found_[i] = g.data_ptr();
+      found_[i] = grad->data_ptr();
       return true;
     }) && all_hold(static_cast<int64_t>(held_.size()), [&](int64_t k) {
       return held_signatures_.holds(k, held_[k]);
@@ -843,7 +883,8 @@ class GradTable {
   // The grads' addresses the last check() found (has_found_: it succeeded).
   mutable std::vector<const void*> found_;
   mutable bool has_found_ = false;
-  at::ScalarType grad_dtype_;
+  caffe2::TypeMeta grad_dtype_;
+  c10::Device device_{c10::kCPU};
   Tensor step_values_;
   Signatures step_signature_;
   std::vector<double> expected_;
