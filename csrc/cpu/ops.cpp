@@ -502,7 +502,8 @@ bool all_hold(int64_t count, const Test& test) {
 
 // Where a tensor's elements start, read from its TensorImpl and StorageImpl with inline
 // accessors (no virtual call; a Signatures check runs this for every tensor of a plan each
-// step): the storage's address plus the offset. nullptr for a tensor without storage.
+// step): the storage's address plus the offset; 0 for a tensor without storage. Only compared
+// with itself (a signature), never handed to a kernel.
 inline uintptr_t start_address(const c10::TensorImpl& t) {
   const c10::StorageImpl* storage = t.unsafe_storage().unsafeGetStorageImpl();
   if (storage == nullptr) return 0;
@@ -767,8 +768,8 @@ void advance_hyper_table(Tensor& table, Tensor& base_steps, bool adam);
 // full path stages them).
 class GradTable {
  public:
-  // `step_values`, where given: the host step counts (one contiguous CPU float32 or float64
-  // tensor) whose values check() also compares with those the table expects, which start at
+  // `step_values`, where given: the host step counts (one contiguous CPU tensor of any real
+  // dtype) whose values check() also compares with those the table expects, which start at
   // their values now and advance() moves by one per step.
   GradTable(std::vector<Tensor> params, std::vector<Tensor> held, at::ScalarType grad_dtype,
             std::optional<Tensor> step_values)
@@ -961,10 +962,6 @@ bool advance_steps(std::vector<Tensor> buffers) {
   return true;
 }
 
-// Whether the optimizer's state still holds what a step plan was built from: the same state
-// dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
-// insertion order: a value replaced, added or deleted counts as a change). Identity checks on
-// PyObject pointers, no hashing: no Tensor.__hash__ (a Python method) is called.
 // Asks for the cache line at `address` (a hint: no fault, no effect on results).
 inline void prefetch(const void* address) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -974,6 +971,10 @@ inline void prefetch(const void* address) {
 #endif
 }
 
+// Whether the optimizer's state still holds what a step plan was built from: the same state
+// dicts (in insertion order) and, in each of the dicts the plan uses, the same entries (in
+// insertion order: a value replaced, added or deleted counts as a change). Identity checks on
+// PyObject pointers, no hashing: no Tensor.__hash__ (a Python method) is called.
 bool state_unchanged(const pybind11::dict& state, const std::vector<intptr_t>& dict_ids,
                      const pybind11::list& dicts, const std::vector<intptr_t>& entry_ids) {
   if (static_cast<size_t>(PyDict_Size(state.ptr())) != dict_ids.size()) return false;
