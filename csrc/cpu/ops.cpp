@@ -868,14 +868,20 @@ class GradTable {
     return value;
   }
 
-  // Whether the host step counts are where they were, with the values expected.
+  // Whether the host step counts are where they were, with the values expected (one dtype
+  // dispatch for the whole buffer, not one per count).
   bool steps_hold() const {
     if (!step_values_.defined()) return true;
     if (!step_signature_.holds(0, step_values_)) return false;
-    for (size_t i = 0; i < expected_.size(); ++i) {
-      if (step_value(step_values_, static_cast<int64_t>(i)) != expected_[i]) return false;
-    }
-    return true;
+    bool equal = true;
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, step_values_.scalar_type(), "GradTable",
+                               [&] {
+                                 const scalar_t* counts = step_values_.const_data_ptr<scalar_t>();
+                                 for (size_t i = 0; i < expected_.size() && equal; ++i) {
+                                   equal = static_cast<double>(counts[i]) == expected_[i];
+                                 }
+                               });
+    return equal;
   }
 
   std::vector<Tensor> params_, held_;
